@@ -281,19 +281,34 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Event, EntryError> {
     if bytes.len() > MAX_ENTRY_BYTES {
         return Err(EntryError::TooLarge { len: bytes.len() });
     }
-    let mut value = canonical::parse_canonical(bytes)?;
-    let Value::Object(map) = &mut value else {
+    if bytes.first() != Some(&b'{') {
         return Err(EntryError::NotObject);
-    };
-    let v = map
-        .remove("v")
-        .and_then(|v| v.as_u64())
-        .ok_or(EntryError::MissingVersion)?;
-    if v != ENTRY_VERSION {
-        return Err(EntryError::UnknownVersion(v));
     }
+    let members = canonical::check_canonical(bytes)?;
+    let v = members
+        .iter()
+        .find(|m| m.key == "v")
+        .ok_or(EntryError::MissingVersion)?;
+    let version: u64 = std::str::from_utf8(&bytes[v.value.clone()])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(EntryError::MissingVersion)?;
+    if version != ENTRY_VERSION {
+        return Err(EntryError::UnknownVersion(version));
+    }
+    // Cut `"v":1` (and one comma) out, so the event's own schema can refuse
+    // every field it does not know.
+    let mut rest = Vec::with_capacity(bytes.len());
+    let (mut cut_start, mut cut_end) = (v.member.start, v.member.end);
+    if bytes.get(cut_end) == Some(&b',') {
+        cut_end += 1;
+    } else if cut_start > 1 {
+        cut_start -= 1;
+    }
+    rest.extend_from_slice(&bytes[..cut_start]);
+    rest.extend_from_slice(&bytes[cut_end..]);
     let event: Event =
-        serde_json::from_value(value).map_err(|e| EntryError::Schema(e.to_string()))?;
+        serde_json::from_slice(&rest).map_err(|e| EntryError::Schema(e.to_string()))?;
     event.check_limits()?;
     Ok(event)
 }
