@@ -92,7 +92,7 @@ fn append_integrate(c: &mut Criterion) {
 }
 
 fn receipt_verification(c: &mut Criterion) {
-    let sigs: Vec<SignedMessage> = (0..256u64)
+    let sigs: Vec<SignedMessage> = (0..2048u64)
         .flat_map(|i| match settled(i) {
             Event::HoldSettled { receipt, .. } => receipt_signatures(&receipt).expect("structure"),
             _ => unreachable!(),
@@ -104,9 +104,11 @@ fn receipt_verification(c: &mut Criterion) {
         BenchmarkId::new("baseline_strict_one_by_one", sigs.len()),
         |b| b.iter(|| sigs.iter().all(|s| s.verify_strict().is_ok())),
     );
-    g.bench_function(BenchmarkId::new("batch", sigs.len()), |b| {
-        b.iter(|| verify_batch(&sigs).is_ok())
-    });
+    for size in [64, 256, 1024, 4096] {
+        g.bench_function(BenchmarkId::new("batch", size), |b| {
+            b.iter(|| sigs.chunks(size).all(|c| verify_batch(c).is_ok()))
+        });
+    }
     g.finish();
 }
 

@@ -2,7 +2,7 @@
 //! strict one-by-one fallback that names the bad signature.
 
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
-use troop_schemas::receipt::countersigning_bytes;
+use troop_schemas::receipt::{COUNTERSIGN_DOMAIN, RECEIPT_DOMAIN, countersigning_bytes};
 use troop_schemas::{CountersignedReceipt, PublicKey, Receipt, Signature, WorkerId};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -84,32 +84,116 @@ impl SignedMessage {
     }
 }
 
+/// Decompressed, checked keys by their bytes. Decompressing a point costs
+/// about as much as hashing a whole receipt, and a log has few distinct keys.
+#[derive(Debug, Default)]
+pub struct KeyCache {
+    keys: std::collections::HashMap<[u8; 32], VerifyingKey>,
+}
+
+/// Bounded: a log with more distinct keys than this just decompresses more.
+const KEY_CACHE_ENTRIES: usize = 65_536;
+
+impl KeyCache {
+    fn get(&mut self, key: &PublicKey, who: &'static str) -> Result<VerifyingKey, ReceiptError> {
+        if let Some(k) = self.keys.get(&key.0) {
+            return Ok(*k);
+        }
+        let vk = verifying_key(key, who)?;
+        if self.keys.len() >= KEY_CACHE_ENTRIES {
+            self.keys.clear();
+        }
+        self.keys.insert(key.0, vk);
+        Ok(vk)
+    }
+}
+
 /// The two signatures of a countersigned receipt, with its structural checks
 /// (keys valid and not weak, worker id derived from the worker key) done.
 pub fn receipt_signatures(r: &CountersignedReceipt) -> Result<[SignedMessage; 2], ReceiptError> {
-    if WorkerId::from_key(&r.receipt.worker_key) != r.receipt.worker {
-        return Err(ReceiptError::WorkerIdMismatch);
-    }
-    let worker_key = verifying_key(&r.receipt.worker_key, "worker")?;
-    let coordinator_key = verifying_key(&r.coordinator_key, "coordinator")?;
-    let worker_msg = r
+    receipt_signatures_cached(r, &mut KeyCache::default())
+}
+
+/// [`receipt_signatures`] with decompressed keys remembered across calls.
+pub fn receipt_signatures_cached(
+    r: &CountersignedReceipt,
+    cache: &mut KeyCache,
+) -> Result<[SignedMessage; 2], ReceiptError> {
+    let [mut worker, mut coordinator] = receipt_signatures_keys_only(r, cache)?;
+    worker.message = r
         .receipt
         .signing_bytes()
         .map_err(|e| ReceiptError::Encoding(e.to_string()))?;
-    let coord_msg = r
+    coordinator.message = r
         .countersigning_bytes()
         .map_err(|e| ReceiptError::Encoding(e.to_string()))?;
+    Ok([worker, coordinator])
+}
+
+/// [`receipt_signatures_cached`] over the receipt's bytes as logged: `logged`
+/// is the canonical JSON of `r` cut from a ledger entry. The signed messages are
+/// slices of it (the worker's receipt object; the whole minus the coordinator's
+/// signature), so nothing is serialized again — an auditor does this for every
+/// receipt in the log.
+pub fn logged_receipt_signatures(
+    logged: &[u8],
+    r: &CountersignedReceipt,
+    cache: &mut KeyCache,
+) -> Result<[SignedMessage; 2], ReceiptError> {
+    let [mut worker, mut coordinator] = receipt_signatures_keys_only(r, cache)?;
+    let members = troop_schemas::canonical::check_canonical(logged)
+        .map_err(|e| ReceiptError::Encoding(e.to_string()))?;
+    let find = |key: &str| {
+        members
+            .iter()
+            .find(|m| m.key == key)
+            .ok_or_else(|| ReceiptError::Encoding(format!("no `{key}` in receipt")))
+    };
+    let inner = find("receipt")?.value.clone();
+    let sig = find("coordinator_sig")?.member.clone();
+    // `coordinator_sig` sorts before `receipt` and `worker_sig`: a comma follows it.
+    if logged.get(sig.end) != Some(&b',') {
+        return Err(ReceiptError::Encoding(
+            "coordinator_sig is not followed by another field".into(),
+        ));
+    }
+    worker.message = [RECEIPT_DOMAIN, &logged[inner]].concat();
+    coordinator.message = [
+        COUNTERSIGN_DOMAIN,
+        &logged[..sig.start],
+        &logged[sig.end + 1..],
+    ]
+    .concat();
+    debug_assert_eq!(
+        Ok(&worker.message),
+        r.receipt.signing_bytes().as_ref().map_err(|_| ())
+    );
+    debug_assert_eq!(
+        Ok(&coordinator.message),
+        r.countersigning_bytes().as_ref().map_err(|_| ())
+    );
+    Ok([worker, coordinator])
+}
+
+/// The structural checks and keys of [`receipt_signatures_cached`], with empty messages.
+fn receipt_signatures_keys_only(
+    r: &CountersignedReceipt,
+    cache: &mut KeyCache,
+) -> Result<[SignedMessage; 2], ReceiptError> {
+    if WorkerId::from_key(&r.receipt.worker_key) != r.receipt.worker {
+        return Err(ReceiptError::WorkerIdMismatch);
+    }
     Ok([
         SignedMessage {
-            message: worker_msg,
+            message: Vec::new(),
             signature: ed25519_dalek::Signature::from_bytes(&r.worker_sig.0),
-            key: worker_key,
+            key: cache.get(&r.receipt.worker_key, "worker")?,
             who: "worker",
         },
         SignedMessage {
-            message: coord_msg,
+            message: Vec::new(),
             signature: ed25519_dalek::Signature::from_bytes(&r.coordinator_sig.0),
-            key: coordinator_key,
+            key: cache.get(&r.coordinator_key, "coordinator")?,
             who: "coordinator",
         },
     ])

@@ -278,6 +278,12 @@ pub fn encode_entry(event: &Event) -> Result<Vec<u8>, EntryError> {
 /// Parses a ledger entry, refusing anything that is not exactly what
 /// [`encode_entry`] would have written for it.
 pub fn decode_entry(bytes: &[u8]) -> Result<Event, EntryError> {
+    decode_entry_spans(bytes).map(|(event, _)| event)
+}
+
+/// [`decode_entry`], also returning where each top-level field's value lies in
+/// `bytes`, so that signed parts can be checked over the very bytes logged.
+pub fn decode_entry_spans(bytes: &[u8]) -> Result<(Event, Vec<canonical::Member<'_>>), EntryError> {
     if bytes.len() > MAX_ENTRY_BYTES {
         return Err(EntryError::TooLarge { len: bytes.len() });
     }
@@ -310,5 +316,5 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Event, EntryError> {
     let event: Event =
         serde_json::from_slice(&rest).map_err(|e| EntryError::Schema(e.to_string()))?;
     event.check_limits()?;
-    Ok(event)
+    Ok((event, members))
 }

@@ -17,7 +17,7 @@ pub mod types;
 
 pub use event::{
     AccountRole, ENTRY_VERSION, EntryError, Event, KeyRole, MAX_ENTRY_BYTES, ModelPrice,
-    VoidReason, decode_entry, encode_entry,
+    VoidReason, decode_entry, decode_entry_spans, encode_entry,
 };
 pub use receipt::{CountersignedReceipt, Receipt};
 pub use types::{

@@ -41,7 +41,11 @@ macro_rules! id128 {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}_{}", $prefix, hex::encode(self.0))
+                let mut buf = [0u8; 32];
+                hex::encode_to_slice(self.0, &mut buf).map_err(|_| fmt::Error)?;
+                f.write_str($prefix)?;
+                f.write_str("_")?;
+                f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
             }
         }
 
@@ -187,7 +191,9 @@ impl Digest {
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
+        let mut buf = [0u8; 64];
+        hex::encode_to_slice(self.0, &mut buf).map_err(|_| fmt::Error)?;
+        f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
     }
 }
 
