@@ -31,6 +31,18 @@ pub trait LogStore: TileSource {
     fn publish_checkpoint(&self, note: &[u8]) -> Result<(), StoreError>;
 }
 
+impl<S: LogStore + ?Sized> LogStore for &S {
+    fn write(&self, path: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        (**self).write(path, bytes)
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        (**self).sync()
+    }
+    fn publish_checkpoint(&self, note: &[u8]) -> Result<(), StoreError> {
+        (**self).publish_checkpoint(note)
+    }
+}
+
 /// Only the shapes the log writes: no `..`, no absolute paths, no surprises.
 fn check_path(path: &str) -> Result<(), StoreError> {
     let ok = !path.is_empty()

@@ -325,6 +325,12 @@ pub trait TileSource: Sync {
     fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String>;
 }
 
+impl<S: TileSource + ?Sized> TileSource for &S {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
+        (**self).read(path)
+    }
+}
+
 /// Reads nodes of the tree of `size` from published hash tiles, caching tiles.
 pub struct TileHashReader<'a, S: TileSource + ?Sized> {
     source: &'a S,
