@@ -120,12 +120,12 @@ fn entry_decoding(c: &mut Criterion) {
         b.iter(|| {
             batch
                 .iter()
-                .map(|e| serde_json::from_slice::<serde_json::Value>(e).is_ok())
+                .filter(|e| serde_json::from_slice::<serde_json::Value>(e).is_ok())
                 .count()
         })
     });
     g.bench_function("decode_entry", |b| {
-        b.iter(|| batch.iter().map(|e| decode_entry(e).is_ok()).count())
+        b.iter(|| batch.iter().filter(|e| decode_entry(e).is_ok()).count())
     });
     g.bench_function("receipt_signing_bytes", |b| {
         let events: Vec<Event> = batch

@@ -243,8 +243,7 @@ fn largest_power_of_two_below(n: u64) -> u64 {
 
 fn level_of(n: u64) -> u8 {
     debug_assert!(n.is_power_of_two());
-    // trailing_zeros of a u64 is at most 63: it fits.
-    n.trailing_zeros() as u8
+    u8::try_from(n.trailing_zeros()).expect("a u64 has at most 64 trailing zeros")
 }
 
 /// Every level of a tree kept in memory. For tests and small tools; the writer

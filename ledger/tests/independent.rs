@@ -101,7 +101,7 @@ fn tlog_tiles_and_signed_note_accept_our_log() {
             theirs.iter().map(|h| h.0).collect::<Vec<_>>(),
             mine.iter().map(|h| h.0).collect::<Vec<_>>()
         );
-        let leaf = tlog_tiles::record_hash(&entries[n as usize]);
+        let leaf = tlog_tiles::record_hash(&entries[usize::try_from(n).expect("small")]);
         tlog_tiles::check_record(&theirs, cp.size(), *cp.hash(), n, leaf).expect("their check");
     }
     for o in old.iter().filter(|o| o.size > 0) {

@@ -62,6 +62,10 @@ pub struct ModelPrice {
 }
 
 /// One ledger event. `kind` is the tag; `v` is added by [`encode_entry`].
+#[allow(
+    clippy::large_enum_variant,
+    reason = "settlements are most of the log; boxing them would add an allocation to the commonest entry"
+)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Event {

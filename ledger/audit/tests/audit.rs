@@ -262,10 +262,11 @@ impl HttpServer {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("python3 is installed");
-        let url = format!("http://127.0.0.1:{port}");
+        // Owned from here on: killed and reaped on drop, also if we panic below.
+        let server = Self(child, format!("http://127.0.0.1:{port}"));
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Self(child, url);
+                return server;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
