@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The test command (README.md): installs and starts what the tests need, then
+# runs formatting, lint, every test and a short fuzz pass. Works on a fresh
+# Debian machine with a Rust toolchain; safe to run again.
+#
+# Needs today: python3 (the audit tests read the ledger through Python's own
+# http.server, a static file server we did not write). Postgres, the Kafka
+# broker and the model server join here with the coordinator issues.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+apt_install() {
+    # Root on CI machines; elsewhere, say what is missing instead of failing obscurely.
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing: $*; install it (Debian: apt-get install $*)" >&2
+        exit 1
+    fi
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+step "tools"
+command -v python3 >/dev/null || apt_install python3
+cargo --version
+python3 --version
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (-D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "fuzz smoke (${FUZZ_SECONDS:-15} s per target)"
+FUZZ_SECONDS="${FUZZ_SECONDS:-15}" ops/fuzz.sh
