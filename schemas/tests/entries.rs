@@ -98,3 +98,26 @@ fn oversized_fields_are_refused_both_ways() {
         Err(EntryError::FieldTooLong { .. })
     ));
 }
+
+/// The published JSON Schema accepts every golden entry and refuses the same
+/// mutations the decoder refuses. Checked by a validator we did not write.
+#[test]
+fn json_schema_agrees_with_the_fixtures() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("json/v1/entry.schema.json");
+    let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(path).expect("schema")).expect("json");
+    let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+    for (kind, bytes) in fixtures() {
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        let errors: Vec<String> = validator.iter_errors(&v).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{kind}: {errors:?}");
+        let mut extra = v.clone();
+        extra["surprise"] = serde_json::json!(1);
+        assert!(!validator.is_valid(&extra), "{kind} with an unknown field");
+        let mut wrong_version = v.clone();
+        wrong_version["v"] = serde_json::json!(2);
+        assert!(!validator.is_valid(&wrong_version), "{kind} as version 2");
+        let mut fraction = v.clone();
+        fraction["at_ms"] = serde_json::json!(1.5);
+        assert!(!validator.is_valid(&fraction), "{kind} with a fractional time");
+    }
+}
