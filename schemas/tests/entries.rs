@@ -104,7 +104,8 @@ fn oversized_fields_are_refused_both_ways() {
 #[test]
 fn json_schema_agrees_with_the_fixtures() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("json/v1/entry.schema.json");
-    let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(path).expect("schema")).expect("json");
+    let schema: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path).expect("schema")).expect("json");
     let validator = jsonschema::validator_for(&schema).expect("a valid schema");
     for (kind, bytes) in fixtures() {
         let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
@@ -118,6 +119,9 @@ fn json_schema_agrees_with_the_fixtures() {
         assert!(!validator.is_valid(&wrong_version), "{kind} as version 2");
         let mut fraction = v.clone();
         fraction["at_ms"] = serde_json::json!(1.5);
-        assert!(!validator.is_valid(&fraction), "{kind} with a fractional time");
+        assert!(
+            !validator.is_valid(&fraction),
+            "{kind} with a fractional time"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! `troop-audit`: parse arguments, run the check, print the verdict.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
@@ -262,12 +263,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     serde_json::json!({"size": report.entries, "root": report.checkpoint.root.to_base64(), "accounts": list})
                 );
             } else {
-                println!(
-                    "{:<38} {:>20} {:>16} {:>20}",
-                    "account", "balance_micro", "pending_micro", "available_micro"
-                );
-                for (id, bal, pend, avail) in rows {
-                    println!("{id:<38} {bal:>20} {pend:>16} {avail:>20}");
+                // A reader that stops early (`| head`) is not an error.
+                let mut out = std::io::stdout().lock();
+                let mut write_rows = || -> std::io::Result<()> {
+                    writeln!(
+                        out,
+                        "{:<38} {:>20} {:>16} {:>20}",
+                        "account", "balance_micro", "pending_micro", "available_micro"
+                    )?;
+                    for (id, bal, pend, avail) in &rows {
+                        writeln!(out, "{id:<38} {bal:>20} {pend:>16} {avail:>20}")?;
+                    }
+                    Ok(())
+                };
+                match write_rows() {
+                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+                    _ => {}
                 }
             }
             Ok(ExitCode::SUCCESS)
