@@ -296,19 +296,31 @@ fn verifies_over_http() {
     ));
 }
 
-fn bin() -> Command {
+/// Runs `troop-audit` with `args`.
+fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_troop-audit"))
+        .args(args)
+        .output()
+        .expect("troop-audit runs")
+}
+
+fn stdout_json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} / {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 #[test]
 fn the_cli_verifies_proves_and_reports_balances() {
     let (_, log) = honest();
-    let vkey = log.path().join("vkey");
-    let ok = bin()
-        .args(["verify", &log.base(), "--key"])
-        .arg(&vkey)
-        .output()
-        .expect("runs");
+    let base = log.base();
+    let p = |name: &str| log.path().join(name).display().to_string();
+    let vkey = p("vkey");
+    let ok = cli(&["verify", &base, "--key", &vkey]);
     assert!(
         ok.status.success(),
         "{}",
@@ -316,74 +328,70 @@ fn the_cli_verifies_proves_and_reports_balances() {
     );
     assert!(String::from_utf8_lossy(&ok.stdout).starts_with("OK: 807 entries, 267 receipts"));
 
-    let old = log.path().join("old-checkpoint");
-    std::fs::write(&old, &log.checkpoints[2]).expect("write");
-    let since = bin()
-        .args(["verify", &log.base(), "--json", "--since"])
-        .arg(&old)
-        .arg("--key")
-        .arg(&vkey)
-        .output()
-        .expect("runs");
-    let v: serde_json::Value = serde_json::from_slice(&since.stdout).expect("json");
-    assert_eq!(v["ok"], true);
-    assert_eq!(v["since_size"], 291);
+    std::fs::write(p("old-checkpoint"), &log.checkpoints[2]).expect("write");
+    let since = stdout_json(&cli(&[
+        "verify",
+        &base,
+        "--json",
+        "--since",
+        &p("old-checkpoint"),
+        "--key",
+        &vkey,
+    ]));
+    assert_eq!(since["ok"], true);
+    assert_eq!(since["since_size"], 291);
 
-    let entry = log.path().join("entry-500");
-    let proof = bin()
-        .args(["prove", &log.base(), "--index", "500", "--entry-out"])
-        .arg(&entry)
-        .arg("--key")
-        .arg(&vkey)
-        .output()
-        .expect("runs");
+    let proof = cli(&[
+        "prove",
+        &base,
+        "--index",
+        "500",
+        "--entry-out",
+        &p("entry-500"),
+        "--key",
+        &vkey,
+    ]);
     assert!(
         proof.status.success(),
         "{}",
         String::from_utf8_lossy(&proof.stderr)
     );
-    let proof_file = log.path().join("500.tlog-proof");
-    std::fs::write(&proof_file, &proof.stdout).expect("write");
     assert!(
         String::from_utf8_lossy(&proof.stdout).starts_with("c2sp.org/tlog-proof@v1\nindex 500\n")
     );
-    let checked = bin()
-        .arg("proof")
-        .arg(&proof_file)
-        .arg("--entry")
-        .arg(&entry)
-        .arg("--key")
-        .arg(&vkey)
-        .output()
-        .expect("runs");
+    std::fs::write(p("500.tlog-proof"), &proof.stdout).expect("write");
+    let check = || {
+        cli(&[
+            "proof",
+            &p("500.tlog-proof"),
+            "--entry",
+            &p("entry-500"),
+            "--key",
+            &vkey,
+        ])
+    };
+    let checked = check();
     assert!(
         checked.status.success(),
         "{}",
         String::from_utf8_lossy(&checked.stderr)
     );
-    flip_byte(&entry, 5);
-    let bad = bin()
-        .arg("proof")
-        .arg(&proof_file)
-        .arg("--entry")
-        .arg(&entry)
-        .arg("--key")
-        .arg(&vkey)
-        .output()
-        .expect("runs");
-    assert_eq!(bad.status.code(), Some(1));
+    flip_byte(&log.path().join("entry-500"), 5);
+    assert_eq!(check().status.code(), Some(1));
 
-    let balances = bin()
-        .args(["balances", &log.base(), "--json", "--account"])
-        .arg(worker_account().to_string())
-        .arg("--key")
-        .arg(&vkey)
-        .output()
-        .expect("runs");
-    let v: serde_json::Value = serde_json::from_slice(&balances.stdout).expect("json");
-    assert_eq!(v["accounts"].as_array().expect("list").len(), 1);
+    let account = worker_account().to_string();
+    let balances = stdout_json(&cli(&[
+        "balances",
+        &base,
+        "--json",
+        "--account",
+        &account,
+        "--key",
+        &vkey,
+    ]));
+    assert_eq!(balances["accounts"].as_array().expect("list").len(), 1);
     assert!(
-        v["accounts"][0]["balance_micro"]
+        balances["accounts"][0]["balance_micro"]
             .as_str()
             .expect("string")
             .parse::<i64>()
@@ -392,11 +400,7 @@ fn the_cli_verifies_proves_and_reports_balances() {
     );
 
     flip_byte(&log.path().join("tile/0/002"), 7);
-    let tampered = bin()
-        .args(["verify", &log.base(), "--key"])
-        .arg(&vkey)
-        .output()
-        .expect("runs");
+    let tampered = cli(&["verify", &base, "--key", &vkey]);
     assert_eq!(tampered.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&tampered.stderr).contains("tile/0/002"));
 }
