@@ -32,7 +32,14 @@ step "cargo clippy (-D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
-cargo test --workspace --locked
+test_log="$(mktemp)"
+trap 'rm -f "$test_log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$test_log"
+read -r passed failed < <(awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }' "$test_log")
 
 step "fuzz smoke (${FUZZ_SECONDS:-15} s per target)"
 FUZZ_SECONDS="${FUZZ_SECONDS:-15}" ops/fuzz.sh
+
+# One closing line over every test binary (cargo prints one per binary, the
+# last of which is often an empty doc-test run).
+echo "tests: ${passed} passed, ${failed} failed"
