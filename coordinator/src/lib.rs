@@ -1,14 +1,15 @@
 //! The Troop coordinator.
 //!
 //! Codemap (growing with issue 3):
+//! - [`domain`]: pure decisions — placement, hold sizing, billing.
 //! - [`eventlog`]: the event log port and its embedded adapter (segment files
 //!   with checksums, group commit, torn-tail recovery). Kafka comes in issue 4.
 //!
-//! Still to come: the domain core (holds, placement, pricing), the actors, the
-//! OpenAI-compatible API and the worker endpoint.
+//! Still to come: the actors, the OpenAI-compatible API and the worker endpoint.
 
 #![forbid(unsafe_code)]
 
+pub mod domain;
 pub mod eventlog;
 
 pub use troop_ledger as ledger;
