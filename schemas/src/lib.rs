@@ -4,6 +4,7 @@
 //!   signatures, BLAKE3 digests and [`CreditsMicro`] amounts.
 //! - [`canonical`]: RFC 8785 canonical JSON, integers only.
 //! - [`event`]: the versioned ledger events and their entry encoding.
+//! - [`protocol`]: the worker ↔ coordinator WebSocket messages and data frames.
 //! - [`receipt`]: worker receipts and coordinator countersignatures (wire form
 //!   and the bytes each party signs).
 //!
@@ -12,6 +13,7 @@
 
 pub mod canonical;
 pub mod event;
+pub mod protocol;
 pub mod receipt;
 pub mod types;
 
