@@ -111,7 +111,8 @@ pub enum WorkerMsg {
     JobDone {
         job: JobId,
         usage: Option<EngineUsage>,
-        receipt: Receipt,
+        // Boxed: one per job, and it would make every heartbeat as large.
+        receipt: Box<Receipt>,
         worker_sig: Signature,
     },
     JobFailed {
