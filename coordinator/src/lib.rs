@@ -1,6 +1,7 @@
 //! The Troop coordinator.
 //!
 //! Codemap (growing with issue 3):
+//! - [`books`]: balances as a projection of the event log, published as the signed ledger.
 //! - [`domain`]: pure decisions — placement, hold sizing, billing.
 //! - [`eventlog`]: the event log port and its embedded adapter (segment files
 //!   with checksums, group commit, torn-tail recovery). Kafka comes in issue 4.
@@ -9,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod books;
 pub mod domain;
 pub mod eventlog;
 

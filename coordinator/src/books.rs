@@ -1,0 +1,227 @@
+//! The books: every balance-affecting decision, made durable in the event log
+//! before it takes effect, folded into balances, and published as the signed
+//! ledger auditors read.
+//!
+//! Order of a commit: check each event against the projection and apply it;
+//! append the accepted ones to the event log (one fsync for the batch); only
+//! then acknowledge. If the append fails the projection is ahead of the log, so
+//! the books refuse all further work: a restart rebuilds them from the log
+//! (crash-only). The ledger log (tiles, checkpoint) trails the event log and is
+//! caught up on every start.
+
+use std::sync::Arc;
+
+use troop_ledger::fold::{FoldError, Ledger};
+use troop_ledger::note::NoteSigner;
+use troop_ledger::store::DirStore;
+use troop_ledger::writer::{LogWriter, WriterError};
+use troop_schemas::{EntryError, Event, VoidReason, decode_entry, encode_entry};
+
+use crate::eventlog::{EventLog, EventLogError};
+
+/// Event-log records start with a tag byte, so that heartbeat summaries and job
+/// events can share the log with ledger entries.
+pub const TAG_LEDGER_ENTRY: u8 = 0x01;
+
+/// Records read per step while replaying.
+const REPLAY_BATCH: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BooksError {
+    #[error(transparent)]
+    Refused(#[from] FoldError),
+    #[error("event cannot be encoded: {0}")]
+    Encoding(#[from] EntryError),
+    #[error("event log: {0}")]
+    EventLog(#[from] EventLogError),
+    #[error("ledger log: {0}")]
+    Ledger(#[from] WriterError),
+    #[error("event log record {offset} is unusable: {why}")]
+    Corrupt { offset: u64, why: String },
+    #[error("the books stopped after a failed write; restart to recover from the event log")]
+    Poisoned,
+}
+
+/// Balances (the projection), the event log they come from, and the ledger they are published as.
+pub struct Books {
+    events: Arc<dyn EventLog>,
+    ledger: Ledger,
+    writer: LogWriter<DirStore>,
+    /// Ledger entries in the event log: the index the next one gets.
+    entries: u64,
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for Books {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Books(entries={}, poisoned={})",
+            self.entries, self.poisoned
+        )
+    }
+}
+
+/// Outcome of replaying the event log on start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    pub records: u64,
+    pub entries: u64,
+    /// Entries the ledger log had not published before the last stop.
+    pub republished: u64,
+}
+
+impl Books {
+    /// Rebuilds the books from `events` and catches the ledger in `ledger_dir` up.
+    pub fn open(
+        events: Arc<dyn EventLog>,
+        ledger_dir: &std::path::Path,
+        signer: NoteSigner,
+    ) -> Result<(Self, Recovery), BooksError> {
+        let mut writer = LogWriter::open(
+            DirStore::open(ledger_dir).map_err(WriterError::from)?,
+            signer,
+        )?;
+        let published = writer.size();
+        let mut ledger = Ledger::new();
+        let (mut offset, mut entries, mut republished) = (0u64, 0u64, 0u64);
+        loop {
+            let batch = events.read(offset, REPLAY_BATCH)?;
+            if batch.is_empty() {
+                break;
+            }
+            for record in batch {
+                offset = record.offset + 1;
+                let Some((&TAG_LEDGER_ENTRY, entry)) = record.payload.split_first() else {
+                    continue; // Not a ledger record: other projections read it.
+                };
+                let corrupt = |why: String| BooksError::Corrupt {
+                    offset: record.offset,
+                    why,
+                };
+                let event = decode_entry(entry).map_err(|e| corrupt(e.to_string()))?;
+                ledger
+                    .apply(&event)
+                    .map_err(|e| corrupt(format!("refused on replay: {e}")))?;
+                if entries >= published {
+                    writer.append(entry.to_vec())?;
+                    republished += 1;
+                }
+                entries += 1;
+            }
+        }
+        if entries < published {
+            return Err(BooksError::Corrupt {
+                offset,
+                why: format!(
+                    "the ledger has {published} entries but the event log only {entries}: wrong data directory?"
+                ),
+            });
+        }
+        writer.publish()?;
+        ledger
+            .check_invariants()
+            .map_err(|why| BooksError::Corrupt { offset, why })?;
+        let recovery = Recovery {
+            records: offset,
+            entries,
+            republished,
+        };
+        Ok((
+            Self {
+                events,
+                ledger,
+                writer,
+                entries,
+                poisoned: false,
+            },
+            recovery,
+        ))
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Ledger entries so far.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// Checks and commits `events` in order, as one durable batch. Each gets its
+    /// own verdict: a refused event changes nothing and does not stop the others.
+    /// Returns each accepted event's ledger index.
+    pub fn commit(&mut self, events: &[Event]) -> Result<Vec<Result<u64, BooksError>>, BooksError> {
+        if self.poisoned {
+            return Err(BooksError::Poisoned);
+        }
+        let mut verdicts = Vec::with_capacity(events.len());
+        let mut records = Vec::new();
+        let mut entries = Vec::new();
+        for event in events {
+            let encoded = match encode_entry(event) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    verdicts.push(Err(e.into()));
+                    continue;
+                }
+            };
+            match self.ledger.apply(event) {
+                Ok(()) => {
+                    verdicts.push(Ok(self.entries + entries.len() as u64));
+                    let mut record = Vec::with_capacity(encoded.len() + 1);
+                    record.push(TAG_LEDGER_ENTRY);
+                    record.extend_from_slice(&encoded);
+                    records.push(record);
+                    entries.push(encoded);
+                }
+                Err(e) => verdicts.push(Err(e.into())),
+            }
+        }
+        if records.is_empty() {
+            return Ok(verdicts);
+        }
+        if let Err(e) = self.events.append(records) {
+            self.poisoned = true;
+            return Err(e.into());
+        }
+        for entry in entries {
+            self.writer.append(entry)?;
+            self.entries += 1;
+        }
+        Ok(verdicts)
+    }
+
+    /// One event; its refusal is an error.
+    pub fn commit_one(&mut self, event: &Event) -> Result<u64, BooksError> {
+        self.commit(std::slice::from_ref(event))?
+            .pop()
+            .expect("one verdict per event")
+    }
+
+    /// Integrates and signs a new checkpoint if anything was committed since the last.
+    pub fn publish(&mut self) -> Result<(u64, troop_ledger::Hash), BooksError> {
+        let cp = self.writer.publish()?;
+        Ok((cp.size, cp.root))
+    }
+
+    /// On a single node, a hold still open at start belonged to a request that
+    /// died with the previous process: release it, charging nothing.
+    pub fn void_orphaned_holds(&mut self, now_ms: u64) -> Result<usize, BooksError> {
+        let mut holds: Vec<_> = self.ledger.open_holds().map(|(id, _)| *id).collect();
+        holds.sort_unstable();
+        let voids: Vec<Event> = holds
+            .into_iter()
+            .map(|hold| Event::HoldVoided {
+                hold,
+                reason: VoidReason::CoordinatorRestart,
+                at_ms: now_ms,
+            })
+            .collect();
+        let n = voids.len();
+        for verdict in self.commit(&voids)? {
+            verdict?;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,169 @@
+//! The books on the embedded event log: durable before acknowledged, rebuilt by
+//! replay, and published as a ledger that troop-audit accepts after any stop.
+
+#[path = "../../ledger/tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use troop_coordinator::books::{Books, BooksError};
+use troop_coordinator::eventlog::file::{FileLog, FileLogConfig};
+use troop_coordinator::eventlog::{EventLog, EventLogError, Record};
+use troop_ledger::fold::FoldError;
+use troop_ledger::note::NoteSigner;
+use troop_schemas::Event;
+
+fn signer() -> NoteSigner {
+    NoteSigner::new("books.example/ledger", log_key()).expect("signer")
+}
+
+fn open(dir: &Path) -> (Books, troop_coordinator::books::Recovery) {
+    let events: Arc<dyn EventLog> =
+        Arc::new(FileLog::open(dir.join("events"), FileLogConfig::default()).expect("event log"));
+    Books::open(events, &dir.join("ledger"), signer()).expect("books open")
+}
+
+fn audit(dir: &Path) -> troop_audit::Report {
+    let source =
+        troop_audit::Source::open(&dir.join("ledger").display().to_string()).expect("source");
+    troop_audit::verify(&source, &signer().verifier(), None, &|_| {})
+        .expect("troop-audit accepts the ledger")
+}
+
+#[test]
+fn committed_events_survive_a_stop_before_publication() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = traffic(120);
+    let digest = {
+        let (mut books, rec) = open(dir.path());
+        assert_eq!(rec.entries, 0);
+        for chunk in events.chunks(7) {
+            for v in books.commit(chunk).expect("commit") {
+                v.expect("valid traffic");
+            }
+        }
+        books.publish().expect("publish");
+        // More traffic, then the process dies before the next checkpoint.
+        books.commit_one(&hold(1_000, 500)).expect("hold");
+        books.ledger().balances_digest()
+    };
+    let (books, rec) = open(dir.path());
+    assert_eq!(rec.entries, events.len() as u64 + 1);
+    assert_eq!(
+        rec.republished, 1,
+        "the unpublished entry is re-published from the event log"
+    );
+    assert_eq!(books.ledger().balances_digest(), digest);
+    let report = audit(dir.path());
+    assert_eq!(report.entries, events.len() as u64 + 1);
+    assert_eq!(
+        report.ledger.balances_digest(),
+        digest,
+        "auditors see exactly the books"
+    );
+}
+
+#[test]
+fn refused_events_leave_no_trace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut books, _) = open(dir.path());
+    for v in books.commit(&genesis()).expect("commit") {
+        v.expect("genesis");
+    }
+    let before = (books.entries(), books.ledger().balances_digest());
+    let overdraft = Event::Transfer {
+        from: consumer(),
+        to: worker_account(),
+        amount_micro: m(10_000_001),
+        memo: String::new(),
+        at_ms: T0,
+    };
+    let verdicts = books.commit(&[overdraft, hold(1, 100)]).expect("commit");
+    assert!(matches!(
+        verdicts[0],
+        Err(BooksError::Refused(FoldError::InsufficientFunds { .. }))
+    ));
+    assert_eq!(
+        verdicts[1].as_ref().expect("the valid one goes through"),
+        &before.0
+    );
+    drop(books);
+    let (books, rec) = open(dir.path());
+    assert_eq!(
+        rec.entries,
+        before.0 + 1,
+        "only the accepted event was logged"
+    );
+    assert_ne!(books.ledger().balances_digest(), before.1);
+}
+
+#[test]
+fn holds_of_dead_requests_are_voided_on_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut books, _) = open(dir.path());
+        for v in books.commit(&genesis()).expect("commit") {
+            v.expect("genesis");
+        }
+        books.commit(&[hold(1, 100), hold(2, 200)]).expect("holds");
+    }
+    let (mut books, _) = open(dir.path());
+    assert_eq!(books.ledger().open_holds().count(), 2);
+    assert_eq!(books.void_orphaned_holds(T0 + 5).expect("void"), 2);
+    let c = books.ledger().account(&consumer()).expect("consumer");
+    assert_eq!(c.debits_pending, 0);
+    assert_eq!(c.balance(), 10_000_000, "nothing was charged");
+    books.publish().expect("publish");
+    assert_eq!(audit(dir.path()).ledger.open_holds().count(), 0);
+}
+
+/// An event log whose appends fail, as a full disk would.
+struct FullDisk;
+
+impl EventLog for FullDisk {
+    fn append(&self, _: Vec<Vec<u8>>) -> Result<u64, EventLogError> {
+        Err(EventLogError::Io {
+            path: "disk".into(),
+            source: std::io::Error::other("no space left on device"),
+        })
+    }
+    fn read(&self, _: u64, _: usize) -> Result<Vec<Record>, EventLogError> {
+        Ok(Vec::new())
+    }
+    fn next_offset(&self) -> u64 {
+        0
+    }
+}
+
+#[test]
+fn a_failed_append_stops_the_books() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut books, _) = Books::open(Arc::new(FullDisk), dir.path(), signer()).expect("open");
+    assert!(matches!(
+        books.commit(&genesis()),
+        Err(BooksError::EventLog(_))
+    ));
+    assert!(
+        matches!(books.commit(&genesis()), Err(BooksError::Poisoned)),
+        "no decision after an unknown write"
+    );
+}
+
+#[test]
+fn a_ledger_from_another_event_log_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut books, _) = open(dir.path());
+        books.commit(&genesis()).expect("commit");
+        books.publish().expect("publish");
+    }
+    std::fs::remove_dir_all(dir.path().join("events")).expect("lose the event log");
+    let events: Arc<dyn EventLog> =
+        Arc::new(FileLog::open(dir.path().join("events"), FileLogConfig::default()).expect("log"));
+    assert!(matches!(
+        Books::open(events, &dir.path().join("ledger"), signer()),
+        Err(BooksError::Corrupt { .. })
+    ));
+}
