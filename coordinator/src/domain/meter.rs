@@ -1,0 +1,230 @@
+//! The stream meter: reads an engine's server-sent-events stream as it is
+//! forwarded, byte-exact and in whatever pieces the network delivers, and
+//! counts what the consumer actually received. This count, not the worker's
+//! word, bounds the bill.
+
+use troop_schemas::Digest;
+
+/// An SSE line longer than this is garbage (a chunk is a few hundred bytes).
+pub const MAX_LINE_BYTES: usize = 256 << 10;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MeterError {
+    #[error("stream line longer than {MAX_LINE_BYTES} bytes")]
+    LineTooLong,
+    #[error("stream is not UTF-8")]
+    NotUtf8,
+    #[error("stream event is not JSON: {0}")]
+    NotJson(String),
+    #[error("data after [DONE]")]
+    AfterDone,
+}
+
+/// Usage as reported in the stream's final chunk (`stream_options.include_usage`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReportedUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+#[derive(Debug)]
+pub struct Meter {
+    hasher: blake3::Hasher,
+    line: Vec<u8>,
+    bytes: u64,
+    events: u64,
+    deltas: u64,
+    content_bytes: u64,
+    usage: Option<ReportedUsage>,
+    finish_reason: Option<String>,
+    done: bool,
+    error: Option<String>,
+}
+
+impl Default for Meter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the meter saw, once the stream ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reading {
+    /// BLAKE3 of every byte forwarded: the receipt's `response_digest`.
+    pub digest: Digest,
+    pub bytes: u64,
+    /// `data:` events, including the usage chunk.
+    pub events: u64,
+    /// Events carrying non-empty generated text (chat `delta.content` or
+    /// completions `text`): one per token on llama.cpp and vLLM.
+    pub deltas: u64,
+    pub content_bytes: u64,
+    pub usage: Option<ReportedUsage>,
+    pub finish_reason: Option<String>,
+    /// The stream ended with `data: [DONE]`.
+    pub done: bool,
+    /// The engine sent an error event (`{"error": …}`).
+    pub error: Option<String>,
+}
+
+impl Meter {
+    pub fn new() -> Self {
+        Self {
+            hasher: blake3::Hasher::new(),
+            line: Vec::new(),
+            bytes: 0,
+            events: 0,
+            deltas: 0,
+            content_bytes: 0,
+            usage: None,
+            finish_reason: None,
+            done: false,
+            error: None,
+        }
+    }
+
+    /// Feeds the next piece of the stream, exactly as forwarded.
+    pub fn feed(&mut self, piece: &[u8]) -> Result<(), MeterError> {
+        self.hasher.update(piece);
+        self.bytes += piece.len() as u64;
+        for &b in piece {
+            if b == b'\n' {
+                let line = std::mem::take(&mut self.line);
+                self.line_done(&line)?;
+            } else {
+                if self.line.len() == MAX_LINE_BYTES {
+                    return Err(MeterError::LineTooLong);
+                }
+                self.line.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    fn line_done(&mut self, line: &[u8]) -> Result<(), MeterError> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            // Blank separators, comments (`:`), `event:`/`id:` fields.
+            return Ok(());
+        };
+        let data = std::str::from_utf8(data).map_err(|_| MeterError::NotUtf8)?.trim_start();
+        if self.done {
+            return Err(MeterError::AfterDone);
+        }
+        if data == "[DONE]" {
+            self.done = true;
+            return Ok(());
+        }
+        let v: serde_json::Value = serde_json::from_str(data).map_err(|e| MeterError::NotJson(e.to_string()))?;
+        self.events += 1;
+        if let Some(err) = v.get("error") {
+            let msg = err.get("message").and_then(|m| m.as_str()).map_or_else(|| err.to_string(), str::to_owned);
+            self.error = Some(msg.chars().take(512).collect());
+        }
+        if let Some(choices) = v.get("choices").and_then(|c| c.as_array()) {
+            for c in choices {
+                let text = c.pointer("/delta/content").or_else(|| c.get("text")).and_then(|t| t.as_str()).unwrap_or("");
+                if !text.is_empty() {
+                    self.deltas += 1;
+                    self.content_bytes += text.len() as u64;
+                }
+                if let Some(r) = c.get("finish_reason").and_then(|r| r.as_str()) {
+                    self.finish_reason = Some(r.chars().take(64).collect());
+                }
+            }
+        }
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            self.usage = Some(ReportedUsage {
+                prompt_tokens: u.get("prompt_tokens").and_then(|x| x.as_u64()).unwrap_or(0),
+                completion_tokens: u.get("completion_tokens").and_then(|x| x.as_u64()).unwrap_or(0),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> Reading {
+        Reading {
+            digest: Digest(*self.hasher.finalize().as_bytes()),
+            bytes: self.bytes,
+            events: self.events,
+            deltas: self.deltas,
+            content_bytes: self.content_bytes,
+            usage: self.usage,
+            finish_reason: self.finish_reason,
+            done: self.done,
+            error: self.error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A llama.cpp chat stream as recorded from the real server (ids shortened).
+    const STREAM: &str = concat!(
+        "data: {\"choices\":[{\"finish_reason\":null,\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null}}],\"object\":\"chat.completion.chunk\"}\n\n",
+        "data: {\"choices\":[{\"finish_reason\":null,\"index\":0,\"delta\":{\"content\":\"In\"}}],\"object\":\"chat.completion.chunk\"}\n\n",
+        "data: {\"choices\":[{\"finish_reason\":null,\"index\":0,\"delta\":{\"content\":\" silicon\"}}],\"object\":\"chat.completion.chunk\"}\n\n",
+        "data: {\"choices\":[{\"finish_reason\":\"length\",\"index\":0,\"delta\":{}}],\"object\":\"chat.completion.chunk\"}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"completion_tokens\":2,\"prompt_tokens\":32,\"total_tokens\":34}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    #[test]
+    fn counts_a_real_stream() {
+        let mut m = Meter::new();
+        m.feed(STREAM.as_bytes()).expect("valid");
+        let r = m.finish();
+        assert_eq!((r.events, r.deltas, r.content_bytes), (5, 2, 10));
+        assert_eq!(r.usage, Some(ReportedUsage { prompt_tokens: 32, completion_tokens: 2 }));
+        assert_eq!(r.finish_reason.as_deref(), Some("length"));
+        assert!(r.done);
+        assert_eq!(r.digest, Digest::of(STREAM.as_bytes()));
+    }
+
+    #[test]
+    fn any_split_of_the_stream_reads_the_same() {
+        let whole = {
+            let mut m = Meter::new();
+            m.feed(STREAM.as_bytes()).expect("valid");
+            m.finish()
+        };
+        let bytes = STREAM.as_bytes();
+        for cut in 0..bytes.len() {
+            for cut2 in [cut, (cut + 7).min(bytes.len()), bytes.len()] {
+                let mut m = Meter::new();
+                m.feed(&bytes[..cut]).expect("a");
+                m.feed(&bytes[cut..cut2]).expect("b");
+                m.feed(&bytes[cut2..]).expect("c");
+                assert_eq!(m.finish(), whole, "cut at {cut}/{cut2}");
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused_and_errors_are_noticed() {
+        let mut m = Meter::new();
+        assert!(matches!(m.feed(b"data: {not json\n"), Err(MeterError::NotJson(_))));
+        let mut m = Meter::new();
+        assert_eq!(m.feed(b"data: \xff\xfe\n"), Err(MeterError::NotUtf8));
+        let mut m = Meter::new();
+        assert_eq!(m.feed(&vec![b'x'; MAX_LINE_BYTES + 1]), Err(MeterError::LineTooLong));
+        let mut m = Meter::new();
+        assert_eq!(m.feed(b"data: [DONE]\n\ndata: {}\n"), Err(MeterError::AfterDone));
+        let mut m = Meter::new();
+        m.feed(b": keep-alive\r\n\r\ndata: {\"error\":{\"message\":\"context full\",\"type\":\"exceed_context_size_error\"}}\r\n").expect("ok");
+        let r = m.finish();
+        assert_eq!(r.error.as_deref(), Some("context full"));
+        assert_eq!(r.deltas, 0);
+        assert!(!r.done);
+    }
+
+    #[test]
+    fn completions_text_counts_too() {
+        let mut m = Meter::new();
+        m.feed(b"data: {\"choices\":[{\"text\":\"Hello\",\"index\":0}]}\n\ndata: {\"choices\":[{\"text\":\"\",\"finish_reason\":\"stop\"}]}\n\n").expect("ok");
+        let r = m.finish();
+        assert_eq!((r.deltas, r.content_bytes), (1, 5));
+    }
+}
