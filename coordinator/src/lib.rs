@@ -1,6 +1,7 @@
 //! The Troop coordinator.
 //!
 //! Codemap (growing with issue 3):
+//! - [`api`]: the OpenAI-compatible API (validation and error shapes so far).
 //! - [`books`]: balances as a projection of the event log, published as the signed ledger.
 //! - [`domain`]: pure decisions — placement, hold sizing, billing.
 //! - [`eventlog`]: the event log port and its embedded adapter (segment files
@@ -10,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod books;
 pub mod domain;
 pub mod eventlog;

@@ -107,7 +107,9 @@ impl Meter {
             // Blank separators, comments (`:`), `event:`/`id:` fields.
             return Ok(());
         };
-        let data = std::str::from_utf8(data).map_err(|_| MeterError::NotUtf8)?.trim_start();
+        let data = std::str::from_utf8(data)
+            .map_err(|_| MeterError::NotUtf8)?
+            .trim_start();
         if self.done {
             return Err(MeterError::AfterDone);
         }
@@ -115,15 +117,23 @@ impl Meter {
             self.done = true;
             return Ok(());
         }
-        let v: serde_json::Value = serde_json::from_str(data).map_err(|e| MeterError::NotJson(e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(data).map_err(|e| MeterError::NotJson(e.to_string()))?;
         self.events += 1;
         if let Some(err) = v.get("error") {
-            let msg = err.get("message").and_then(|m| m.as_str()).map_or_else(|| err.to_string(), str::to_owned);
+            let msg = err
+                .get("message")
+                .and_then(|m| m.as_str())
+                .map_or_else(|| err.to_string(), str::to_owned);
             self.error = Some(msg.chars().take(512).collect());
         }
         if let Some(choices) = v.get("choices").and_then(|c| c.as_array()) {
             for c in choices {
-                let text = c.pointer("/delta/content").or_else(|| c.get("text")).and_then(|t| t.as_str()).unwrap_or("");
+                let text = c
+                    .pointer("/delta/content")
+                    .or_else(|| c.get("text"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("");
                 if !text.is_empty() {
                     self.deltas += 1;
                     self.content_bytes += text.len() as u64;
@@ -136,7 +146,10 @@ impl Meter {
         if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
             self.usage = Some(ReportedUsage {
                 prompt_tokens: u.get("prompt_tokens").and_then(|x| x.as_u64()).unwrap_or(0),
-                completion_tokens: u.get("completion_tokens").and_then(|x| x.as_u64()).unwrap_or(0),
+                completion_tokens: u
+                    .get("completion_tokens")
+                    .and_then(|x| x.as_u64())
+                    .unwrap_or(0),
             });
         }
         Ok(())
@@ -177,7 +190,13 @@ mod tests {
         m.feed(STREAM.as_bytes()).expect("valid");
         let r = m.finish();
         assert_eq!((r.events, r.deltas, r.content_bytes), (5, 2, 10));
-        assert_eq!(r.usage, Some(ReportedUsage { prompt_tokens: 32, completion_tokens: 2 }));
+        assert_eq!(
+            r.usage,
+            Some(ReportedUsage {
+                prompt_tokens: 32,
+                completion_tokens: 2
+            })
+        );
         assert_eq!(r.finish_reason.as_deref(), Some("length"));
         assert!(r.done);
         assert_eq!(r.digest, Digest::of(STREAM.as_bytes()));
@@ -205,13 +224,22 @@ mod tests {
     #[test]
     fn garbage_is_refused_and_errors_are_noticed() {
         let mut m = Meter::new();
-        assert!(matches!(m.feed(b"data: {not json\n"), Err(MeterError::NotJson(_))));
+        assert!(matches!(
+            m.feed(b"data: {not json\n"),
+            Err(MeterError::NotJson(_))
+        ));
         let mut m = Meter::new();
         assert_eq!(m.feed(b"data: \xff\xfe\n"), Err(MeterError::NotUtf8));
         let mut m = Meter::new();
-        assert_eq!(m.feed(&vec![b'x'; MAX_LINE_BYTES + 1]), Err(MeterError::LineTooLong));
+        assert_eq!(
+            m.feed(&vec![b'x'; MAX_LINE_BYTES + 1]),
+            Err(MeterError::LineTooLong)
+        );
         let mut m = Meter::new();
-        assert_eq!(m.feed(b"data: [DONE]\n\ndata: {}\n"), Err(MeterError::AfterDone));
+        assert_eq!(
+            m.feed(b"data: [DONE]\n\ndata: {}\n"),
+            Err(MeterError::AfterDone)
+        );
         let mut m = Meter::new();
         m.feed(b": keep-alive\r\n\r\ndata: {\"error\":{\"message\":\"context full\",\"type\":\"exceed_context_size_error\"}}\r\n").expect("ok");
         let r = m.finish();
