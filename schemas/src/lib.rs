@@ -5,6 +5,7 @@
 //! - [`canonical`]: RFC 8785 canonical JSON, integers only.
 //! - [`event`]: the versioned ledger events and their entry encoding.
 //! - [`protocol`]: the worker ↔ coordinator WebSocket messages and data frames.
+//! - [`sse`]: the stream meter — counting what an OpenAI event stream delivered.
 //! - [`receipt`]: worker receipts and coordinator countersignatures (wire form
 //!   and the bytes each party signs).
 //!
@@ -15,6 +16,7 @@ pub mod canonical;
 pub mod event;
 pub mod protocol;
 pub mod receipt;
+pub mod sse;
 pub mod types;
 
 pub use event::{

@@ -7,5 +7,4 @@
 //!   from the coordinator's own counts rather than the worker's word.
 
 pub mod billing;
-pub mod meter;
 pub mod placement;

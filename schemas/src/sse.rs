@@ -3,7 +3,7 @@
 //! counts what the consumer actually received. This count, not the worker's
 //! word, bounds the bill.
 
-use troop_schemas::Digest;
+use crate::types::Digest;
 
 /// An SSE line longer than this is garbage (a chunk is a few hundred bytes).
 pub const MAX_LINE_BYTES: usize = 256 << 10;
@@ -39,7 +39,12 @@ pub struct Meter {
     finish_reason: Option<String>,
     done: bool,
     error: Option<String>,
+    /// Generated text, kept only when asked for (to answer non-streaming requests).
+    text: Option<String>,
 }
+
+/// Most text kept for a non-streaming answer.
+pub const MAX_COLLECTED_BYTES: usize = 16 << 20;
 
 impl Default for Meter {
     fn default() -> Self {
@@ -65,6 +70,8 @@ pub struct Reading {
     pub done: bool,
     /// The engine sent an error event (`{"error": …}`).
     pub error: Option<String>,
+    /// The generated text, if the meter was made with [`Meter::collecting`].
+    pub text: Option<String>,
 }
 
 impl Meter {
@@ -80,6 +87,15 @@ impl Meter {
             finish_reason: None,
             done: false,
             error: None,
+            text: None,
+        }
+    }
+
+    /// A meter that also keeps the generated text.
+    pub fn collecting() -> Self {
+        Self {
+            text: Some(String::new()),
+            ..Self::new()
         }
     }
 
@@ -137,6 +153,11 @@ impl Meter {
                 if !text.is_empty() {
                     self.deltas += 1;
                     self.content_bytes += text.len() as u64;
+                    if let Some(t) = self.text.as_mut()
+                        && t.len() + text.len() <= MAX_COLLECTED_BYTES
+                    {
+                        t.push_str(text);
+                    }
                 }
                 if let Some(r) = c.get("finish_reason").and_then(|r| r.as_str()) {
                     self.finish_reason = Some(r.chars().take(64).collect());
@@ -166,6 +187,7 @@ impl Meter {
             finish_reason: self.finish_reason,
             done: self.done,
             error: self.error,
+            text: self.text,
         }
     }
 }
@@ -186,9 +208,10 @@ mod tests {
 
     #[test]
     fn counts_a_real_stream() {
-        let mut m = Meter::new();
+        let mut m = Meter::collecting();
         m.feed(STREAM.as_bytes()).expect("valid");
         let r = m.finish();
+        assert_eq!(r.text.as_deref(), Some("In silicon"));
         assert_eq!((r.events, r.deltas, r.content_bytes), (5, 2, 10));
         assert_eq!(
             r.usage,
