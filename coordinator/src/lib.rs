@@ -15,5 +15,6 @@ pub mod api;
 pub mod books;
 pub mod domain;
 pub mod eventlog;
+pub mod keys;
 
 pub use troop_ledger as ledger;
