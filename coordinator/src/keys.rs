@@ -20,8 +20,16 @@ const PREFIX: &str = "troop-sk-";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum KeyEvent {
-    Issued { key: ApiKeyId, account: AccountId, hash: String, at_ms: u64 },
-    Revoked { key: ApiKeyId, at_ms: u64 },
+    Issued {
+        key: ApiKeyId,
+        account: AccountId,
+        hash: String,
+        at_ms: u64,
+    },
+    Revoked {
+        key: ApiKeyId,
+        at_ms: u64,
+    },
 }
 
 impl KeyEvent {
@@ -62,7 +70,10 @@ impl ApiKeys {
     /// `hash_key` is the coordinator's secret for hashing keys: a stolen table
     /// without it cannot be brute-forced offline.
     pub fn new(hash_key: [u8; 32]) -> Self {
-        Self { hash_key, keys: HashMap::new() }
+        Self {
+            hash_key,
+            keys: HashMap::new(),
+        }
     }
 
     fn hash(&self, secret: &[u8]) -> [u8; 32] {
@@ -72,10 +83,19 @@ impl ApiKeys {
     /// Applies a replayed or newly committed event.
     pub fn apply(&mut self, event: &KeyEvent) {
         match event {
-            KeyEvent::Issued { key, account, hash, .. } => {
+            KeyEvent::Issued {
+                key, account, hash, ..
+            } => {
                 let mut h = [0u8; 32];
                 if hex::decode_to_slice(hash, &mut h).is_ok() {
-                    self.keys.insert(*key, Stored { account: *account, hash: h, revoked: false });
+                    self.keys.insert(
+                        *key,
+                        Stored {
+                            account: *account,
+                            hash: h,
+                            revoked: false,
+                        },
+                    );
                 }
             }
             KeyEvent::Revoked { key, .. } => {
@@ -104,7 +124,15 @@ impl ApiKeys {
         let secret = &random[16..];
         let token = format!("{PREFIX}{}-{}", hex::encode(id), B64URL.encode(secret));
         let hash = hex::encode(self.hash(secret));
-        (token, KeyEvent::Issued { key, account, hash, at_ms })
+        (
+            token,
+            KeyEvent::Issued {
+                key,
+                account,
+                hash,
+                at_ms,
+            },
+        )
     }
 
     /// The account a bearer token spends from.
@@ -113,7 +141,9 @@ impl ApiKeys {
         let (id_hex, secret_b64) = rest.split_once('-').ok_or(AuthError::Malformed)?;
         let mut id = [0u8; 16];
         hex::decode_to_slice(id_hex, &mut id).map_err(|_| AuthError::Malformed)?;
-        let secret = B64URL.decode(secret_b64).map_err(|_| AuthError::Malformed)?;
+        let secret = B64URL
+            .decode(secret_b64)
+            .map_err(|_| AuthError::Malformed)?;
         if secret.len() != 32 {
             return Err(AuthError::Malformed);
         }
@@ -150,20 +180,31 @@ mod tests {
         keys.apply(&issued);
         let (id, acct) = keys.authenticate(&token).expect("valid");
         assert_eq!(acct, account);
-        assert!(!format!("{issued:?}").contains(&token[token.len() - 20..]), "the secret is never stored");
+        assert!(
+            !format!("{issued:?}").contains(&token[token.len() - 20..]),
+            "the secret is never stored"
+        );
 
         let mut forged = token.clone();
         forged.pop();
         forged.push(if token.ends_with('A') { 'B' } else { 'A' });
-        assert!(matches!(keys.authenticate(&forged), Err(AuthError::Invalid | AuthError::Malformed)));
-        assert_eq!(keys.authenticate("sk-openai-style"), Err(AuthError::Malformed));
+        assert!(matches!(
+            keys.authenticate(&forged),
+            Err(AuthError::Invalid | AuthError::Malformed)
+        ));
+        assert_eq!(
+            keys.authenticate("sk-openai-style"),
+            Err(AuthError::Malformed)
+        );
 
         let revoked = KeyEvent::Revoked { key: id, at_ms: 2 };
         // Replay from records, as on start.
         let mut again = ApiKeys::new([7; 32]);
         again.apply_record(&issued.to_record()).expect("record");
         again.apply_record(&revoked.to_record()).expect("record");
-        again.apply_record(&[0x01, b'{']).expect("ledger records are not ours");
+        again
+            .apply_record(&[0x01, b'{'])
+            .expect("ledger records are not ours");
         assert_eq!(again.authenticate(&token), Err(AuthError::Revoked));
 
         // Another coordinator secret: the same table authenticates nothing.
@@ -176,6 +217,9 @@ mod tests {
     fn admin_tokens_compare_exactly() {
         assert!(admin_token_matches("s3cret", "s3cret"));
         assert!(!admin_token_matches("s3cret", "s3cre"));
-        assert!(!admin_token_matches("", ""), "an unset admin token opens nothing");
+        assert!(
+            !admin_token_matches("", ""),
+            "an unset admin token opens nothing"
+        );
     }
 }

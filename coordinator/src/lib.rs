@@ -11,10 +11,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod actors;
 pub mod api;
 pub mod books;
+pub mod config;
 pub mod domain;
 pub mod eventlog;
 pub mod keys;
 
 pub use troop_ledger as ledger;
+pub mod server;

@@ -19,6 +19,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Attach to the local engine and serve jobs from the coordinator until SIGTERM.
+    Run {
+        /// The coordinator's base URL (http:// or https://).
+        #[arg(long)]
+        coordinator: String,
+        /// The engine's base URL; default: try vLLM, Ollama, LM Studio, llama.cpp on localhost.
+        #[arg(long)]
+        engine: Option<String>,
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Concurrent jobs; default: the engine's slots.
+        #[arg(long)]
+        slots: Option<u32>,
+    },
     /// Create this worker's identity key (refuses to overwrite one).
     Keygen {
         #[arg(long)]
@@ -45,6 +59,44 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Run {
+            coordinator,
+            engine: url,
+            key,
+            slots,
+        } => {
+            let path = key.unwrap_or_else(identity::default_path);
+            let (id, created) = identity::load_or_create(&path)?;
+            if created {
+                tracing::info!(path = %path.display(), "created a new worker identity");
+            }
+            let candidates = match url {
+                Some(u) => vec![(troop_schemas::protocol::EngineKind::OpenAiCompatible, u)],
+                None => engine::default_candidates(),
+            };
+            let found = engine::detect(&engine::client(), &candidates)
+                .await
+                .context("finding the inference engine")?;
+            if let gpu::Detection::CpuOnly(why) = gpu::detect(None) {
+                tracing::info!(%why, "no GPU facts: serving in CPU mode");
+            }
+            tracing::info!(engine = ?found.kind, url = %found.base_url, models = found.models.len(), worker = %id.worker_id(), "engine found");
+            let slots = slots.unwrap_or(found.slots).max(1);
+            let agent = troop_agent::link::Agent::new(coordinator, found, id, slots);
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                tracing::info!("draining: finishing running jobs, taking no new ones");
+                let _ = stop_tx.send(true);
+            });
+            troop_agent::link::run(agent, stop_rx).await;
+        }
         Command::Keygen { key } => {
             let path = key.unwrap_or_else(identity::default_path);
             let id = identity::create(&path)?;

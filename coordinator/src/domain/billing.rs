@@ -6,6 +6,9 @@ use troop_schemas::CreditsMicro;
 
 /// Chat templates add role markers and separators around every message.
 pub const TEMPLATE_TOKENS_PER_MESSAGE: u64 = 8;
+/// And once per request: a default system prompt (SmolLM2's is 17 tokens), the
+/// generation prompt. The most an inflating worker can add to a bill's input.
+pub const TEMPLATE_TOKENS_PER_REQUEST: u64 = 64;
 
 /// An upper bound on the prompt's tokens that needs no tokenizer: byte-level
 /// BPE tokenizers (Llama, Qwen, Mistral, GPT) never make a token of less than
@@ -14,6 +17,7 @@ pub const TEMPLATE_TOKENS_PER_MESSAGE: u64 = 8;
 pub fn prompt_tokens_bound(prompt_bytes: usize, messages: usize) -> u64 {
     (prompt_bytes as u64)
         .saturating_add((messages as u64).saturating_mul(TEMPLATE_TOKENS_PER_MESSAGE))
+        .saturating_add(TEMPLATE_TOKENS_PER_REQUEST)
 }
 
 /// A prompt-token estimate for sizing the hold: about 3 bytes per token for
@@ -66,6 +70,8 @@ pub struct Observed {
     /// Whether the engine streams at most one token per delta (llama.cpp and
     /// vLLM do by default); if so, deltas bound the output tokens tightly.
     pub one_token_per_delta: bool,
+    /// Generation ended on a stop token, which engines count but do not stream.
+    pub stopped: bool,
 }
 
 /// A worker's claim, from its signed receipt.
@@ -88,7 +94,7 @@ pub struct Bill {
 /// bound itself. A worker can under-claim (its loss) but never inflate.
 pub fn bill(observed: &Observed, claimed: &Claimed) -> Bill {
     let output_bound = if observed.one_token_per_delta {
-        observed.deltas
+        observed.deltas + u64::from(observed.stopped)
     } else {
         // A token is at least one byte of output, however deltas are grouped.
         observed.content_bytes.max(observed.deltas)
@@ -158,6 +164,7 @@ mod tests {
             deltas: 64,
             content_bytes: 250,
             one_token_per_delta: true,
+            stopped: false,
         };
         let honest = bill(
             &seen,
@@ -184,9 +191,29 @@ mod tests {
         assert_eq!(
             inflated,
             Bill {
-                input_tokens: 408,
+                input_tokens: 472,
                 output_tokens: 64,
                 overclaimed: true
+            }
+        );
+        // The stop token is generated and counted, never streamed.
+        let stopped = Observed {
+            stopped: true,
+            ..seen
+        };
+        let with_stop = bill(
+            &stopped,
+            &Claimed {
+                input_tokens: 10,
+                output_tokens: 65,
+            },
+        );
+        assert_eq!(
+            with_stop,
+            Bill {
+                input_tokens: 10,
+                output_tokens: 65,
+                overclaimed: false
             }
         );
         let modest = bill(
@@ -213,6 +240,7 @@ mod tests {
             deltas: 4,
             content_bytes: 90,
             one_token_per_delta: false,
+            stopped: false,
         };
         assert_eq!(
             bill(

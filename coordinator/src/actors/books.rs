@@ -1,0 +1,88 @@
+//! The books as an actor: one thread, one writer, group-committed batches.
+
+use actix::prelude::*;
+use troop_ledger::fold::{Account, Hold, Schedule};
+use troop_schemas::{AccountId, Event, HoldId};
+
+use crate::books::{Books, BooksError};
+
+#[derive(Debug)]
+pub struct BooksActor {
+    pub books: Books,
+}
+
+impl Actor for BooksActor {
+    type Context = SyncContext<Self>;
+}
+
+/// Commits events in order as one durable batch; one verdict each.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<Result<u64, BooksError>>, BooksError>")]
+pub struct Commit(pub Vec<Event>);
+
+impl Handler<Commit> for BooksActor {
+    type Result = Result<Vec<Result<u64, BooksError>>, BooksError>;
+    fn handle(&mut self, msg: Commit, _: &mut Self::Context) -> Self::Result {
+        self.books.commit(&msg.0)
+    }
+}
+
+/// Signs a new checkpoint if anything changed. Sent every second by a timer.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(u64, troop_ledger::Hash), BooksError>")]
+pub struct Publish;
+
+impl Handler<Publish> for BooksActor {
+    type Result = Result<(u64, troop_ledger::Hash), BooksError>;
+    fn handle(&mut self, _: Publish, _: &mut Self::Context) -> Self::Result {
+        self.books.publish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AccountView {
+    pub account: Account,
+    pub holds: Vec<(HoldId, Hold)>,
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "Option<AccountView>")]
+pub struct GetAccount(pub AccountId);
+
+impl Handler<GetAccount> for BooksActor {
+    type Result = Option<AccountView>;
+    fn handle(&mut self, msg: GetAccount, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.books.ledger();
+        let account = ledger.account(&msg.0)?.clone();
+        let mut holds: Vec<(HoldId, Hold)> = ledger
+            .open_holds()
+            .filter(|(_, h)| h.account == msg.0)
+            .map(|(id, h)| (*id, h.clone()))
+            .collect();
+        holds.sort_by_key(|(id, _)| *id);
+        Some(AccountView { account, holds })
+    }
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "Option<Schedule>")]
+pub struct GetSchedule;
+
+impl Handler<GetSchedule> for BooksActor {
+    type Result = Option<Schedule>;
+    fn handle(&mut self, _: GetSchedule, _: &mut Self::Context) -> Self::Result {
+        self.books.ledger().schedule().cloned()
+    }
+}
+
+/// The key the ledger says countersigns receipts, and whether a worker is registered.
+#[derive(Debug, Message)]
+#[rtype(result = "Option<troop_ledger::fold::Worker>")]
+pub struct GetWorker(pub troop_schemas::WorkerId);
+
+impl Handler<GetWorker> for BooksActor {
+    type Result = Option<troop_ledger::fold::Worker>;
+    fn handle(&mut self, msg: GetWorker, _: &mut Self::Context) -> Self::Result {
+        self.books.ledger().worker(&msg.0).cloned()
+    }
+}

@@ -1,0 +1,250 @@
+//! The registry: one entry per connected worker; placement decisions.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use troop_schemas::protocol::{CoordinatorMsg, Heartbeat, ModelInfo};
+use troop_schemas::{JobId, WorkerId};
+
+use crate::domain::placement::{self, Candidate, NoWorker};
+
+/// How a job ends, as the worker says.
+#[derive(Debug)]
+pub enum JobEnd {
+    Done {
+        usage: Option<troop_schemas::protocol::EngineUsage>,
+        receipt: Box<troop_schemas::Receipt>,
+        worker_sig: troop_schemas::Signature,
+    },
+    Failed {
+        status: u16,
+        error: String,
+    },
+    /// The worker's connection went away.
+    Lost,
+}
+
+/// A job in flight on one worker connection: where its bytes go (the data
+/// plane: a bounded channel, never an actor mailbox) and who hears how it ended.
+#[derive(Debug)]
+pub struct JobSlot {
+    pub data: mpsc::Sender<Bytes>,
+    pub end: Option<oneshot::Sender<JobEnd>>,
+}
+
+pub type JobTable = Arc<Mutex<HashMap<JobId, JobSlot>>>;
+
+#[derive(Debug, Clone)]
+pub struct WorkerLink {
+    pub worker: WorkerId,
+    pub outbox: mpsc::Sender<CoordinatorMsg>,
+    pub jobs: JobTable,
+}
+
+#[derive(Debug)]
+struct Entry {
+    candidate: Candidate,
+    models: Vec<ModelInfo>,
+    link: WorkerLink,
+    connection: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    workers: HashMap<WorkerId, Entry>,
+    next_connection: u64,
+    pub heartbeat_timeout_ms: u64,
+}
+
+impl Registry {
+    pub fn new(heartbeat_timeout_ms: u64) -> Self {
+        Self {
+            heartbeat_timeout_ms,
+            ..Self::default()
+        }
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+}
+
+/// A worker authenticated on a new connection; replaces any older connection
+/// of the same worker. Returns the connection number to unregister with.
+#[derive(Debug, Message)]
+#[rtype(result = "u64")]
+pub struct Register {
+    pub link: WorkerLink,
+    pub banned: bool,
+}
+
+impl Handler<Register> for Registry {
+    type Result = u64;
+    fn handle(&mut self, msg: Register, _: &mut Self::Context) -> u64 {
+        self.next_connection += 1;
+        let candidate = Candidate {
+            worker: msg.link.worker,
+            models: Vec::new(),
+            free_slots: 0,
+            speed: placement::Speed::default(),
+            last_heartbeat_ms: 0,
+            banned: msg.banned,
+        };
+        self.workers.insert(
+            msg.link.worker,
+            Entry {
+                candidate,
+                models: Vec::new(),
+                link: msg.link,
+                connection: self.next_connection,
+            },
+        );
+        self.next_connection
+    }
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Unregister {
+    pub worker: WorkerId,
+    pub connection: u64,
+}
+
+impl Handler<Unregister> for Registry {
+    type Result = ();
+    fn handle(&mut self, msg: Unregister, _: &mut Self::Context) {
+        if self
+            .workers
+            .get(&msg.worker)
+            .is_some_and(|e| e.connection == msg.connection)
+        {
+            self.workers.remove(&msg.worker);
+        }
+    }
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Beat {
+    pub worker: WorkerId,
+    pub heartbeat: Heartbeat,
+    pub now_ms: u64,
+}
+
+impl Handler<Beat> for Registry {
+    type Result = ();
+    fn handle(&mut self, msg: Beat, _: &mut Self::Context) {
+        if let Some(e) = self.workers.get_mut(&msg.worker) {
+            let h = msg.heartbeat;
+            e.candidate.models = h.models.iter().map(|m| m.name.clone()).collect();
+            // Slots the coordinator has handed out but the worker has not yet
+            // reported busy would be counted twice: trust the lower number.
+            let in_flight =
+                u32::try_from(e.link.jobs.lock().expect("jobs lock").len()).unwrap_or(u32::MAX);
+            e.candidate.free_slots = if h.draining {
+                0
+            } else {
+                h.free_slots.min(h.total_slots.saturating_sub(in_flight))
+            };
+            e.candidate.last_heartbeat_ms = msg.now_ms;
+            e.models = h.models;
+        }
+    }
+}
+
+/// Picks a worker for `model` and takes one of its slots.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<WorkerLink, NoWorker>")]
+pub struct Place {
+    pub model: String,
+    pub exclude: Vec<WorkerId>,
+    pub now_ms: u64,
+}
+
+impl Handler<Place> for Registry {
+    type Result = Result<WorkerLink, NoWorker>;
+    fn handle(&mut self, msg: Place, _: &mut Self::Context) -> Self::Result {
+        let req = placement::Request {
+            model: &msg.model,
+            exclude: &msg.exclude,
+            now_ms: msg.now_ms,
+            heartbeat_timeout_ms: self.heartbeat_timeout_ms,
+        };
+        let chosen = placement::choose(self.workers.values().map(|e| &e.candidate), &req)?;
+        let e = self.workers.get_mut(&chosen).expect("chosen from the map");
+        e.candidate.free_slots = e.candidate.free_slots.saturating_sub(1);
+        Ok(e.link.clone())
+    }
+}
+
+/// A job finished on `worker`: its slot is free again and its speed measured.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Finished {
+    pub worker: WorkerId,
+    pub tokens: u64,
+    pub duration_ms: u64,
+}
+
+impl Handler<Finished> for Registry {
+    type Result = ();
+    fn handle(&mut self, msg: Finished, _: &mut Self::Context) {
+        if let Some(e) = self.workers.get_mut(&msg.worker) {
+            e.candidate.free_slots = e.candidate.free_slots.saturating_add(1);
+            e.candidate.speed.observe(msg.tokens, msg.duration_ms);
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSummary {
+    pub name: String,
+    pub workers: u64,
+    pub context_length: Option<u64>,
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<ModelSummary>")]
+pub struct Models {
+    pub now_ms: u64,
+}
+
+impl Handler<Models> for Registry {
+    type Result = Vec<ModelSummary>;
+    fn handle(&mut self, msg: Models, _: &mut Self::Context) -> Self::Result {
+        let mut by_model: std::collections::BTreeMap<String, ModelSummary> =
+            std::collections::BTreeMap::new();
+        for e in self.workers.values() {
+            if e.candidate.banned
+                || msg.now_ms.saturating_sub(e.candidate.last_heartbeat_ms)
+                    > self.heartbeat_timeout_ms
+            {
+                continue;
+            }
+            for m in &e.models {
+                let s = by_model.entry(m.name.clone()).or_insert(ModelSummary {
+                    name: m.name.clone(),
+                    workers: 0,
+                    context_length: None,
+                });
+                s.workers += 1;
+                s.context_length = s.context_length.max(m.context_length);
+            }
+        }
+        by_model.into_values().collect()
+    }
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct Online;
+
+impl Handler<Online> for Registry {
+    type Result = usize;
+    fn handle(&mut self, _: Online, _: &mut Self::Context) -> usize {
+        self.workers.len()
+    }
+}

@@ -1,0 +1,136 @@
+//! The admin API: every operator action, behind its own bearer token.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use serde_json::json;
+use troop_schemas::{AccountId, AccountRole, CreditsMicro, Event};
+
+use super::{AppState, commit_one, error_response, now_ms, random};
+use crate::api::openai::ApiError;
+use crate::keys::admin_token_matches;
+
+fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if admin_token_matches(&state.config.admin_token, given) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("A valid admin token is required."))
+    }
+}
+
+fn refused(e: impl std::fmt::Display) -> HttpResponse {
+    error_response(&ApiError::invalid("body", e.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAccount {
+    #[serde(default)]
+    pub role: Option<AccountRole>,
+}
+
+pub async fn open_account(
+    req: HttpRequest,
+    body: web::Json<NewAccount>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    if let Err(e) = authorize(&req, &state) {
+        return error_response(&e);
+    }
+    let account = AccountId(random::<16>());
+    let role = body.role.unwrap_or(AccountRole::Consumer);
+    match commit_one(
+        &state,
+        Event::AccountOpened {
+            account,
+            role,
+            at_ms: now_ms(),
+        },
+    )
+    .await
+    {
+        Ok(index) => HttpResponse::Created()
+            .json(json!({"account": account.to_string(), "role": role, "ledger_index": index})),
+        Err(e) => refused(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewGrant {
+    pub account: AccountId,
+    pub amount_micro: u64,
+    #[serde(default)]
+    pub memo: String,
+}
+
+pub async fn grant(
+    req: HttpRequest,
+    body: web::Json<NewGrant>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    if let Err(e) = authorize(&req, &state) {
+        return error_response(&e);
+    }
+    let Some(amount) = CreditsMicro::new(body.amount_micro) else {
+        return refused("amount_micro is above 2^53-1");
+    };
+    let event = Event::Grant {
+        account: body.account,
+        amount_micro: amount,
+        memo: body.memo.clone(),
+        at_ms: now_ms(),
+    };
+    match commit_one(&state, event).await {
+        Ok(index) => HttpResponse::Created().json(json!({"ledger_index": index})),
+        Err(e) => refused(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    pub account: AccountId,
+}
+
+pub async fn issue_key(
+    req: HttpRequest,
+    body: web::Json<NewKey>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    if let Err(e) = authorize(&req, &state) {
+        return error_response(&e);
+    }
+    let known = state
+        .books
+        .send(crate::actors::books::GetAccount(body.account))
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+    if !known {
+        return refused(format!("account {} does not exist", body.account));
+    }
+    let (token, event) =
+        state
+            .keys
+            .read()
+            .expect("keys lock")
+            .issue(body.account, &random::<48>(), now_ms());
+    // Durable before it is shown, as every decision.
+    if let Err(e) = state.events.append(vec![event.to_record()]) {
+        return HttpResponse::ServiceUnavailable()
+            .json(json!({"error": {"message": e.to_string(), "type": "server_error"}}));
+    }
+    state.keys.write().expect("keys lock").apply(&event);
+    let crate::keys::KeyEvent::Issued { key, .. } = event else {
+        unreachable!("issue makes Issued")
+    };
+    HttpResponse::Created()
+        .json(json!({"key": key.to_string(), "secret": token, "account": body.account.to_string()}))
+}

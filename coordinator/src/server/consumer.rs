@@ -1,0 +1,607 @@
+//! The consumer API: hold, place, stream, settle.
+
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::Bytes;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use troop_ledger::fold::FoldError;
+use troop_schemas::sse::{Meter, Reading};
+use troop_schemas::{AccountId, CreditsMicro, Digest, Event, HoldId, JobId, VoidReason, WorkerId};
+
+use super::{AppState, commit_one, error_response, now_ms, random};
+use crate::actors::books::{GetAccount, GetSchedule};
+use crate::actors::registry::{Finished, JobEnd, JobSlot, Models, Place, WorkerLink};
+use crate::api::openai::{ApiError, Endpoint, Validated, validate};
+use crate::books::BooksError;
+use crate::domain::billing::{self, Claimed, Observed};
+use crate::domain::placement::NoWorker;
+
+/// Output pieces buffered between a worker connection and one HTTP response.
+const JOB_CHANNEL: usize = 64;
+/// How long a worker has to send its receipt once its output ended.
+const RECEIPT_DEADLINE: Duration = Duration::from_secs(10);
+
+fn authenticate(req: &HttpRequest, state: &AppState) -> Result<AccountId, ApiError> {
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok());
+    let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        return Err(ApiError::unauthorized(
+            "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
+        ));
+    };
+    match state
+        .keys
+        .read()
+        .expect("keys lock")
+        .authenticate(token.trim())
+    {
+        Ok((_, account)) => Ok(account),
+        Err(e) => Err(ApiError::unauthorized(format!(
+            "Incorrect API key provided: {e}."
+        ))),
+    }
+}
+
+pub async fn models(state: web::Data<AppState>) -> HttpResponse {
+    let models = state
+        .registry
+        .send(Models { now_ms: now_ms() })
+        .await
+        .unwrap_or_default();
+    let schedule = state.books.send(GetSchedule).await.ok().flatten();
+    let data: Vec<_> = models
+        .into_iter()
+        .map(|m| {
+            let price = schedule.as_ref().and_then(|s| s.prices.get(&m.name));
+            json!({
+                "id": m.name, "object": "model", "created": 0, "owned_by": "troop",
+                "workers_online": m.workers, "context_length": m.context_length,
+                "price": price.map(|p| json!({"input_micro_per_1k": p.input_micro_per_1k, "output_micro_per_1k": p.output_micro_per_1k})),
+            })
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+}
+
+pub async fn account(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let account = match authenticate(&req, &state) {
+        Ok(a) => a,
+        Err(e) => return error_response(&e),
+    };
+    let Some(view) = state.books.send(GetAccount(account)).await.ok().flatten() else {
+        return error_response(&ApiError::unauthorized(
+            "The key's account no longer exists.",
+        ));
+    };
+    let holds: Vec<_> = view
+        .holds
+        .iter()
+        .map(|(id, h)| json!({"hold": id.to_string(), "job": h.job.to_string(), "model": h.model, "amount_micro": h.amount.get(), "expires_at_ms": h.expires_at_ms}))
+        .collect();
+    HttpResponse::Ok().json(json!({
+        "account": account.to_string(),
+        "balance_micro": view.account.balance().to_string(),
+        "available_micro": view.account.available().to_string(),
+        "pending_micro": view.account.debits_pending.to_string(),
+        "holds": holds,
+    }))
+}
+
+pub async fn chat(req: HttpRequest, body: Bytes, state: web::Data<AppState>) -> HttpResponse {
+    complete(Endpoint::Chat, req, body, state.get_ref().clone())
+        .await
+        .unwrap_or_else(|e| error_response(&e))
+}
+
+pub async fn completions(
+    req: HttpRequest,
+    body: Bytes,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    complete(Endpoint::Completions, req, body, state.get_ref().clone())
+        .await
+        .unwrap_or_else(|e| error_response(&e))
+}
+
+/// Everything settlement needs to know about one request.
+struct Job {
+    state: AppState,
+    endpoint: Endpoint,
+    request: Validated,
+    job: JobId,
+    hold: HoldId,
+    account: AccountId,
+    reserved: CreditsMicro,
+    request_digest: Digest,
+    link: WorkerLink,
+    end: oneshot::Receiver<JobEnd>,
+    started: Instant,
+}
+
+async fn void(state: &AppState, hold: HoldId, reason: VoidReason) {
+    if let Err(e) = commit_one(
+        state,
+        Event::HoldVoided {
+            hold,
+            reason,
+            at_ms: now_ms(),
+        },
+    )
+    .await
+    {
+        tracing::error!(%hold, error = %e, "voiding a hold failed");
+    }
+}
+
+async fn complete(
+    endpoint: Endpoint,
+    req: HttpRequest,
+    body: Bytes,
+    state: AppState,
+) -> Result<HttpResponse, ApiError> {
+    let account = authenticate(&req, &state)?;
+    let request = validate(endpoint, &body, &state.config.limits())?;
+    let schedule = state
+        .books
+        .send(GetSchedule)
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| ApiError::model_not_found(&request.model))?;
+    let estimate = billing::prompt_tokens_estimate(request.prompt_bytes, request.messages);
+    let reserved = billing::hold_amount(
+        &schedule,
+        &request.model,
+        estimate,
+        request.max_tokens,
+        state.config.max_tokens,
+    )
+    .map_err(|e| match e {
+        billing::BillingError::Price(_) => ApiError::model_not_found(&request.model),
+        billing::BillingError::MaxTokens { .. } => ApiError::invalid("max_tokens", e.to_string()),
+    })?;
+
+    let (job, hold) = (JobId(random::<16>()), HoldId(random::<16>()));
+    let now = now_ms();
+    let placed = Event::HoldPlaced {
+        hold,
+        job,
+        account,
+        model: request.model.clone(),
+        amount_micro: reserved,
+        expires_at_ms: now + state.config.hold_ttl_ms,
+        at_ms: now,
+    };
+    match commit_one(&state, placed).await {
+        Ok(_) => {}
+        Err(BooksError::Refused(FoldError::InsufficientFunds {
+            available, needed, ..
+        })) => {
+            return Err(ApiError::insufficient_credits(needed, available));
+        }
+        Err(e) => {
+            return Err(ApiError::upstream(format!(
+                "the books refused the hold: {e}"
+            )));
+        }
+    }
+
+    let body = request.engine_body.to_string();
+    let request_digest = Digest::of(body.as_bytes());
+    let mut exclude: Vec<WorkerId> = Vec::new();
+    // Retry on another worker until the first byte; after it, never.
+    for _ in 0..state.config.max_attempts.max(1) {
+        let link = match state
+            .registry
+            .send(Place {
+                model: request.model.clone(),
+                exclude: exclude.clone(),
+                now_ms: now_ms(),
+            })
+            .await
+        {
+            Ok(Ok(link)) => link,
+            Ok(Err(NoWorker::UnknownModel)) => {
+                void(&state, hold, VoidReason::Failed).await;
+                return Err(ApiError::model_not_found(&request.model));
+            }
+            Ok(Err(NoWorker::NoCapacity)) | Err(_) => break,
+        };
+        let (data_tx, mut data_rx) = mpsc::channel::<Bytes>(JOB_CHANNEL);
+        let (end_tx, mut end) = oneshot::channel();
+        link.jobs.lock().expect("jobs lock").insert(
+            job,
+            JobSlot {
+                data: data_tx,
+                end: Some(end_tx),
+            },
+        );
+        let msg = troop_schemas::protocol::CoordinatorMsg::Job {
+            job,
+            hold,
+            consumer: account,
+            model: request.model.clone(),
+            path: endpoint.path().to_owned(),
+            body: body.clone(),
+        };
+        if link.outbox.try_send(msg).is_err() {
+            link.jobs.lock().expect("jobs lock").remove(&job);
+            exclude.push(link.worker);
+            continue;
+        }
+        let started = Instant::now();
+        let deadline = Duration::from_millis(state.config.first_byte_deadline_ms);
+        let first = tokio::select! {
+            first = data_rx.recv() => first,
+            _ = &mut end => None,
+            _ = tokio::time::sleep(deadline) => None,
+        };
+        let Some(first) = first else {
+            // Failed before its first byte: free the slot and try someone else.
+            link.jobs.lock().expect("jobs lock").remove(&job);
+            let _ = link
+                .outbox
+                .try_send(troop_schemas::protocol::CoordinatorMsg::Cancel { job });
+            state.registry.do_send(Finished {
+                worker: link.worker,
+                tokens: 0,
+                duration_ms: 0,
+            });
+            exclude.push(link.worker);
+            continue;
+        };
+        let ctx = Job {
+            state: state.clone(),
+            endpoint,
+            request,
+            job,
+            hold,
+            account,
+            reserved,
+            request_digest,
+            link,
+            end,
+            started,
+        };
+        return Ok(if ctx.request.stream {
+            stream_response(ctx, first, data_rx)
+        } else {
+            whole_response(ctx, first, data_rx).await
+        });
+    }
+    void(&state, hold, VoidReason::Failed).await;
+    Err(ApiError::no_capacity(2))
+}
+
+/// The receipt's id, as consumers see it: the job id.
+fn receipt_header(job: &JobId) -> (&'static str, String) {
+    ("troop-receipt", job.to_string())
+}
+
+async fn whole_response(ctx: Job, first: Bytes, mut rx: mpsc::Receiver<Bytes>) -> HttpResponse {
+    let mut meter = Meter::collecting();
+    let mut failed = meter.feed(&first).err();
+    let deadline = ctx.started + Duration::from_millis(ctx.state.config.job_deadline_ms);
+    while failed.is_none() {
+        match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+            Ok(Some(piece)) => failed = meter.feed(&piece).err(),
+            Ok(None) => break,
+            Err(_) => {
+                failed = Some(troop_schemas::sse::MeterError::NotJson(
+                    "job deadline passed".into(),
+                ));
+            }
+        }
+    }
+    let reading = meter.finish();
+    let cancelled = failed.is_some();
+    let job = ctx.job;
+    let (model, endpoint) = (ctx.request.model.clone(), ctx.endpoint);
+    let bill = settle(ctx, reading.clone(), cancelled).await;
+    if let Some(e) = failed {
+        return error_response(&ApiError::upstream(format!(
+            "the worker's output was unusable: {e}"
+        )));
+    }
+    if let Some(err) = &reading.error {
+        return error_response(&ApiError::upstream(err.clone()));
+    }
+    let (input, output) = bill.map_or((0, 0), |b| (b.input_tokens, b.output_tokens));
+    let text = reading.text.unwrap_or_default();
+    let choice = match endpoint {
+        Endpoint::Chat => {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reading.finish_reason})
+        }
+        Endpoint::Completions => {
+            json!({"index": 0, "text": text, "finish_reason": reading.finish_reason})
+        }
+    };
+    let object = if endpoint == Endpoint::Chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
+    HttpResponse::Ok().insert_header(receipt_header(&job)).json(json!({
+        "id": job.to_string(), "object": object, "created": now_ms() / 1000, "model": model,
+        "choices": [choice],
+        "usage": {"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output},
+        "troop_receipt": job.to_string(),
+    }))
+}
+
+/// Streams the worker's events to the consumer as they come, holding back the
+/// final `[DONE]` to add a chunk naming the receipt. If the consumer goes away,
+/// the guard cancels the job and settles what was delivered.
+fn stream_response(ctx: Job, first: Bytes, rx: mpsc::Receiver<Bytes>) -> HttpResponse {
+    let job = ctx.job;
+    let deadline = ctx.started + Duration::from_millis(ctx.state.config.job_deadline_ms);
+    let object = if ctx.endpoint == Endpoint::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let closing = Bytes::from(format!(
+        "data: {}\n\ndata: [DONE]\n\n",
+        json!({"id": job.to_string(), "object": object, "created": now_ms() / 1000, "model": ctx.request.model, "choices": [], "troop_receipt": job.to_string()})
+    ));
+    let guard = Guard {
+        ctx: Some(ctx),
+        meter: Some(Meter::new()),
+    };
+    let state = StreamState {
+        guard,
+        rx,
+        pending: Some(first),
+        events: EventSplitter::default(),
+        closing: Some(closing),
+        deadline,
+    };
+    let stream = futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(piece) = s.pending.take() {
+                if let Some(m) = s.guard.meter.as_mut()
+                    && m.feed(&piece).is_err()
+                {
+                    return None; // Garbage from the worker ends the stream; the guard settles.
+                }
+                let out = s.events.push(&piece);
+                if !out.is_empty() {
+                    return Some((Ok::<Bytes, std::io::Error>(out), s));
+                }
+                continue;
+            }
+            match tokio::time::timeout_at(s.deadline.into(), s.rx.recv()).await {
+                Ok(Some(piece)) => s.pending = Some(piece),
+                Ok(None) => {
+                    let closing = s.closing.take()?;
+                    let rest = s.events.finish();
+                    // Settle before the final chunk: the receipt it names then exists.
+                    if let (Some(ctx), Some(meter)) = (s.guard.ctx.take(), s.guard.meter.take()) {
+                        settle(ctx, meter.finish(), false).await;
+                    }
+                    let mut out = rest.to_vec();
+                    out.extend_from_slice(&closing);
+                    return Some((Ok(Bytes::from(out)), s));
+                }
+                // Past the job deadline: the guard cancels and settles.
+                Err(_) => return None,
+            }
+        }
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(receipt_header(&job))
+        .streaming(stream)
+}
+
+struct StreamState {
+    guard: Guard,
+    rx: mpsc::Receiver<Bytes>,
+    pending: Option<Bytes>,
+    events: EventSplitter,
+    closing: Option<Bytes>,
+    deadline: Instant,
+}
+
+/// Forwards whole SSE events only, dropping the engine's `[DONE]` so that the
+/// coordinator's closing chunk can come before it.
+#[derive(Default)]
+struct EventSplitter {
+    buf: Vec<u8>,
+}
+
+impl EventSplitter {
+    fn push(&mut self, piece: &[u8]) -> Bytes {
+        self.buf.extend_from_slice(piece);
+        let mut out = Vec::new();
+        while let Some(end) = find_event_end(&self.buf) {
+            let event: Vec<u8> = self.buf.drain(..end).collect();
+            let text = String::from_utf8_lossy(&event);
+            if text.trim() != "data: [DONE]" {
+                out.extend_from_slice(&event);
+            }
+        }
+        Bytes::from(out)
+    }
+
+    fn finish(&mut self) -> Bytes {
+        let rest = std::mem::take(&mut self.buf);
+        if String::from_utf8_lossy(&rest).trim() == "data: [DONE]" {
+            Bytes::new()
+        } else {
+            Bytes::from(rest)
+        }
+    }
+}
+
+fn find_event_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+}
+
+/// Settles a streamed job exactly once: at the end of the stream, or — if the
+/// consumer disconnected or the stream broke — when the response is dropped.
+struct Guard {
+    ctx: Option<Job>,
+    meter: Option<Meter>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let (Some(ctx), Some(meter)) = (self.ctx.take(), self.meter.take()) {
+            let _ = ctx
+                .link
+                .outbox
+                .try_send(troop_schemas::protocol::CoordinatorMsg::Cancel { job: ctx.job });
+            actix_web::rt::spawn(async move {
+                settle(ctx, meter.finish(), true).await;
+            });
+        }
+    }
+}
+
+/// Waits for the worker's receipt, checks it against what was streamed,
+/// countersigns what the coordinator can account for, and settles or voids the
+/// hold. Returns the bill when something was charged.
+async fn settle(ctx: Job, reading: Reading, cancelled: bool) -> Option<billing::Bill> {
+    let Job {
+        state,
+        request,
+        job,
+        hold,
+        account,
+        reserved,
+        request_digest,
+        link,
+        end,
+        started,
+        ..
+    } = ctx;
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let end = tokio::time::timeout(RECEIPT_DEADLINE, end).await;
+    link.jobs.lock().expect("jobs lock").remove(&job);
+    state.registry.do_send(Finished {
+        worker: link.worker,
+        tokens: reading.deltas,
+        duration_ms,
+    });
+    let (receipt, worker_sig) = match end {
+        Ok(Ok(JobEnd::Done {
+            receipt,
+            worker_sig,
+            ..
+        })) => (receipt, worker_sig),
+        other => {
+            let reason = if reading.deltas == 0 {
+                VoidReason::Failed
+            } else {
+                VoidReason::ReceiptRejected
+            };
+            tracing::warn!(%job, worker = %link.worker, outcome = ?other.map(|r| r.map(|e| format!("{e:?}"))), "no receipt; voiding the hold");
+            void(&state, hold, reason).await;
+            return None;
+        }
+    };
+    let mismatch = if receipt.job != job
+        || receipt.hold != hold
+        || receipt.consumer != account
+        || receipt.model != request.model
+    {
+        Some("receipt names another job")
+    } else if receipt.worker != link.worker {
+        Some("receipt is from another worker")
+    } else if receipt.request_digest != request_digest {
+        Some("request digest differs from what was sent")
+    } else if !cancelled && receipt.response_digest != reading.digest {
+        Some("response digest differs from what was streamed")
+    } else {
+        None
+    };
+    let signed_ok = ed25519_dalek::VerifyingKey::from_bytes(&receipt.worker_key.0)
+        .ok()
+        .is_some_and(|vk| {
+            !vk.is_weak()
+                && receipt.signing_bytes().is_ok_and(|m| {
+                    vk.verify_strict(&m, &ed25519_dalek::Signature::from_bytes(&worker_sig.0))
+                        .is_ok()
+                })
+        });
+    if let Some(why) = mismatch.or((!signed_ok).then_some("bad worker signature")) {
+        tracing::warn!(%job, worker = %link.worker, why, "receipt rejected; voiding the hold");
+        void(&state, hold, VoidReason::ReceiptRejected).await;
+        return None;
+    }
+    let observed = Observed {
+        prompt_tokens_bound: billing::prompt_tokens_bound(request.prompt_bytes, request.messages),
+        deltas: reading.deltas,
+        content_bytes: reading.content_bytes,
+        one_token_per_delta: true,
+        stopped: reading.finish_reason.as_deref() == Some("stop"),
+    };
+    let bill = billing::bill(
+        &observed,
+        &Claimed {
+            input_tokens: receipt.input_tokens,
+            output_tokens: receipt.output_tokens,
+        },
+    );
+    if bill.overclaimed {
+        tracing::warn!(%job, worker = %link.worker, claimed_out = receipt.output_tokens, billed_out = bill.output_tokens, "worker claimed more than it streamed");
+    }
+    if bill.output_tokens == 0 {
+        void(&state, hold, VoidReason::Empty).await;
+        return None;
+    }
+    let Some(schedule) = state.books.send(GetSchedule).await.ok().flatten() else {
+        void(&state, hold, VoidReason::Failed).await;
+        return None;
+    };
+    let signed = match troop_ledger::receipt::countersign(
+        &state.coordinator_key,
+        *receipt,
+        worker_sig,
+        bill.input_tokens,
+        bill.output_tokens,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(%job, error = %e, "countersigning failed");
+            void(&state, hold, VoidReason::Failed).await;
+            return None;
+        }
+    };
+    let charge = match schedule.charge(
+        &request.model,
+        bill.input_tokens,
+        bill.output_tokens,
+        reserved,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(%job, error = %e, "pricing failed");
+            void(&state, hold, VoidReason::Failed).await;
+            return None;
+        }
+    };
+    let m = |v: u64| CreditsMicro::new(v).unwrap_or(CreditsMicro::MAX);
+    let settled = Event::HoldSettled {
+        hold,
+        receipt: signed,
+        charged_micro: m(charge.charged),
+        worker_earned_micro: m(charge.earned),
+        fee_micro: m(charge.fee),
+        at_ms: now_ms(),
+    };
+    match commit_one(&state, settled).await {
+        Ok(_) => Some(bill),
+        Err(e) => {
+            tracing::error!(%job, error = %e, "settlement refused; voiding");
+            void(&state, hold, VoidReason::Failed).await;
+            None
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! The coordinator process: opens the books, starts the actors, serves HTTP.
+//!
+//! Routes: the OpenAI API (`/v1/…`), the worker WebSocket (`/worker`), the
+//! published ledger (`/ledger/…`), the admin API (`/admin/…`).
+
+mod admin;
+mod consumer;
+mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use anyhow::Context as _;
+use ed25519_dalek::SigningKey;
+use troop_ledger::note::NoteSigner;
+use troop_schemas::{CreditsMicro, Event, KeyRole, ModelPrice, PublicKey};
+
+use crate::actors::books::{BooksActor, Commit, Publish};
+use crate::actors::registry::Registry;
+use crate::api::openai::ApiError;
+use crate::books::Books;
+use crate::config::Config;
+use crate::eventlog::EventLog;
+use crate::eventlog::file::{FileLog, FileLogConfig};
+use crate::keys::ApiKeys;
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub books: Addr<BooksActor>,
+    pub registry: Addr<Registry>,
+    pub keys: Arc<RwLock<ApiKeys>>,
+    pub events: Arc<dyn EventLog>,
+    pub coordinator_key: Arc<SigningKey>,
+    pub config: Arc<Config>,
+    pub ledger_dir: PathBuf,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AppState")
+    }
+}
+
+pub fn now_ms() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    b
+}
+
+/// A 32-byte secret in a file only the owner can read, made on first start.
+fn secret_file(path: &Path) -> anyhow::Result<[u8; 32]> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut out)
+            .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+        return Ok(out);
+    }
+    let secret = random::<32>();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{}", hex::encode(secret))?;
+    f.sync_all()?;
+    Ok(secret)
+}
+
+pub fn error_response(e: &ApiError) -> HttpResponse {
+    let status = actix_web::http::StatusCode::from_u16(e.status)
+        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = HttpResponse::build(status);
+    if let Some(s) = e.retry_after_s {
+        r.insert_header(("Retry-After", s.to_string()));
+    }
+    r.json(e.body())
+}
+
+/// Opens the books, replays keys, records keys and prices in the ledger, voids
+/// holds of requests that died with the previous process, and starts the actors.
+/// Must run inside an actix system.
+pub fn open_state(config: Config) -> anyhow::Result<AppState> {
+    let dir = config.data_dir.clone();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log_key = SigningKey::from_bytes(&secret_file(&dir.join("ledger.key"))?);
+    let coordinator_key = SigningKey::from_bytes(&secret_file(&dir.join("coordinator.key"))?);
+    let hash_key = secret_file(&dir.join("apikey-hash.key"))?;
+    let events: Arc<dyn EventLog> =
+        Arc::new(FileLog::open(dir.join("events"), FileLogConfig::default())?);
+    let signer = NoteSigner::new(&config.ledger_name, log_key.clone())?;
+    std::fs::write(
+        dir.join("ledger.vkey"),
+        format!("{}\n", signer.verifier().to_key_string()),
+    )?;
+    let ledger_dir = dir.join("ledger");
+    let (mut books, recovery) = Books::open(Arc::clone(&events), &ledger_dir, signer)?;
+    tracing::info!(
+        records = recovery.records,
+        entries = recovery.entries,
+        republished = recovery.republished,
+        "books rebuilt from the event log"
+    );
+
+    let mut keys = ApiKeys::new(hash_key);
+    let mut offset = 0;
+    loop {
+        let batch = events.read(offset, 4096)?;
+        let Some(last) = batch.last() else { break };
+        offset = last.offset + 1;
+        for r in &batch {
+            keys.apply_record(&r.payload)
+                .map_err(|e| anyhow::anyhow!("event {}: {e}", r.offset))?;
+        }
+    }
+
+    let now = now_ms();
+    let mut genesis = Vec::new();
+    let key_of = |k: &SigningKey| PublicKey(k.verifying_key().to_bytes());
+    let ledger = books.ledger();
+    if ledger.log_key().map(|(n, k)| (n.as_str(), *k))
+        != Some((config.ledger_name.as_str(), key_of(&log_key)))
+    {
+        genesis.push(Event::KeyRotated {
+            role: KeyRole::Log,
+            name: config.ledger_name.clone(),
+            key: key_of(&log_key),
+            at_ms: now,
+        });
+    }
+    if ledger.coordinator_key() != Some(&key_of(&coordinator_key)) {
+        genesis.push(Event::KeyRotated {
+            role: KeyRole::Coordinator,
+            name: "coordinator".into(),
+            key: key_of(&coordinator_key),
+            at_ms: now,
+        });
+    }
+    let wanted: Vec<ModelPrice> = config
+        .prices
+        .iter()
+        .map(|p| {
+            Ok(ModelPrice {
+                model: p.model.clone(),
+                input_micro_per_1k: CreditsMicro::new(p.input_micro_per_1k)
+                    .context("price too large")?,
+                output_micro_per_1k: CreditsMicro::new(p.output_micro_per_1k)
+                    .context("price too large")?,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let current = ledger.schedule();
+    let same = current.is_some_and(|s| {
+        s.fee_bps == config.fee_bps
+            && s.prices.len() == wanted.len()
+            && wanted.iter().all(|w| {
+                s.prices.get(&w.model).is_some_and(|p| {
+                    p.input_micro_per_1k == w.input_micro_per_1k.get()
+                        && p.output_micro_per_1k == w.output_micro_per_1k.get()
+                })
+            })
+    });
+    if !same {
+        let version = current.map_or(0, |s| s.version) + 1;
+        genesis.push(Event::PriceSchedulePublished {
+            version,
+            fee_bps: config.fee_bps,
+            prices: wanted,
+            at_ms: now,
+        });
+    }
+    for verdict in books.commit(&genesis)? {
+        verdict?;
+    }
+    let voided = books.void_orphaned_holds(now)?;
+    if voided > 0 {
+        tracing::info!(
+            voided,
+            "voided holds of requests that died with the previous process"
+        );
+    }
+    books.publish()?;
+
+    let cell = Mutex::new(Some(books));
+    let books = SyncArbiter::start(1, move || BooksActor {
+        books: cell
+            .lock()
+            .expect("books cell")
+            .take()
+            .expect("one books thread"),
+    });
+    let registry = Registry::new(config.heartbeat_timeout_ms).start();
+    Ok(AppState {
+        books,
+        registry,
+        keys: Arc::new(RwLock::new(keys)),
+        events,
+        coordinator_key: Arc::new(coordinator_key),
+        config: Arc::new(config),
+        ledger_dir,
+    })
+}
+
+async fn ledger_file(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let path = req.match_info().query("path").to_owned();
+    let store = match troop_ledger::store::DirStore::open(&state.ledger_dir) {
+        Ok(s) => s,
+        Err(_) => return HttpResponse::ServiceUnavailable().finish(),
+    };
+    match troop_ledger::tile::TileSource::read(&store, &path) {
+        Ok(Some(bytes)) => {
+            // Full tiles and bundles never change; partial ones and the checkpoint do.
+            let immutable = path.starts_with("tile/") && !path.contains(".p/");
+            let cache = if immutable {
+                "public, max-age=31536000, immutable"
+            } else {
+                "no-cache"
+            };
+            let kind = if path == "checkpoint" {
+                "text/plain; charset=utf-8"
+            } else {
+                "application/octet-stream"
+            };
+            HttpResponse::Ok()
+                .content_type(kind)
+                .insert_header(("Cache-Control", cache))
+                .body(bytes)
+        }
+        Ok(None) | Err(_) => HttpResponse::NotFound().finish(),
+    }
+}
+
+/// Runs the coordinator on `listener` until the returned server is stopped.
+pub fn serve(
+    state: AppState,
+    listener: std::net::TcpListener,
+) -> anyhow::Result<actix_web::dev::Server> {
+    let data = web::Data::new(state.clone());
+    let max_body = state.config.max_body_bytes;
+    // A fresh checkpoint every second while there is traffic (publish is a no-op otherwise).
+    let books = state.books.clone();
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Ok(Err(e)) = books.send(Publish).await {
+                tracing::error!(error = %e, "publishing the ledger failed");
+            }
+        }
+    });
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(web::PayloadConfig::new(max_body))
+            .route("/v1/chat/completions", web::post().to(consumer::chat))
+            .route("/v1/completions", web::post().to(consumer::completions))
+            .route("/v1/models", web::get().to(consumer::models))
+            .route("/v1/account", web::get().to(consumer::account))
+            .route("/worker", web::get().to(worker::connect))
+            .route("/ledger/{path:.*}", web::get().to(ledger_file))
+            .route("/admin/accounts", web::post().to(admin::open_account))
+            .route("/admin/grants", web::post().to(admin::grant))
+            .route("/admin/keys", web::post().to(admin::issue_key))
+    })
+    .listen(listener)?
+    .shutdown_timeout(30)
+    .run();
+    Ok(server)
+}
+
+/// Commits one event through the books actor.
+pub async fn commit_one(state: &AppState, event: Event) -> Result<u64, crate::books::BooksError> {
+    let verdicts = state
+        .books
+        .send(Commit(vec![event]))
+        .await
+        .map_err(|_| crate::books::BooksError::Poisoned)??;
+    verdicts.into_iter().next().expect("one verdict")
+}
