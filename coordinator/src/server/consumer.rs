@@ -344,10 +344,14 @@ fn stream_response(ctx: Job, first: Bytes, rx: mpsc::Receiver<Bytes>) -> HttpRes
     } else {
         "text_completion"
     };
-    let closing = Bytes::from(format!(
-        "data: {}\n\ndata: [DONE]\n\n",
-        json!({"id": job.to_string(), "object": object, "created": now_ms() / 1000, "model": ctx.request.model, "choices": [], "troop_receipt": job.to_string()})
-    ));
+    // The closing chunk carries the receipt id and, when asked for, the usage
+    // the consumer is billed for (the engine's own usage chunk is dropped).
+    let closing = Closing {
+        job,
+        object,
+        model: ctx.request.model.clone(),
+        include_usage: ctx.request.include_usage,
+    };
     let guard = Guard {
         ctx: Some(ctx),
         meter: Some(Meter::new()),
@@ -380,11 +384,12 @@ fn stream_response(ctx: Job, first: Bytes, rx: mpsc::Receiver<Bytes>) -> HttpRes
                     let closing = s.closing.take()?;
                     let rest = s.events.finish();
                     // Settle before the final chunk: the receipt it names then exists.
+                    let mut bill = None;
                     if let (Some(ctx), Some(meter)) = (s.guard.ctx.take(), s.guard.meter.take()) {
-                        settle(ctx, meter.finish(), false).await;
+                        bill = settle(ctx, meter.finish(), false).await;
                     }
                     let mut out = rest.to_vec();
-                    out.extend_from_slice(&closing);
+                    out.extend_from_slice(&closing.render(bill));
                     return Some((Ok(Bytes::from(out)), s));
                 }
                 // Past the job deadline: the guard cancels and settles.
@@ -404,8 +409,28 @@ struct StreamState {
     rx: mpsc::Receiver<Bytes>,
     pending: Option<Bytes>,
     events: EventSplitter,
-    closing: Option<Bytes>,
+    closing: Option<Closing>,
     deadline: Instant,
+}
+
+struct Closing {
+    job: JobId,
+    object: &'static str,
+    model: String,
+    include_usage: bool,
+}
+
+impl Closing {
+    fn render(&self, bill: Option<billing::Bill>) -> Bytes {
+        let mut chunk = json!({"id": self.job.to_string(), "object": self.object, "created": now_ms() / 1000,
+            "model": self.model, "choices": [], "troop_receipt": self.job.to_string()});
+        if self.include_usage {
+            let (i, o) = bill.map_or((0, 0), |b| (b.input_tokens, b.output_tokens));
+            chunk["usage"] =
+                json!({"prompt_tokens": i, "completion_tokens": o, "total_tokens": i + o});
+        }
+        Bytes::from(format!("data: {chunk}\n\ndata: [DONE]\n\n"))
+    }
 }
 
 /// Forwards whole SSE events only, dropping the engine's `[DONE]` so that the
@@ -421,8 +446,7 @@ impl EventSplitter {
         let mut out = Vec::new();
         while let Some(end) = find_event_end(&self.buf) {
             let event: Vec<u8> = self.buf.drain(..end).collect();
-            let text = String::from_utf8_lossy(&event);
-            if text.trim() != "data: [DONE]" {
+            if !is_done_or_usage(&event) {
                 out.extend_from_slice(&event);
             }
         }
@@ -431,12 +455,33 @@ impl EventSplitter {
 
     fn finish(&mut self) -> Bytes {
         let rest = std::mem::take(&mut self.buf);
-        if String::from_utf8_lossy(&rest).trim() == "data: [DONE]" {
+        if is_done_or_usage(&rest) {
             Bytes::new()
         } else {
             Bytes::from(rest)
         }
     }
+}
+
+/// `data: [DONE]`, or the engine's usage chunk (no choices, a usage object):
+/// the coordinator sends its own of both.
+fn is_done_or_usage(event: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(event);
+    let Some(data) = text.trim().strip_prefix("data:").map(str::trim) else {
+        return false;
+    };
+    if data == "[DONE]" {
+        return true;
+    }
+    if !data.contains("\"usage\"") {
+        return false;
+    }
+    serde_json::from_str::<serde_json::Value>(data).is_ok_and(|v| {
+        v.get("usage").is_some_and(|u| !u.is_null())
+            && v.get("choices")
+                .and_then(|c| c.as_array())
+                .is_some_and(Vec::is_empty)
+    })
 }
 
 fn find_event_end(buf: &[u8]) -> Option<usize> {

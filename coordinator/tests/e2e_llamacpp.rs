@@ -1,0 +1,259 @@
+//! The main job, end to end on the embedded default: the official OpenAI
+//! Python SDK → coordinator → troop-agent → a real llama.cpp server with a
+//! real model; then the books, checked from the outside with troop-audit.
+
+#[path = "../../worker-agent/tests/common/model_server.rs"]
+mod model_server;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use model_server::{ModelServer, repo_root, venv};
+use serde_json::{Value, json};
+use troop_coordinator::config::{Config, PriceConfig};
+use troop_ledger::note::NoteVerifier;
+use troop_ledger::proof::TlogProof;
+use troop_ledger::tile::{self, TileHashReader, TileId, TileSource as _};
+use troop_schemas::{Event, decode_entry};
+
+const ADMIN: &str = "e2e-admin-token";
+const MODEL: &str = "smollm2-135m";
+const GRANT_MICRO: u64 = 5_000_000;
+
+fn start_coordinator(data_dir: std::path::PathBuf) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let config = Config {
+        data_dir,
+        admin_token: ADMIN.into(),
+        heartbeat_interval_ms: 1_000,
+        prices: vec![PriceConfig {
+            model: MODEL.into(),
+            input_micro_per_1k: 1_000,
+            output_micro_per_1k: 3_000,
+        }],
+        ..Config::default()
+    };
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let state = troop_coordinator::server::open_state(config).expect("coordinator opens");
+            troop_coordinator::server::serve(state, listener)
+                .expect("serves")
+                .await
+                .expect("runs");
+        });
+    });
+    url
+}
+
+fn start_agent(coordinator: String, engine_url: String, key: std::path::PathBuf) {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async move {
+            let engine = troop_agent::engine::probe(&troop_agent::engine::client(), &engine_url)
+                .await
+                .expect("engine");
+            let (identity, _) = troop_agent::identity::load_or_create(&key).expect("identity");
+            let agent = troop_agent::link::Agent::new(coordinator, engine, identity, 2);
+            let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+            troop_agent::link::run(agent, stop_rx).await;
+        });
+    });
+}
+
+fn admin(url: &str, path: &str, body: Value) -> Value {
+    ureq::post(&format!("{url}{path}"))
+        .set("authorization", &format!("Bearer {ADMIN}"))
+        .send_json(body)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .into_json()
+        .expect("json")
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn openai_sdk_through_coordinator_and_agent_to_llama_cpp_paid_and_audited() {
+    let model = ModelServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = start_coordinator(dir.path().join("data"));
+    wait_for("the coordinator", || {
+        ureq::get(&format!("{url}/v1/models")).call().is_ok()
+    });
+    start_agent(url.clone(), model.url(), dir.path().join("worker.key"));
+    wait_for("the worker's model", || {
+        ureq::get(&format!("{url}/v1/models"))
+            .call()
+            .ok()
+            .and_then(|r| r.into_json::<Value>().ok())
+            .is_some_and(|v| v["data"][0]["id"] == MODEL)
+    });
+
+    let account = admin(&url, "/admin/accounts", json!({}))["account"]
+        .as_str()
+        .expect("account")
+        .to_owned();
+    admin(
+        &url,
+        "/admin/grants",
+        json!({"account": account, "amount_micro": GRANT_MICRO}),
+    );
+    let key = admin(&url, "/admin/keys", json!({"account": account}))["secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+
+    // Bad input gets OpenAI-shaped errors before anything is held.
+    let unauthorized = ureq::post(&format!("{url}/v1/chat/completions"))
+        .set("authorization", "Bearer troop-sk-00-00")
+        .send_string("{}");
+    assert!(matches!(unauthorized, Err(ureq::Error::Status(401, _))));
+    let broke = ureq::post(&format!("{url}/v1/chat/completions"))
+        .set("authorization", &format!("Bearer {key}"))
+        .send_string("{not json");
+    match broke {
+        Err(ureq::Error::Status(400, r)) => assert_eq!(
+            r.into_json::<Value>().expect("json")["error"]["type"],
+            "invalid_request_error"
+        ),
+        other => panic!("expected 400, got {other:?}"),
+    }
+
+    let out = Command::new(venv().join("bin/python"))
+        .arg(repo_root().join("coordinator/tests/py/openai_chat.py"))
+        .args([&url, &key, MODEL])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "openai SDK run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sdk: Value = serde_json::from_slice(&out.stdout).expect("json line");
+    assert!(
+        !sdk["content"].as_str().expect("content").trim().is_empty(),
+        "{sdk}"
+    );
+    assert!(
+        !sdk["whole_content"]
+            .as_str()
+            .expect("content")
+            .trim()
+            .is_empty(),
+        "{sdk}"
+    );
+    assert_eq!(sdk["missing_model_error"], "NotFoundError");
+    let usage = &sdk["usage"];
+    let billed_out = usage["completion_tokens"].as_u64().expect("usage chunk");
+    assert!(billed_out > 0 && billed_out <= 24, "{usage}");
+    let receipt_id = sdk["receipt"]
+        .as_str()
+        .expect("the final chunk names the receipt")
+        .to_owned();
+
+    // The books, from the outside: the published ledger over HTTP, with troop-audit.
+    let vkey = std::fs::read_to_string(dir.path().join("data/ledger.vkey")).expect("vkey");
+    let verifier = NoteVerifier::from_key_string(&vkey).expect("vkey");
+    let ledger_url = format!("{url}/ledger");
+    let mut report = None;
+    wait_for("a checkpoint covering both settlements", || {
+        let source = troop_audit::Source::open(&ledger_url).expect("source");
+        let r = troop_audit::verify(&source, &verifier, None, &|_| {})
+            .expect("troop-audit accepts the live ledger");
+        let done = r.receipts == 2;
+        report = Some(r);
+        done
+    });
+    let report = report.expect("report");
+    assert_eq!(
+        report.ledger.open_holds().count(),
+        0,
+        "every hold was settled"
+    );
+
+    // Find the streamed request's settlement and its index.
+    let source = troop_audit::Source::open(&ledger_url).expect("source");
+    let size = report.checkpoint.size;
+    let mut found = None;
+    for t in 0..size.div_ceil(256) {
+        let id = TileId::for_size(None, t, size).expect("bundle");
+        let bytes = source
+            .read(&id.path())
+            .expect("read")
+            .expect("bundle exists");
+        for (i, e) in tile::decode_bundle(&bytes, usize::from(id.width))
+            .expect("bundle")
+            .into_iter()
+            .enumerate()
+        {
+            if let Event::HoldSettled {
+                receipt,
+                charged_micro,
+                ..
+            } = decode_entry(e).expect("entry")
+                && receipt.receipt.job.to_string() == receipt_id
+            {
+                found = Some((t * 256 + i as u64, e.to_vec(), receipt, charged_micro.get()));
+            }
+        }
+    }
+    let (index, entry, receipt, charged) =
+        found.expect("the streamed job is settled in the ledger");
+    assert_eq!(
+        receipt.billed_output_tokens, billed_out,
+        "the consumer's usage is what it was billed"
+    );
+    assert!(receipt.receipt.output_tokens >= receipt.billed_output_tokens);
+    troop_ledger::receipt::verify_receipt(&receipt)
+        .expect("worker signature and countersignature verify");
+
+    // Balances moved by exactly the receipts.
+    let acct: Value = ureq::get(&format!("{url}/v1/account"))
+        .set("authorization", &format!("Bearer {key}"))
+        .call()
+        .expect("account")
+        .into_json()
+        .expect("json");
+    let charges: u64 = report
+        .ledger
+        .accounts()
+        .filter(|(_, a)| a.role == Some(troop_schemas::AccountRole::Worker))
+        .map(|(_, a)| u64::try_from(a.balance()).expect("worker earned"))
+        .sum::<u64>();
+    let treasury_fees = report
+        .ledger
+        .account(&troop_schemas::AccountId::TREASURY)
+        .expect("treasury")
+        .balance()
+        + i128::from(GRANT_MICRO);
+    let spent = GRANT_MICRO
+        - acct["balance_micro"]
+            .as_str()
+            .expect("balance")
+            .parse::<u64>()
+            .expect("number");
+    assert_eq!(
+        i128::from(spent),
+        i128::from(charges) + treasury_fees,
+        "consumer paid = worker earned + fees"
+    );
+    assert!(spent >= charged && charged > 0);
+
+    // The receipt's inclusion proof verifies offline.
+    let (note, cp) = troop_audit::read_checkpoint(&source, &verifier).expect("checkpoint");
+    let proof =
+        TlogProof::build(&TileHashReader::new(&source, cp.size), &note, &cp, index).expect("proof");
+    let reparsed = TlogProof::parse(&proof.to_text()).expect("tlog-proof text");
+    reparsed
+        .verify(&entry, &verifier)
+        .expect("inclusion proof verifies");
+}
