@@ -1,6 +1,9 @@
 //! A real llama.cpp server with a real model, started by ops/model-server.sh
 //! and killed on drop. Shared by the agent's and the coordinator's tests.
-#![allow(dead_code, reason = "each test binary that includes this uses a different part")]
+#![allow(
+    dead_code,
+    reason = "each test binary that includes this uses a different part"
+)]
 
 use std::path::PathBuf;
 use std::process::Command;
