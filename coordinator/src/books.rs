@@ -9,13 +9,17 @@
 //! (crash-only). The ledger log (tiles, checkpoint) trails the event log and is
 //! caught up on every start.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use troop_ledger::fold::{FoldError, Ledger};
 use troop_ledger::note::NoteSigner;
+use troop_ledger::proof::TlogProof;
+use troop_ledger::store::CHECKPOINT_PATH;
 use troop_ledger::store::DirStore;
+use troop_ledger::tile::{self, TileHashReader, TileId, TileSource as _};
 use troop_ledger::writer::{LogWriter, WriterError};
-use troop_schemas::{EntryError, Event, VoidReason, decode_entry, encode_entry};
+use troop_schemas::{EntryError, Event, JobId, VoidReason, decode_entry, encode_entry};
 
 use crate::eventlog::{EventLog, EventLogError};
 
@@ -49,6 +53,9 @@ pub struct Books {
     writer: LogWriter<DirStore>,
     /// Ledger entries in the event log: the index the next one gets.
     entries: u64,
+    /// Ledger index of each settled job's receipt. In memory for the embedded
+    /// default (~50 B a receipt); a Postgres projection in the cluster.
+    receipts: HashMap<JobId, u64>,
     poisoned: bool,
 }
 
@@ -60,6 +67,16 @@ impl std::fmt::Debug for Books {
             self.entries, self.poisoned
         )
     }
+}
+
+/// A receipt as logged, with the proof that it is in the signed ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedReceipt {
+    pub index: u64,
+    /// The `hold_settled` entry, canonical JSON.
+    pub entry: Vec<u8>,
+    /// `c2sp.org/tlog-proof@v1` text.
+    pub tlog_proof: String,
 }
 
 /// Outcome of replaying the event log on start.
@@ -85,6 +102,7 @@ impl Books {
         let published = writer.size();
         let mut ledger = Ledger::new();
         let (mut offset, mut entries, mut republished) = (0u64, 0u64, 0u64);
+        let mut receipts = HashMap::new();
         loop {
             let batch = events.read(offset, REPLAY_BATCH)?;
             if batch.is_empty() {
@@ -103,6 +121,9 @@ impl Books {
                 ledger
                     .apply(&event)
                     .map_err(|e| corrupt(format!("refused on replay: {e}")))?;
+                if let Event::HoldSettled { receipt, .. } = &event {
+                    receipts.insert(receipt.receipt.job, entries);
+                }
                 if entries >= published {
                     writer.append(entry.to_vec())?;
                     republished += 1;
@@ -133,6 +154,7 @@ impl Books {
                 ledger,
                 writer,
                 entries,
+                receipts,
                 poisoned: false,
             },
             recovery,
@@ -168,7 +190,11 @@ impl Books {
             };
             match self.ledger.apply(event) {
                 Ok(()) => {
-                    verdicts.push(Ok(self.entries + entries.len() as u64));
+                    let index = self.entries + entries.len() as u64;
+                    if let Event::HoldSettled { receipt, .. } = event {
+                        self.receipts.insert(receipt.receipt.job, index);
+                    }
+                    verdicts.push(Ok(index));
                     let mut record = Vec::with_capacity(encoded.len() + 1);
                     record.push(TAG_LEDGER_ENTRY);
                     record.extend_from_slice(&encoded);
@@ -190,6 +216,43 @@ impl Books {
             self.entries += 1;
         }
         Ok(verdicts)
+    }
+
+    /// A settled job's receipt: its ledger entry, published (a checkpoint is
+    /// signed now if the entry is newer than the last one) and proved.
+    pub fn receipt(&mut self, job: &JobId) -> Result<Option<LoggedReceipt>, BooksError> {
+        let Some(&index) = self.receipts.get(job) else {
+            return Ok(None);
+        };
+        if index >= self.writer.published().size {
+            self.writer.publish()?;
+        }
+        let store = self.writer.store();
+        let size = self.writer.published().size;
+        let corrupt = |why: String| BooksError::Corrupt { offset: index, why };
+        let id = TileId::for_size(None, index / 256, size)
+            .ok_or_else(|| corrupt("entry beyond the log".into()))?;
+        let bundle = store
+            .read(&id.path())
+            .map_err(&corrupt)?
+            .ok_or_else(|| corrupt(format!("{} missing", id.path())))?;
+        let entries = tile::decode_bundle(&bundle, usize::from(id.width))
+            .map_err(|e| corrupt(e.to_string()))?;
+        let entry = entries[usize::try_from(index % 256).expect("< 256")].to_vec();
+        let note = store
+            .read(CHECKPOINT_PATH)
+            .map_err(&corrupt)?
+            .ok_or_else(|| corrupt("no checkpoint".into()))?;
+        let note =
+            String::from_utf8(note).map_err(|_| corrupt("checkpoint is not UTF-8".into()))?;
+        let reader = TileHashReader::new(store, size);
+        let proof = TlogProof::build(&reader, &note, self.writer.published(), index)
+            .map_err(|e| corrupt(e.to_string()))?;
+        Ok(Some(LoggedReceipt {
+            index,
+            entry,
+            tlog_proof: proof.to_text(),
+        }))
     }
 
     /// One event; its refusal is an error.

@@ -248,6 +248,43 @@ fn openai_sdk_through_coordinator_and_agent_to_llama_cpp_paid_and_audited() {
     );
     assert!(spent >= charged && charged > 0);
 
+    // The coordinator serves the receipt with its proof to the consumer who paid.
+    let served: Value = ureq::get(&format!("{url}/v1/receipts/{receipt_id}"))
+        .set("authorization", &format!("Bearer {key}"))
+        .call()
+        .expect("receipt")
+        .into_json()
+        .expect("json");
+    assert_eq!(served["ledger_index"], index);
+    assert_eq!(
+        served["entry"].as_str().expect("entry").as_bytes(),
+        entry.as_slice()
+    );
+    let served_proof =
+        TlogProof::parse(served["tlog_proof"].as_str().expect("proof")).expect("tlog-proof");
+    served_proof
+        .verify(&entry, &verifier)
+        .expect("the served proof verifies");
+    let other = ureq::get(&format!(
+        "{url}/v1/receipts/job_00000000000000000000000000000000"
+    ))
+    .set("authorization", &format!("Bearer {key}"))
+    .call();
+    assert!(matches!(other, Err(ureq::Error::Status(404, _))));
+
+    // An oversized body gets an OpenAI-shaped 413.
+    let huge = vec![b' '; (8 << 20) + 1];
+    match ureq::post(&format!("{url}/v1/chat/completions"))
+        .set("authorization", &format!("Bearer {key}"))
+        .send_bytes(&huge)
+    {
+        Err(ureq::Error::Status(413, r)) => assert_eq!(
+            r.into_json::<Value>().expect("json")["error"]["code"],
+            "request_too_large"
+        ),
+        other => panic!("expected 413, got {other:?}"),
+    }
+
     // The receipt's inclusion proof verifies offline.
     let (note, cp) = troop_audit::read_checkpoint(&source, &verifier).expect("checkpoint");
     let proof =

@@ -86,3 +86,15 @@ impl Handler<GetWorker> for BooksActor {
         self.books.ledger().worker(&msg.0).cloned()
     }
 }
+
+/// A settled job's receipt with its inclusion proof.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Option<crate::books::LoggedReceipt>, crate::books::BooksError>")]
+pub struct GetReceipt(pub troop_schemas::JobId);
+
+impl Handler<GetReceipt> for BooksActor {
+    type Result = Result<Option<crate::books::LoggedReceipt>, crate::books::BooksError>;
+    fn handle(&mut self, msg: GetReceipt, _: &mut Self::Context) -> Self::Result {
+        self.books.receipt(&msg.0)
+    }
+}

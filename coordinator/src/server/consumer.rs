@@ -91,20 +91,103 @@ pub async fn account(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
     }))
 }
 
-pub async fn chat(req: HttpRequest, body: Bytes, state: web::Data<AppState>) -> HttpResponse {
-    complete(Endpoint::Chat, req, body, state.get_ref().clone())
-        .await
-        .unwrap_or_else(|e| error_response(&e))
+pub async fn chat(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let state = state.get_ref().clone();
+    match read_body(body, state.config.max_body_bytes).await {
+        Ok(body) => complete(Endpoint::Chat, req, body, state)
+            .await
+            .unwrap_or_else(|e| error_response(&e)),
+        Err(e) => error_response(&e),
+    }
 }
 
 pub async fn completions(
     req: HttpRequest,
-    body: Bytes,
+    body: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    complete(Endpoint::Completions, req, body, state.get_ref().clone())
+    let state = state.get_ref().clone();
+    match read_body(body, state.config.max_body_bytes).await {
+        Ok(body) => complete(Endpoint::Completions, req, body, state)
+            .await
+            .unwrap_or_else(|e| error_response(&e)),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Reads a request body up to `limit` bytes; past it, an OpenAI-shaped 413.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+    use futures_util::StreamExt as _;
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::invalid("body", format!("reading the body failed: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::too_large(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// `GET /v1/receipts/{id}`: the countersigned receipt as logged, and its
+/// inclusion proof in the signed ledger. Only the paying consumer's keys see it
+/// here (the ledger itself is public).
+pub async fn receipt(
+    req: HttpRequest,
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let account = match authenticate(&req, &state) {
+        Ok(a) => a,
+        Err(e) => return error_response(&e),
+    };
+    let not_found = || {
+        error_response(&ApiError {
+            status: 404,
+            ..ApiError::invalid("id", format!("No receipt {}.", id.as_str()))
+        })
+    };
+    let Ok(job) = id.parse::<JobId>() else {
+        return not_found();
+    };
+    let logged = match state
+        .books
+        .send(crate::actors::books::GetReceipt(job))
         .await
-        .unwrap_or_else(|e| error_response(&e))
+    {
+        Ok(Ok(Some(l))) => l,
+        Ok(Ok(None)) => return not_found(),
+        Ok(Err(e)) => return error_response(&ApiError::upstream(e.to_string())),
+        Err(e) => return error_response(&ApiError::upstream(e.to_string())),
+    };
+    let Ok(Event::HoldSettled {
+        receipt,
+        charged_micro,
+        worker_earned_micro,
+        fee_micro,
+        ..
+    }) = troop_schemas::decode_entry(&logged.entry)
+    else {
+        return error_response(&ApiError::upstream("ledger entry is not a settlement"));
+    };
+    if receipt.receipt.consumer != account {
+        return not_found();
+    }
+    HttpResponse::Ok().json(json!({
+        "id": job.to_string(),
+        "ledger_index": logged.index,
+        "receipt": receipt,
+        "charged_micro": charged_micro.get(),
+        "worker_earned_micro": worker_earned_micro.get(),
+        "fee_micro": fee_micro.get(),
+        "entry": String::from_utf8_lossy(&logged.entry),
+        "tlog_proof": logged.tlog_proof,
+    }))
 }
 
 /// Everything settlement needs to know about one request.

@@ -269,6 +269,7 @@ pub fn serve(
             .route("/v1/completions", web::post().to(consumer::completions))
             .route("/v1/models", web::get().to(consumer::models))
             .route("/v1/account", web::get().to(consumer::account))
+            .route("/v1/receipts/{id}", web::get().to(consumer::receipt))
             .route("/worker", web::get().to(worker::connect))
             .route("/ledger/{path:.*}", web::get().to(ledger_file))
             .route("/admin/accounts", web::post().to(admin::open_account))
