@@ -190,6 +190,12 @@ pub async fn receipt(
     }))
 }
 
+/// How the worker said the job ended: still to come, or already heard.
+enum End {
+    Pending(oneshot::Receiver<JobEnd>),
+    Heard(Option<JobEnd>),
+}
+
 /// Everything settlement needs to know about one request.
 struct Job {
     state: AppState,
@@ -201,7 +207,7 @@ struct Job {
     reserved: CreditsMicro,
     request_digest: Digest,
     link: WorkerLink,
-    end: oneshot::Receiver<JobEnd>,
+    end: End,
     started: Instant,
 }
 
@@ -318,9 +324,19 @@ async fn complete(
         }
         let started = Instant::now();
         let deadline = Duration::from_millis(state.config.first_byte_deadline_ms);
+        let mut ended = None;
         let first = tokio::select! {
+            // Data first: a fast worker's output and its end can arrive together.
+            biased;
             first = data_rx.recv() => first,
-            _ = &mut end => None,
+            r = &mut end => {
+                // The job ended; anything it sent before is still buffered.
+                let buffered = data_rx.try_recv().ok();
+                if buffered.is_some() {
+                    ended = Some(r.ok());
+                }
+                buffered
+            }
             _ = tokio::time::sleep(deadline) => None,
         };
         let Some(first) = first else {
@@ -347,7 +363,10 @@ async fn complete(
             reserved,
             request_digest,
             link,
-            end,
+            end: match ended {
+                Some(heard) => End::Heard(heard),
+                None => End::Pending(end),
+            },
             started,
         };
         return Ok(if ctx.request.stream {
@@ -610,7 +629,13 @@ async fn settle(ctx: Job, reading: Reading, cancelled: bool) -> Option<billing::
         ..
     } = ctx;
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let end = tokio::time::timeout(RECEIPT_DEADLINE, end).await;
+    let end = match end {
+        End::Pending(rx) => tokio::time::timeout(RECEIPT_DEADLINE, rx)
+            .await
+            .ok()
+            .and_then(Result::ok),
+        End::Heard(end) => end,
+    };
     link.jobs.lock().expect("jobs lock").remove(&job);
     state.registry.do_send(Finished {
         worker: link.worker,
@@ -618,18 +643,18 @@ async fn settle(ctx: Job, reading: Reading, cancelled: bool) -> Option<billing::
         duration_ms,
     });
     let (receipt, worker_sig) = match end {
-        Ok(Ok(JobEnd::Done {
+        Some(JobEnd::Done {
             receipt,
             worker_sig,
             ..
-        })) => (receipt, worker_sig),
+        }) => (receipt, worker_sig),
         other => {
             let reason = if reading.deltas == 0 {
                 VoidReason::Failed
             } else {
                 VoidReason::ReceiptRejected
             };
-            tracing::warn!(%job, worker = %link.worker, outcome = ?other.map(|r| r.map(|e| format!("{e:?}"))), "no receipt; voiding the hold");
+            tracing::warn!(%job, worker = %link.worker, outcome = ?other, "no receipt; voiding the hold");
             void(&state, hold, reason).await;
             return None;
         }
