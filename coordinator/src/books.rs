@@ -165,6 +165,11 @@ impl Books {
         &self.ledger
     }
 
+    /// Committed entries not yet covered by a signed checkpoint.
+    pub fn lag(&self) -> u64 {
+        self.entries.saturating_sub(self.writer.published().size)
+    }
+
     /// Ledger entries so far.
     pub fn entries(&self) -> u64 {
         self.entries

@@ -18,6 +18,7 @@ pub mod config;
 pub mod domain;
 pub mod eventlog;
 pub mod keys;
+pub mod metrics;
 
 pub use troop_ledger as ledger;
 pub mod server;

@@ -285,6 +285,26 @@ fn openai_sdk_through_coordinator_and_agent_to_llama_cpp_paid_and_audited() {
         other => panic!("expected 413, got {other:?}"),
     }
 
+    // Operators see it in Prometheus.
+    let metrics = ureq::get(&format!("{url}/metrics"))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    assert!(
+        metrics.contains("troop_receipts_settled_total 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("troop_workers_online 1"), "{metrics}");
+    assert!(
+        metrics.contains("troop_requests_total{endpoint=\"chat\",status=\"200\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("troop_time_to_first_token_seconds_count 2"),
+        "{metrics}"
+    );
+
     // The receipt's inclusion proof verifies offline.
     let (note, cp) = troop_audit::read_checkpoint(&source, &verifier).expect("checkpoint");
     let proof =

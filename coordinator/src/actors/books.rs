@@ -98,3 +98,14 @@ impl Handler<GetReceipt> for BooksActor {
         self.books.receipt(&msg.0)
     }
 }
+
+#[derive(Debug, Message)]
+#[rtype(result = "u64")]
+pub struct GetLag;
+
+impl Handler<GetLag> for BooksActor {
+    type Result = u64;
+    fn handle(&mut self, _: GetLag, _: &mut Self::Context) -> u64 {
+        self.books.lag()
+    }
+}

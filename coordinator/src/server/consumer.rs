@@ -97,12 +97,13 @@ pub async fn chat(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let state = state.get_ref().clone();
-    match read_body(body, state.config.max_body_bytes).await {
-        Ok(body) => complete(Endpoint::Chat, req, body, state)
+    let response = match read_body(body, state.config.max_body_bytes).await {
+        Ok(body) => complete(Endpoint::Chat, req, body, state.clone())
             .await
             .unwrap_or_else(|e| error_response(&e)),
         Err(e) => error_response(&e),
-    }
+    };
+    count(&state, "chat", response)
 }
 
 pub async fn completions(
@@ -111,12 +112,22 @@ pub async fn completions(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let state = state.get_ref().clone();
-    match read_body(body, state.config.max_body_bytes).await {
-        Ok(body) => complete(Endpoint::Completions, req, body, state)
+    let response = match read_body(body, state.config.max_body_bytes).await {
+        Ok(body) => complete(Endpoint::Completions, req, body, state.clone())
             .await
             .unwrap_or_else(|e| error_response(&e)),
         Err(e) => error_response(&e),
-    }
+    };
+    count(&state, "completions", response)
+}
+
+fn count(state: &AppState, endpoint: &str, response: HttpResponse) -> HttpResponse {
+    state
+        .metrics
+        .requests
+        .with_label_values(&[endpoint, response.status().as_str()])
+        .inc();
+    response
 }
 
 /// Reads a request body up to `limit` bytes; past it, an OpenAI-shaped 413.
@@ -232,6 +243,7 @@ async fn complete(
     body: Bytes,
     state: AppState,
 ) -> Result<HttpResponse, ApiError> {
+    let received = Instant::now();
     let account = authenticate(&req, &state)?;
     let request = validate(endpoint, &body, &state.config.limits())?;
     let schedule = state
@@ -353,6 +365,10 @@ async fn complete(
             exclude.push(link.worker);
             continue;
         };
+        state
+            .metrics
+            .time_to_first_token
+            .observe(received.elapsed().as_secs_f64());
         let ctx = Job {
             state: state.clone(),
             endpoint,
@@ -629,6 +645,11 @@ async fn settle(ctx: Job, reading: Reading, cancelled: bool) -> Option<billing::
         ..
     } = ctx;
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    state
+        .metrics
+        .request_duration
+        .observe(started.elapsed().as_secs_f64());
+    state.metrics.tokens_streamed.inc_by(reading.deltas);
     let end = match end {
         End::Pending(rx) => tokio::time::timeout(RECEIPT_DEADLINE, rx)
             .await
@@ -655,6 +676,7 @@ async fn settle(ctx: Job, reading: Reading, cancelled: bool) -> Option<billing::
                 VoidReason::ReceiptRejected
             };
             tracing::warn!(%job, worker = %link.worker, outcome = ?other, "no receipt; voiding the hold");
+            state.metrics.receipts_rejected.inc();
             void(&state, hold, reason).await;
             return None;
         }
@@ -685,6 +707,7 @@ async fn settle(ctx: Job, reading: Reading, cancelled: bool) -> Option<billing::
         });
     if let Some(why) = mismatch.or((!signed_ok).then_some("bad worker signature")) {
         tracing::warn!(%job, worker = %link.worker, why, "receipt rejected; voiding the hold");
+        state.metrics.receipts_rejected.inc();
         void(&state, hold, VoidReason::ReceiptRejected).await;
         return None;
     }
@@ -703,6 +726,7 @@ async fn settle(ctx: Job, reading: Reading, cancelled: bool) -> Option<billing::
         },
     );
     if bill.overclaimed {
+        state.metrics.overclaims.inc();
         tracing::warn!(%job, worker = %link.worker, claimed_out = receipt.output_tokens, billed_out = bill.output_tokens, "worker claimed more than it streamed");
     }
     if bill.output_tokens == 0 {
@@ -750,7 +774,10 @@ async fn settle(ctx: Job, reading: Reading, cancelled: bool) -> Option<billing::
         at_ms: now_ms(),
     };
     match commit_one(&state, settled).await {
-        Ok(_) => Some(bill),
+        Ok(_) => {
+            state.metrics.receipts_settled.inc();
+            Some(bill)
+        }
         Err(e) => {
             tracing::error!(%job, error = %e, "settlement refused; voiding");
             void(&state, hold, VoidReason::Failed).await;

@@ -37,6 +37,7 @@ pub struct AppState {
     pub coordinator_key: Arc<SigningKey>,
     pub config: Arc<Config>,
     pub ledger_dir: PathBuf,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -211,6 +212,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         coordinator_key: Arc::new(coordinator_key),
         config: Arc::new(config),
         ledger_dir,
+        metrics: Arc::new(crate::metrics::Metrics::new()),
     })
 }
 
@@ -243,6 +245,24 @@ async fn ledger_file(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
     }
 }
 
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    if let Ok(n) = state.registry.send(crate::actors::registry::Online).await {
+        state
+            .metrics
+            .workers_online
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    if let Ok(lag) = state.books.send(crate::actors::books::GetLag).await {
+        state
+            .metrics
+            .ledger_lag_entries
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}
+
 /// Runs the coordinator on `listener` until the returned server is stopped.
 pub fn serve(
     state: AppState,
@@ -272,6 +292,7 @@ pub fn serve(
             .route("/v1/receipts/{id}", web::get().to(consumer::receipt))
             .route("/worker", web::get().to(worker::connect))
             .route("/ledger/{path:.*}", web::get().to(ledger_file))
+            .route("/metrics", web::get().to(metrics))
             .route("/admin/accounts", web::post().to(admin::open_account))
             .route("/admin/grants", web::post().to(admin::grant))
             .route("/admin/keys", web::post().to(admin::issue_key))

@@ -1,0 +1,137 @@
+//! Prometheus metrics, served at `/metrics`.
+
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Consumer requests by endpoint and HTTP status.
+    pub requests: IntCounterVec,
+    pub time_to_first_token: Histogram,
+    pub request_duration: Histogram,
+    /// Content deltas (≈ tokens) streamed to consumers.
+    pub tokens_streamed: IntCounter,
+    pub receipts_settled: IntCounter,
+    /// Receipts voided for a bad signature, wrong digests or a missing receipt.
+    pub receipts_rejected: IntCounter,
+    /// Workers that claimed more tokens than they streamed.
+    pub overclaims: IntCounter,
+    pub workers_online: IntGauge,
+    /// Ledger entries committed but not yet in a signed checkpoint.
+    pub ledger_lag_entries: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry =
+            Registry::new_custom(Some("troop".into()), None).expect("static prefix is valid");
+        // Latency buckets from 5 ms to 2 min: first tokens on a loaded GPU to long generations.
+        let buckets = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+        ];
+        let requests = IntCounterVec::new(
+            Opts::new("requests_total", "Consumer API requests"),
+            &["endpoint", "status"],
+        )
+        .expect("valid");
+        let time_to_first_token = Histogram::with_opts(
+            HistogramOpts::new(
+                "time_to_first_token_seconds",
+                "From request to the first byte from a worker",
+            )
+            .buckets(buckets.clone()),
+        )
+        .expect("valid");
+        let request_duration = Histogram::with_opts(
+            HistogramOpts::new("request_duration_seconds", "From request to settlement")
+                .buckets(buckets),
+        )
+        .expect("valid");
+        let tokens_streamed = IntCounter::new(
+            "tokens_streamed_total",
+            "Content deltas streamed to consumers",
+        )
+        .expect("valid");
+        let receipts_settled = IntCounter::new(
+            "receipts_settled_total",
+            "Holds settled with a countersigned receipt",
+        )
+        .expect("valid");
+        let receipts_rejected = IntCounter::new(
+            "receipts_rejected_total",
+            "Holds voided for want of a valid receipt",
+        )
+        .expect("valid");
+        let overclaims = IntCounter::new(
+            "worker_overclaims_total",
+            "Receipts claiming more tokens than were streamed",
+        )
+        .expect("valid");
+        let workers_online = IntGauge::new("workers_online", "Connected workers").expect("valid");
+        let ledger_lag_entries = IntGauge::new(
+            "ledger_lag_entries",
+            "Committed ledger entries not yet in a signed checkpoint",
+        )
+        .expect("valid");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(time_to_first_token.clone()),
+            Box::new(request_duration.clone()),
+            Box::new(tokens_streamed.clone()),
+            Box::new(receipts_settled.clone()),
+            Box::new(receipts_rejected.clone()),
+            Box::new(overclaims.clone()),
+            Box::new(workers_online.clone()),
+            Box::new(ledger_lag_entries.clone()),
+        ] {
+            registry.register(c).expect("each metric registered once");
+        }
+        Self {
+            registry,
+            requests,
+            time_to_first_token,
+            request_duration,
+            tokens_streamed,
+            receipts_settled,
+            receipts_rejected,
+            overclaims,
+            workers_online,
+            ledger_lag_entries,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_text_format() {
+        let m = Metrics::new();
+        m.requests.with_label_values(&["chat", "200"]).inc();
+        m.time_to_first_token.observe(0.2);
+        let text = m.render();
+        assert!(
+            text.contains("troop_requests_total{endpoint=\"chat\",status=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("troop_time_to_first_token_seconds_bucket{le=\"0.25\"} 1"));
+    }
+}
