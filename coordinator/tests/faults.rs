@@ -3,20 +3,15 @@
 //! the real engine path is e2e_llamacpp.rs). In every case no credit is lost:
 //! the consumer pays at most for what it was streamed, and no hold stays open.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use ed25519_dalek::{Signer as _, SigningKey};
-use futures_util::{SinkExt as _, StreamExt as _};
+use common::scripted::{MODEL, Script, scripted_worker};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 use troop_coordinator::config::{Config, PriceConfig};
-use troop_schemas::protocol::{
-    self, CoordinatorMsg, DataFrame, EngineKind, Heartbeat, ModelInfo, WorkerMsg,
-};
-use troop_schemas::{Digest, PublicKey, Receipt, Signature, WorkerId};
 
 const ADMIN: &str = "faults-admin";
-const MODEL: &str = "scripted";
 const GRANT: u64 = 1_000_000;
 
 fn start_coordinator(dir: &std::path::Path) -> String {
@@ -52,156 +47,6 @@ fn start_coordinator(dir: &std::path::Path) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
     url
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Script {
-    /// Streams 3 tokens, then claims 1,000 in a validly signed receipt.
-    Inflate,
-    /// Streams 3 tokens, then sends a receipt with a forged signature.
-    Forge,
-    /// Streams 2 tokens, then drops the connection without a receipt.
-    Vanish,
-}
-
-const STREAM: [&str; 3] = ["Hello", " there", " friend"];
-
-fn sse(n: usize) -> Vec<u8> {
-    let mut out = String::new();
-    for t in &STREAM[..n] {
-        out.push_str(&format!("data: {}\n\n", json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]})));
-    }
-    out.push_str(&format!("data: {}\n\n", json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})));
-    out.push_str("data: [DONE]\n\n");
-    out.into_bytes()
-}
-
-/// Serves exactly one job according to `script`.
-async fn scripted_worker(url: String, script: Script) {
-    let key = SigningKey::from_bytes(&[42; 32]);
-    let pk = PublicKey(key.verifying_key().to_bytes());
-    let ws_url = format!("{}/worker", url.replace("http://", "ws://"));
-    let (ws, _) = tokio_tungstenite::connect_async(ws_url)
-        .await
-        .expect("connects");
-    let (mut tx, mut rx) = ws.split();
-    let mut next = async || loop {
-        match rx.next().await.expect("open").expect("frame") {
-            Message::Text(t) => return CoordinatorMsg::parse(&t).expect("valid"),
-            _ => continue,
-        }
-    };
-    tx.send(Message::text(
-        WorkerMsg::Hello {
-            protocol: protocol::PROTOCOL_VERSION,
-            key: pk,
-            agent_version: "scripted".into(),
-        }
-        .to_text(),
-    ))
-    .await
-    .expect("send");
-    let CoordinatorMsg::Challenge {
-        nonce,
-        coordinator_key,
-    } = next().await
-    else {
-        panic!("challenge")
-    };
-    use base64::Engine as _;
-    let nonce: [u8; 32] = base64::engine::general_purpose::STANDARD
-        .decode(nonce)
-        .expect("b64")
-        .try_into()
-        .expect("32");
-    let sig = key.sign(&protocol::auth_message(&nonce, &coordinator_key, &pk));
-    tx.send(Message::text(
-        WorkerMsg::Auth {
-            signature: Signature(sig.to_bytes()),
-        }
-        .to_text(),
-    ))
-    .await
-    .expect("send");
-    let CoordinatorMsg::Welcome { .. } = next().await else {
-        panic!("welcome")
-    };
-    let beat = Heartbeat {
-        engine: EngineKind::LlamaCpp,
-        models: vec![ModelInfo {
-            name: MODEL.into(),
-            context_length: Some(4096),
-        }],
-        gpus: vec![],
-        free_slots: 1,
-        total_slots: 1,
-        draining: false,
-    };
-    tx.send(Message::text(WorkerMsg::Heartbeat(beat).to_text()))
-        .await
-        .expect("send");
-    let CoordinatorMsg::Job {
-        job,
-        hold,
-        consumer,
-        model,
-        body,
-        ..
-    } = next().await
-    else {
-        panic!("job")
-    };
-    let n = if matches!(script, Script::Vanish) {
-        2
-    } else {
-        3
-    };
-    let bytes = sse(n);
-    if matches!(script, Script::Vanish) {
-        // Half the stream, then gone.
-        tx.send(Message::binary(
-            DataFrame::encode(&job, &bytes[..bytes.len() / 2]).expect("frame"),
-        ))
-        .await
-        .expect("send");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        return;
-    }
-    tx.send(Message::binary(
-        DataFrame::encode(&job, &bytes).expect("frame"),
-    ))
-    .await
-    .expect("send");
-    let receipt = Receipt {
-        consumer,
-        finished_at_ms: 2,
-        hold,
-        input_tokens: 10,
-        job,
-        model,
-        output_tokens: 1_000,
-        request_digest: Digest::of(body.as_bytes()),
-        response_digest: Digest::of(&bytes),
-        started_at_ms: 1,
-        worker: WorkerId::from_key(&pk),
-        worker_key: pk,
-    };
-    let mut worker_sig = Signature(
-        key.sign(&receipt.signing_bytes().expect("bytes"))
-            .to_bytes(),
-    );
-    if matches!(script, Script::Forge) {
-        worker_sig.0[0] ^= 1;
-    }
-    let done = WorkerMsg::JobDone {
-        job,
-        usage: None,
-        receipt: Box::new(receipt),
-        worker_sig,
-    };
-    tx.send(Message::text(done.to_text())).await.expect("send");
-    // Stay connected until the coordinator has settled.
-    tokio::time::sleep(Duration::from_secs(2)).await;
 }
 
 fn admin(url: &str, path: &str, body: Value) -> Value {

@@ -1,0 +1,188 @@
+//! A scripted worker speaking the real protocol: a test double for our own
+//! logic (the real engine path is e2e_llamacpp.rs).
+#![allow(dead_code, reason = "each test binary uses different scripts")]
+
+use std::time::Duration;
+
+use ed25519_dalek::{Signer as _, SigningKey};
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use troop_schemas::protocol::{
+    self, CoordinatorMsg, DataFrame, EngineKind, Heartbeat, ModelInfo, WorkerMsg,
+};
+use troop_schemas::{Digest, PublicKey, Receipt, Signature, WorkerId};
+
+pub const MODEL: &str = "scripted";
+
+#[derive(Clone, Copy, Debug)]
+pub enum Script {
+    /// Streams 3 tokens, then claims 1,000 in a validly signed receipt.
+    Inflate,
+    /// Streams 3 tokens, then sends a receipt with a forged signature.
+    Forge,
+    /// Streams 2 tokens, then drops the connection without a receipt.
+    Vanish,
+    /// Takes every job it is given, sends its first token, and never finishes.
+    Stall,
+}
+
+const STREAM: [&str; 3] = ["Hello", " there", " friend"];
+
+fn sse(n: usize) -> Vec<u8> {
+    let mut out = String::new();
+    for t in &STREAM[..n] {
+        out.push_str(&format!("data: {}\n\n", json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]})));
+    }
+    out.push_str(&format!("data: {}\n\n", json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})));
+    out.push_str("data: [DONE]\n\n");
+    out.into_bytes()
+}
+
+/// Serves exactly one job according to `script`.
+pub async fn scripted_worker(url: String, script: Script) {
+    let key = SigningKey::from_bytes(&[42; 32]);
+    let pk = PublicKey(key.verifying_key().to_bytes());
+    let ws_url = format!("{}/worker", url.replace("http://", "ws://"));
+    let (ws, _) = tokio_tungstenite::connect_async(ws_url)
+        .await
+        .expect("connects");
+    let (mut tx, mut rx) = ws.split();
+    let mut next = async || loop {
+        match rx.next().await.expect("open").expect("frame") {
+            Message::Text(t) => return CoordinatorMsg::parse(&t).expect("valid"),
+            _ => continue,
+        }
+    };
+    tx.send(Message::text(
+        WorkerMsg::Hello {
+            protocol: protocol::PROTOCOL_VERSION,
+            key: pk,
+            agent_version: "scripted".into(),
+        }
+        .to_text(),
+    ))
+    .await
+    .expect("send");
+    let CoordinatorMsg::Challenge {
+        nonce,
+        coordinator_key,
+    } = next().await
+    else {
+        panic!("challenge")
+    };
+    use base64::Engine as _;
+    let nonce: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(nonce)
+        .expect("b64")
+        .try_into()
+        .expect("32");
+    let sig = key.sign(&protocol::auth_message(&nonce, &coordinator_key, &pk));
+    tx.send(Message::text(
+        WorkerMsg::Auth {
+            signature: Signature(sig.to_bytes()),
+        }
+        .to_text(),
+    ))
+    .await
+    .expect("send");
+    let CoordinatorMsg::Welcome { .. } = next().await else {
+        panic!("welcome")
+    };
+    let beat = Heartbeat {
+        engine: EngineKind::LlamaCpp,
+        models: vec![ModelInfo {
+            name: MODEL.into(),
+            context_length: Some(4096),
+        }],
+        gpus: vec![],
+        free_slots: 8,
+        total_slots: 8,
+        draining: false,
+    };
+    tx.send(Message::text(WorkerMsg::Heartbeat(beat.clone()).to_text()))
+        .await
+        .expect("send");
+    if matches!(script, Script::Stall) {
+        let one = sse(1);
+        let first = &one[..one.len() / 3];
+        loop {
+            match tokio::time::timeout(Duration::from_millis(500), next()).await {
+                Ok(CoordinatorMsg::Job { job, .. }) => {
+                    let frame = DataFrame::encode(&job, first).expect("frame");
+                    tx.send(Message::binary(frame)).await.expect("send");
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    // Keep the heartbeat going so the coordinator keeps placing jobs here.
+                    let beat = Message::text(WorkerMsg::Heartbeat(beat.clone()).to_text());
+                    if tx.send(beat).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    let CoordinatorMsg::Job {
+        job,
+        hold,
+        consumer,
+        model,
+        body,
+        ..
+    } = next().await
+    else {
+        panic!("job")
+    };
+    let n = if matches!(script, Script::Vanish) {
+        2
+    } else {
+        3
+    };
+    let bytes = sse(n);
+    if matches!(script, Script::Vanish) {
+        // Half the stream, then gone.
+        tx.send(Message::binary(
+            DataFrame::encode(&job, &bytes[..bytes.len() / 2]).expect("frame"),
+        ))
+        .await
+        .expect("send");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        return;
+    }
+    tx.send(Message::binary(
+        DataFrame::encode(&job, &bytes).expect("frame"),
+    ))
+    .await
+    .expect("send");
+    let receipt = Receipt {
+        consumer,
+        finished_at_ms: 2,
+        hold,
+        input_tokens: 10,
+        job,
+        model,
+        output_tokens: 1_000,
+        request_digest: Digest::of(body.as_bytes()),
+        response_digest: Digest::of(&bytes),
+        started_at_ms: 1,
+        worker: WorkerId::from_key(&pk),
+        worker_key: pk,
+    };
+    let mut worker_sig = Signature(
+        key.sign(&receipt.signing_bytes().expect("bytes"))
+            .to_bytes(),
+    );
+    if matches!(script, Script::Forge) {
+        worker_sig.0[0] ^= 1;
+    }
+    let done = WorkerMsg::JobDone {
+        job,
+        usage: None,
+        receipt: Box::new(receipt),
+        worker_sig,
+    };
+    tx.send(Message::text(done.to_text())).await.expect("send");
+    // Stay connected until the coordinator has settled.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}

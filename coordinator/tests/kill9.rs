@@ -1,0 +1,186 @@
+//! `kill -9` the coordinator process with requests in flight, restart it on the
+//! same data directory: balances, holds and the ledger are exactly what the
+//! event log says, holds of the requests that died are voided, and troop-audit
+//! accepts the ledger.
+
+mod common;
+
+use std::io::Read as _;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::scripted::{MODEL, Script, scripted_worker};
+use serde_json::{Value, json};
+use troop_ledger::note::NoteVerifier;
+
+const ADMIN: &str = "kill9-admin";
+const GRANT: u64 = 1_000_000;
+const IN_FLIGHT: usize = 4;
+
+struct Coordinator(Child, String);
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(dir: &std::path::Path) -> Coordinator {
+    let config = dir.join("troop.toml");
+    std::fs::write(
+        &config,
+        format!("admin_token = \"{ADMIN}\"\nheartbeat_interval_ms = 1000\n[[prices]]\nmodel = \"{MODEL}\"\ninput_micro_per_1k = 1000\noutput_micro_per_1k = 10000\n"),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
+        .arg("--config")
+        .arg(&config)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("coordinator starts");
+    // It prints `listening on ADDR` once serving.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains('\n') {
+        assert!(
+            stdout.read(&mut byte).expect("read") == 1,
+            "coordinator exited: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.push(byte[0]);
+    }
+    let line = String::from_utf8_lossy(&seen).into_owned();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address line")
+        .to_owned();
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    Coordinator(child, format!("http://{addr}"))
+}
+
+fn admin(url: &str, path: &str, body: Value) -> Value {
+    ureq::post(&format!("{url}{path}"))
+        .set("authorization", &format!("Bearer {ADMIN}"))
+        .send_json(body)
+        .expect(path)
+        .into_json()
+        .expect("json")
+}
+
+fn account(url: &str, key: &str) -> Value {
+    ureq::get(&format!("{url}/v1/account"))
+        .set("authorization", &format!("Bearer {key}"))
+        .call()
+        .expect("account")
+        .into_json()
+        .expect("json")
+}
+
+#[test]
+fn kill_9_with_requests_in_flight_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = start(dir.path());
+    let url = first.1.clone();
+    let acct = admin(&url, "/admin/accounts", json!({}))["account"]
+        .as_str()
+        .expect("account")
+        .to_owned();
+    admin(
+        &url,
+        "/admin/grants",
+        json!({"account": acct, "amount_micro": GRANT}),
+    );
+    let key = admin(&url, "/admin/keys", json!({"account": acct}))["secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    let worker_url = url.clone();
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .expect("rt")
+            .block_on(scripted_worker(worker_url, Script::Stall))
+    });
+    let start_wait = Instant::now();
+    while ureq::get(&format!("{url}/v1/models"))
+        .call()
+        .ok()
+        .and_then(|r| r.into_json::<Value>().ok())
+        .is_none_or(|v| v["data"].as_array().is_none_or(Vec::is_empty))
+    {
+        assert!(
+            start_wait.elapsed() < Duration::from_secs(20),
+            "worker did not come online"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..IN_FLIGHT {
+        let (url, key) = (url.clone(), key.clone());
+        std::thread::spawn(move || {
+            let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": true});
+            // Stalls after the first token until the coordinator dies.
+            let _ = ureq::post(&format!("{url}/v1/chat/completions"))
+                .set("authorization", &format!("Bearer {key}"))
+                .send_json(body)
+                .map(|r| r.into_string());
+        });
+    }
+    let start_wait = Instant::now();
+    while account(&url, &key)["holds"]
+        .as_array()
+        .expect("holds")
+        .len()
+        < IN_FLIGHT
+    {
+        assert!(
+            start_wait.elapsed() < Duration::from_secs(20),
+            "requests did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let available: u64 = account(&url, &key)["available_micro"]
+        .as_str()
+        .expect("avail")
+        .parse()
+        .expect("n");
+    assert!(available < GRANT, "the holds are reserved");
+
+    drop(first); // SIGKILL: no shutdown path runs.
+
+    let second = start(dir.path());
+    let after = account(&second.1, &key);
+    assert_eq!(
+        after["holds"].as_array().expect("holds").len(),
+        0,
+        "holds of dead requests are voided"
+    );
+    assert_eq!(
+        after["balance_micro"],
+        GRANT.to_string(),
+        "nothing was charged for them"
+    );
+    assert_eq!(after["available_micro"], GRANT.to_string());
+
+    // The ledger, from the outside, agrees; and it is served by the new process.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let vkey = std::fs::read_to_string(dir.path().join("data/ledger.vkey")).expect("vkey");
+    let verifier = NoteVerifier::from_key_string(&vkey).expect("vkey");
+    let source = troop_audit::Source::open(&format!("{}/ledger", second.1)).expect("source");
+    let report = troop_audit::verify(&source, &verifier, None, &|_| {})
+        .expect("troop-audit accepts the ledger after kill -9");
+    assert_eq!(report.ledger.open_holds().count(), 0);
+    let consumer: troop_schemas::AccountId = acct.parse().expect("id");
+    assert_eq!(
+        report
+            .ledger
+            .account(&consumer)
+            .expect("consumer")
+            .balance(),
+        i128::from(GRANT)
+    );
+}
