@@ -2,14 +2,15 @@
 //! Python SDK → coordinator → troop-agent → a real llama.cpp server with a
 //! real model; then the books, checked from the outside with troop-audit.
 
+mod common;
 #[path = "../../worker-agent/tests/common/model_server.rs"]
 mod model_server;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
+use common::harness::{account, consumer, start_in_process, wait_for};
 use model_server::{ModelServer, repo_root, venv};
-use serde_json::{Value, json};
+use serde_json::Value;
 use troop_coordinator::config::{Config, PriceConfig};
 use troop_ledger::note::NoteVerifier;
 use troop_ledger::proof::TlogProof;
@@ -21,9 +22,7 @@ const MODEL: &str = "smollm2-135m";
 const GRANT_MICRO: u64 = 5_000_000;
 
 fn start_coordinator(data_dir: std::path::PathBuf) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let config = Config {
+    start_in_process(Config {
         data_dir,
         admin_token: ADMIN.into(),
         heartbeat_interval_ms: 1_000,
@@ -33,17 +32,7 @@ fn start_coordinator(data_dir: std::path::PathBuf) -> String {
             output_micro_per_1k: 3_000,
         }],
         ..Config::default()
-    };
-    std::thread::spawn(move || {
-        actix_web::rt::System::new().block_on(async move {
-            let state = troop_coordinator::server::open_state(config).expect("coordinator opens");
-            troop_coordinator::server::serve(state, listener)
-                .expect("serves")
-                .await
-                .expect("runs");
-        });
-    });
-    url
+    })
 }
 
 fn start_agent(coordinator: String, engine_url: String, key: std::path::PathBuf) {
@@ -61,34 +50,11 @@ fn start_agent(coordinator: String, engine_url: String, key: std::path::PathBuf)
     });
 }
 
-fn admin(url: &str, path: &str, body: Value) -> Value {
-    ureq::post(&format!("{url}{path}"))
-        .set("authorization", &format!("Bearer {ADMIN}"))
-        .send_json(body)
-        .unwrap_or_else(|e| panic!("{path}: {e}"))
-        .into_json()
-        .expect("json")
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn openai_sdk_through_coordinator_and_agent_to_llama_cpp_paid_and_audited() {
     let model = ModelServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let url = start_coordinator(dir.path().join("data"));
-    wait_for("the coordinator", || {
-        ureq::get(&format!("{url}/v1/models")).call().is_ok()
-    });
     start_agent(url.clone(), model.url(), dir.path().join("worker.key"));
     wait_for("the worker's model", || {
         ureq::get(&format!("{url}/v1/models"))
@@ -98,19 +64,7 @@ fn openai_sdk_through_coordinator_and_agent_to_llama_cpp_paid_and_audited() {
             .is_some_and(|v| v["data"][0]["id"] == MODEL)
     });
 
-    let account = admin(&url, "/admin/accounts", json!({}))["account"]
-        .as_str()
-        .expect("account")
-        .to_owned();
-    admin(
-        &url,
-        "/admin/grants",
-        json!({"account": account, "amount_micro": GRANT_MICRO}),
-    );
-    let key = admin(&url, "/admin/keys", json!({"account": account}))["secret"]
-        .as_str()
-        .expect("secret")
-        .to_owned();
+    let (_, key) = consumer(&url, ADMIN, GRANT_MICRO);
 
     // Bad input gets OpenAI-shaped errors before anything is held.
     let unauthorized = ureq::post(&format!("{url}/v1/chat/completions"))
@@ -217,12 +171,7 @@ fn openai_sdk_through_coordinator_and_agent_to_llama_cpp_paid_and_audited() {
         .expect("worker signature and countersignature verify");
 
     // Balances moved by exactly the receipts.
-    let acct: Value = ureq::get(&format!("{url}/v1/account"))
-        .set("authorization", &format!("Bearer {key}"))
-        .call()
-        .expect("account")
-        .into_json()
-        .expect("json");
+    let acct = account(&url, &key);
     let charges: u64 = report
         .ledger
         .accounts()

@@ -5,19 +5,16 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
+use common::harness::{account, consumer, start_in_process, wait_for, wait_for_models};
 use common::scripted::{MODEL, Script, scripted_worker};
-use serde_json::{Value, json};
+use serde_json::json;
 use troop_coordinator::config::{Config, PriceConfig};
 
 const ADMIN: &str = "faults-admin";
 const GRANT: u64 = 1_000_000;
 
-fn start_coordinator(dir: &std::path::Path) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let config = Config {
+fn config(dir: &std::path::Path) -> Config {
+    Config {
         data_dir: dir.to_path_buf(),
         admin_token: ADMIN.into(),
         heartbeat_interval_ms: 1_000,
@@ -28,72 +25,21 @@ fn start_coordinator(dir: &std::path::Path) -> String {
             output_micro_per_1k: 10_000,
         }],
         ..Config::default()
-    };
-    std::thread::spawn(move || {
-        actix_web::rt::System::new().block_on(async move {
-            let state = troop_coordinator::server::open_state(config).expect("opens");
-            troop_coordinator::server::serve(state, listener)
-                .expect("serves")
-                .await
-                .expect("runs");
-        });
-    });
-    let start = Instant::now();
-    while ureq::get(&format!("{url}/v1/models")).call().is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "coordinator did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
-    url
-}
-
-fn admin(url: &str, path: &str, body: Value) -> Value {
-    ureq::post(&format!("{url}{path}"))
-        .set("authorization", &format!("Bearer {ADMIN}"))
-        .send_json(body)
-        .expect(path)
-        .into_json()
-        .expect("json")
 }
 
 /// Runs one scripted job; returns (streamed text, balance after, open holds after).
 fn run(script: Script) -> (String, u64, usize) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let url = start_coordinator(dir.path());
-    let account = admin(&url, "/admin/accounts", json!({}))["account"]
-        .as_str()
-        .expect("account")
-        .to_owned();
-    admin(
-        &url,
-        "/admin/grants",
-        json!({"account": account, "amount_micro": GRANT}),
-    );
-    let key = admin(&url, "/admin/keys", json!({"account": account}))["secret"]
-        .as_str()
-        .expect("secret")
-        .to_owned();
+    let url = start_in_process(config(dir.path()));
+    let (_, key) = consumer(&url, ADMIN, GRANT);
     let worker_url = url.clone();
     let worker = std::thread::spawn(move || {
         tokio::runtime::Runtime::new()
             .expect("rt")
             .block_on(scripted_worker(worker_url, script))
     });
-    let start = Instant::now();
-    while ureq::get(&format!("{url}/v1/models"))
-        .call()
-        .ok()
-        .and_then(|r| r.into_json::<Value>().ok())
-        .is_none_or(|v| v["data"].as_array().is_none_or(Vec::is_empty))
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "worker did not come online"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_models(&url);
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": true});
     let text = ureq::post(&format!("{url}/v1/chat/completions"))
         .set("authorization", &format!("Bearer {key}"))
@@ -103,25 +49,22 @@ fn run(script: Script) -> (String, u64, usize) {
         .unwrap_or_default();
     worker.join().expect("worker");
     // Settlement may finish just after the stream (disconnect paths); wait for it.
-    let start = Instant::now();
-    loop {
-        let acct: Value = ureq::get(&format!("{url}/v1/account"))
-            .set("authorization", &format!("Bearer {key}"))
-            .call()
-            .expect("account")
-            .into_json()
-            .expect("json");
-        let holds = acct["holds"].as_array().expect("holds").len();
-        let balance = acct["balance_micro"]
-            .as_str()
-            .expect("balance")
-            .parse()
-            .expect("number");
-        if holds == 0 || start.elapsed() > Duration::from_secs(20) {
-            return (text, balance, holds);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("settlement", || {
+        account(&url, &key)["holds"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    let acct = account(&url, &key);
+    let balance = acct["balance_micro"]
+        .as_str()
+        .expect("balance")
+        .parse()
+        .expect("number");
+    (
+        text,
+        balance,
+        acct["holds"].as_array().expect("holds").len(),
+    )
 }
 
 #[test]

@@ -7,10 +7,11 @@ mod common;
 
 use std::io::Read as _;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::harness::{account, consumer, wait_for, wait_for_models};
 use common::scripted::{MODEL, Script, scripted_worker};
-use serde_json::{Value, json};
+use serde_json::json;
 use troop_ledger::note::NoteVerifier;
 
 const ADMIN: &str = "kill9-admin";
@@ -64,61 +65,19 @@ fn start(dir: &std::path::Path) -> Coordinator {
     Coordinator(child, format!("http://{addr}"))
 }
 
-fn admin(url: &str, path: &str, body: Value) -> Value {
-    ureq::post(&format!("{url}{path}"))
-        .set("authorization", &format!("Bearer {ADMIN}"))
-        .send_json(body)
-        .expect(path)
-        .into_json()
-        .expect("json")
-}
-
-fn account(url: &str, key: &str) -> Value {
-    ureq::get(&format!("{url}/v1/account"))
-        .set("authorization", &format!("Bearer {key}"))
-        .call()
-        .expect("account")
-        .into_json()
-        .expect("json")
-}
-
 #[test]
 fn kill_9_with_requests_in_flight_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let first = start(dir.path());
     let url = first.1.clone();
-    let acct = admin(&url, "/admin/accounts", json!({}))["account"]
-        .as_str()
-        .expect("account")
-        .to_owned();
-    admin(
-        &url,
-        "/admin/grants",
-        json!({"account": acct, "amount_micro": GRANT}),
-    );
-    let key = admin(&url, "/admin/keys", json!({"account": acct}))["secret"]
-        .as_str()
-        .expect("secret")
-        .to_owned();
+    let (acct, key) = consumer(&url, ADMIN, GRANT);
     let worker_url = url.clone();
     std::thread::spawn(move || {
         tokio::runtime::Runtime::new()
             .expect("rt")
             .block_on(scripted_worker(worker_url, Script::Stall))
     });
-    let start_wait = Instant::now();
-    while ureq::get(&format!("{url}/v1/models"))
-        .call()
-        .ok()
-        .and_then(|r| r.into_json::<Value>().ok())
-        .is_none_or(|v| v["data"].as_array().is_none_or(Vec::is_empty))
-    {
-        assert!(
-            start_wait.elapsed() < Duration::from_secs(20),
-            "worker did not come online"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_models(&url);
     for _ in 0..IN_FLIGHT {
         let (url, key) = (url.clone(), key.clone());
         std::thread::spawn(move || {
@@ -130,19 +89,11 @@ fn kill_9_with_requests_in_flight_loses_nothing() {
                 .map(|r| r.into_string());
         });
     }
-    let start_wait = Instant::now();
-    while account(&url, &key)["holds"]
-        .as_array()
-        .expect("holds")
-        .len()
-        < IN_FLIGHT
-    {
-        assert!(
-            start_wait.elapsed() < Duration::from_secs(20),
-            "requests did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("the requests to hold credits", || {
+        account(&url, &key)["holds"]
+            .as_array()
+            .is_some_and(|h| h.len() == IN_FLIGHT)
+    });
     let available: u64 = account(&url, &key)["available_micro"]
         .as_str()
         .expect("avail")

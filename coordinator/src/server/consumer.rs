@@ -96,14 +96,7 @@ pub async fn chat(
     body: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    let state = state.get_ref().clone();
-    let response = match read_body(body, state.config.max_body_bytes).await {
-        Ok(body) => complete(Endpoint::Chat, req, body, state.clone())
-            .await
-            .unwrap_or_else(|e| error_response(&e)),
-        Err(e) => error_response(&e),
-    };
-    count(&state, "chat", response)
+    handle(Endpoint::Chat, req, body, state.get_ref().clone()).await
 }
 
 pub async fn completions(
@@ -111,21 +104,31 @@ pub async fn completions(
     body: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    let state = state.get_ref().clone();
+    handle(Endpoint::Completions, req, body, state.get_ref().clone()).await
+}
+
+/// Reads the body, runs the request, counts the response by status.
+async fn handle(
+    endpoint: Endpoint,
+    req: HttpRequest,
+    body: web::Payload,
+    state: AppState,
+) -> HttpResponse {
     let response = match read_body(body, state.config.max_body_bytes).await {
-        Ok(body) => complete(Endpoint::Completions, req, body, state.clone())
+        Ok(body) => complete(endpoint, req, body, state.clone())
             .await
             .unwrap_or_else(|e| error_response(&e)),
         Err(e) => error_response(&e),
     };
-    count(&state, "completions", response)
-}
-
-fn count(state: &AppState, endpoint: &str, response: HttpResponse) -> HttpResponse {
+    let label = if endpoint == Endpoint::Chat {
+        "chat"
+    } else {
+        "completions"
+    };
     state
         .metrics
         .requests
-        .with_label_values(&[endpoint, response.status().as_str()])
+        .with_label_values(&[label, response.status().as_str()])
         .inc();
     response
 }
