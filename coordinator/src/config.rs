@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::api::openai::Limits;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceConfig {
     pub model: String,

@@ -5,72 +5,24 @@
 
 mod common;
 
-use std::io::Read as _;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::harness::{account, consumer, wait_for, wait_for_models};
+use common::harness::{
+    PROCESS_ADMIN, account, consumer, start_process as start, wait_for, wait_for_models,
+};
 use common::scripted::{MODEL, Script, scripted_worker};
 use serde_json::json;
 use troop_ledger::note::NoteVerifier;
 
-const ADMIN: &str = "kill9-admin";
 const GRANT: u64 = 1_000_000;
 const IN_FLIGHT: usize = 4;
-
-struct Coordinator(Child, String);
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(dir: &std::path::Path) -> Coordinator {
-    let config = dir.join("troop.toml");
-    std::fs::write(
-        &config,
-        format!("admin_token = \"{ADMIN}\"\nheartbeat_interval_ms = 1000\n[[prices]]\nmodel = \"{MODEL}\"\ninput_micro_per_1k = 1000\noutput_micro_per_1k = 10000\n"),
-    )
-    .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
-        .arg("--config")
-        .arg(&config)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.join("data"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("coordinator starts");
-    // It prints `listening on ADDR` once serving.
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut seen = Vec::new();
-    let mut byte = [0u8; 1];
-    while !String::from_utf8_lossy(&seen).contains('\n') {
-        assert!(
-            stdout.read(&mut byte).expect("read") == 1,
-            "coordinator exited: {}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.push(byte[0]);
-    }
-    let line = String::from_utf8_lossy(&seen).into_owned();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("address line")
-        .to_owned();
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    Coordinator(child, format!("http://{addr}"))
-}
 
 #[test]
 fn kill_9_with_requests_in_flight_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let first = start(dir.path());
     let url = first.1.clone();
-    let (acct, key) = consumer(&url, ADMIN, GRANT);
+    let (acct, key) = consumer(&url, PROCESS_ADMIN, GRANT);
     let worker_url = url.clone();
     std::thread::spawn(move || {
         tokio::runtime::Runtime::new()

@@ -109,3 +109,21 @@ impl Handler<GetLag> for BooksActor {
         self.books.lag()
     }
 }
+
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<(AccountId, Account)>")]
+pub struct ListAccounts;
+
+impl Handler<ListAccounts> for BooksActor {
+    type Result = Vec<(AccountId, Account)>;
+    fn handle(&mut self, _: ListAccounts, _: &mut Self::Context) -> Self::Result {
+        let mut all: Vec<_> = self
+            .books
+            .ledger()
+            .accounts()
+            .map(|(id, a)| (*id, a.clone()))
+            .collect();
+        all.sort_by_key(|(id, _)| *id);
+        all
+    }
+}

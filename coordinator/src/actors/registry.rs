@@ -248,3 +248,54 @@ impl Handler<Online> for Registry {
         self.workers.len()
     }
 }
+
+/// Bans a worker: it gets no more jobs and its connection is told to go.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Ban(pub WorkerId);
+
+impl Handler<Ban> for Registry {
+    type Result = ();
+    fn handle(&mut self, msg: Ban, _: &mut Self::Context) {
+        if let Some(e) = self.workers.get_mut(&msg.0) {
+            e.candidate.banned = true;
+            let _ = e.link.outbox.try_send(CoordinatorMsg::Goodbye {
+                reason: "this worker is banned".into(),
+            });
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerView {
+    pub worker: String,
+    pub models: Vec<String>,
+    pub free_slots: u32,
+    pub milli_tokens_per_s: u64,
+    pub last_heartbeat_ms: u64,
+    pub banned: bool,
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<WorkerView>")]
+pub struct ListWorkers;
+
+impl Handler<ListWorkers> for Registry {
+    type Result = Vec<WorkerView>;
+    fn handle(&mut self, _: ListWorkers, _: &mut Self::Context) -> Self::Result {
+        let mut list: Vec<WorkerView> = self
+            .workers
+            .values()
+            .map(|e| WorkerView {
+                worker: e.candidate.worker.to_string(),
+                models: e.candidate.models.clone(),
+                free_slots: e.candidate.free_slots,
+                milli_tokens_per_s: e.candidate.speed.milli_tokens_per_s(),
+                last_heartbeat_ms: e.candidate.last_heartbeat_ms,
+                banned: e.candidate.banned,
+            })
+            .collect();
+        list.sort_by(|a, b| a.worker.cmp(&b.worker));
+        list
+    }
+}

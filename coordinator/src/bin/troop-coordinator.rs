@@ -22,6 +22,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Operator actions through a running coordinator's admin API.
+    Admin {
+        #[arg(long, env = "TROOP_URL", default_value = "http://127.0.0.1:8787")]
+        url: String,
+        #[arg(long, env = "TROOP_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Print the API's JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Admin,
+    },
     /// Serve the OpenAI API, the worker endpoint and the ledger.
     Serve {
         #[arg(long, default_value = "127.0.0.1:8787")]
@@ -30,6 +42,136 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum Admin {
+    /// Open an account (consumer unless --worker).
+    CreateAccount {
+        #[arg(long)]
+        worker: bool,
+    },
+    ListAccounts,
+    /// Grant credits from the treasury.
+    Grant {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        amount_micro: u64,
+        #[arg(long, default_value = "")]
+        memo: String,
+    },
+    /// Issue an API key for an account; the secret is shown once.
+    CreateKey {
+        #[arg(long)]
+        account: String,
+    },
+    RevokeKey {
+        #[arg(long)]
+        key: String,
+    },
+    ListWorkers,
+    BanWorker {
+        #[arg(long)]
+        worker: String,
+    },
+    /// Publish a new price schedule: --price MODEL=INPUT:OUTPUT (micro-credits per 1k tokens), repeatable.
+    SetPrices {
+        #[arg(long)]
+        fee_bps: u64,
+        #[arg(long = "price", required = true)]
+        prices: Vec<String>,
+    },
+}
+
+fn admin(url: &str, token: &str, json: bool, action: Admin) -> anyhow::Result<()> {
+    use serde_json::{Value, json as j};
+    let url = url.trim_end_matches('/');
+    let auth = format!("Bearer {token}");
+    let request = |method: &str, path: &str| {
+        ureq::request(method, &format!("{url}{path}")).set("authorization", &auth)
+    };
+    let (req, body) = match action {
+        Admin::CreateAccount { worker } => (
+            request("POST", "/admin/accounts"),
+            Some(j!({"role": if worker { "worker" } else { "consumer" }})),
+        ),
+        Admin::ListAccounts => (request("GET", "/admin/accounts"), None),
+        Admin::Grant {
+            account,
+            amount_micro,
+            memo,
+        } => (
+            request("POST", "/admin/grants"),
+            Some(j!({"account": account, "amount_micro": amount_micro, "memo": memo})),
+        ),
+        Admin::CreateKey { account } => (
+            request("POST", "/admin/keys"),
+            Some(j!({"account": account})),
+        ),
+        Admin::RevokeKey { key } => (
+            request("POST", "/admin/keys/revoke"),
+            Some(j!({"key": key})),
+        ),
+        Admin::ListWorkers => (request("GET", "/admin/workers"), None),
+        Admin::BanWorker { worker } => (
+            request("POST", "/admin/workers/ban"),
+            Some(j!({"worker": worker})),
+        ),
+        Admin::SetPrices { fee_bps, prices } => {
+            let mut list = Vec::new();
+            for p in prices {
+                let (model, rest) = p.split_once('=').context("--price MODEL=INPUT:OUTPUT")?;
+                let (i, o) = rest.split_once(':').context("--price MODEL=INPUT:OUTPUT")?;
+                list.push(j!({"model": model, "input_micro_per_1k": i.parse::<u64>()?, "output_micro_per_1k": o.parse::<u64>()?}));
+            }
+            (
+                request("POST", "/admin/prices"),
+                Some(j!({"fee_bps": fee_bps, "prices": list})),
+            )
+        }
+    };
+    let answer = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    let body: Value = match answer {
+        Ok(r) => r.into_json()?,
+        Err(ureq::Error::Status(code, r)) => {
+            let v: Value = r.into_json().unwrap_or(Value::Null);
+            anyhow::bail!(
+                "{code}: {}",
+                v["error"]["message"].as_str().unwrap_or("request refused")
+            );
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{body}");
+    } else if let Some(Value::Array(rows)) = body.get("accounts").or_else(|| body.get("workers")) {
+        for row in rows {
+            let fields: Vec<String> = row
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| {
+                    format!(
+                        "{k}={}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                    )
+                })
+                .collect();
+            println!("{}", fields.join(" "));
+        }
+    } else {
+        for (k, v) in body.as_object().into_iter().flatten() {
+            println!(
+                "{k}: {}",
+                v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +184,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_deref(), |k| std::env::var(k).ok())?;
     match cli.command {
+        Command::Admin {
+            url,
+            token,
+            json,
+            action,
+        } => admin(&url, &token, json, action),
         Command::Serve { listen, data_dir } => {
             if let Some(d) = data_dir {
                 config.data_dir = d;

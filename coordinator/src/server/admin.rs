@@ -134,3 +134,142 @@ pub async fn issue_key(
     HttpResponse::Created()
         .json(json!({"key": key.to_string(), "secret": token, "account": body.account.to_string()}))
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeKey {
+    pub key: troop_schemas::ApiKeyId,
+}
+
+pub async fn revoke_key(
+    req: HttpRequest,
+    body: web::Json<RevokeKey>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    if let Err(e) = authorize(&req, &state) {
+        return error_response(&e);
+    }
+    if !state.keys.read().expect("keys lock").exists(&body.key) {
+        return error_response(&ApiError {
+            status: 404,
+            ..ApiError::invalid("key", format!("No key {}.", body.key))
+        });
+    }
+    let event = crate::keys::KeyEvent::Revoked {
+        key: body.key,
+        at_ms: now_ms(),
+    };
+    if let Err(e) = state.events.append(vec![event.to_record()]) {
+        return error_response(&ApiError::upstream(e.to_string()));
+    }
+    state.keys.write().expect("keys lock").apply(&event);
+    HttpResponse::Ok().json(json!({"key": body.key.to_string(), "revoked": true}))
+}
+
+pub async fn list_accounts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(e) = authorize(&req, &state) {
+        return error_response(&e);
+    }
+    let accounts = state
+        .books
+        .send(crate::actors::books::ListAccounts)
+        .await
+        .unwrap_or_default();
+    let list: Vec<_> = accounts
+        .into_iter()
+        .map(|(id, a)| {
+            json!({"account": id.to_string(), "role": a.role, "balance_micro": a.balance().to_string(),
+                "pending_micro": a.debits_pending.to_string(), "available_micro": a.available().to_string()})
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({"accounts": list}))
+}
+
+pub async fn list_workers(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(e) = authorize(&req, &state) {
+        return error_response(&e);
+    }
+    let workers = state
+        .registry
+        .send(crate::actors::registry::ListWorkers)
+        .await
+        .unwrap_or_default();
+    HttpResponse::Ok().json(json!({"workers": workers}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BanWorker {
+    pub worker: troop_schemas::WorkerId,
+}
+
+pub async fn ban_worker(
+    req: HttpRequest,
+    body: web::Json<BanWorker>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    if let Err(e) = authorize(&req, &state) {
+        return error_response(&e);
+    }
+    let record = super::BanEvent::Banned {
+        worker: body.worker,
+        at_ms: now_ms(),
+    }
+    .to_record();
+    if let Err(e) = state.events.append(vec![record]) {
+        return error_response(&ApiError::upstream(e.to_string()));
+    }
+    state.bans.write().expect("bans lock").insert(body.worker);
+    state
+        .registry
+        .do_send(crate::actors::registry::Ban(body.worker));
+    HttpResponse::Ok().json(json!({"worker": body.worker.to_string(), "banned": true}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetPrices {
+    pub fee_bps: u64,
+    pub prices: Vec<crate::config::PriceConfig>,
+}
+
+pub async fn set_prices(
+    req: HttpRequest,
+    body: web::Json<SetPrices>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    if let Err(e) = authorize(&req, &state) {
+        return error_response(&e);
+    }
+    let current = state
+        .books
+        .send(crate::actors::books::GetSchedule)
+        .await
+        .ok()
+        .flatten();
+    let mut prices = Vec::new();
+    for p in &body.prices {
+        let (Some(input), Some(output)) = (
+            CreditsMicro::new(p.input_micro_per_1k),
+            CreditsMicro::new(p.output_micro_per_1k),
+        ) else {
+            return refused("price above 2^53-1");
+        };
+        prices.push(troop_schemas::ModelPrice {
+            model: p.model.clone(),
+            input_micro_per_1k: input,
+            output_micro_per_1k: output,
+        });
+    }
+    let version = current.map_or(0, |s| s.version) + 1;
+    let event = Event::PriceSchedulePublished {
+        version,
+        fee_bps: body.fee_bps,
+        prices,
+        at_ms: now_ms(),
+    };
+    match commit_one(&state, event).await {
+        Ok(index) => HttpResponse::Ok().json(json!({"version": version, "ledger_index": index})),
+        Err(e) => refused(e),
+    }
+}

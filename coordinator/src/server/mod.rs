@@ -38,6 +38,28 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub ledger_dir: PathBuf,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Banned workers: refused at connect, never offered work.
+    pub bans: Arc<RwLock<std::collections::HashSet<troop_schemas::WorkerId>>>,
+}
+
+/// Event-log tag of worker bans (ledger entries are 0x01, keys 0x02).
+pub const TAG_BAN_EVENT: u8 = 0x03;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BanEvent {
+    Banned {
+        worker: troop_schemas::WorkerId,
+        at_ms: u64,
+    },
+}
+
+impl BanEvent {
+    pub fn to_record(&self) -> Vec<u8> {
+        let mut r = vec![TAG_BAN_EVENT];
+        r.extend(serde_json::to_vec(self).expect("ban events serialize"));
+        r
+    }
 }
 
 impl std::fmt::Debug for AppState {
@@ -117,6 +139,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
     );
 
     let mut keys = ApiKeys::new(hash_key);
+    let mut bans = std::collections::HashSet::new();
     let mut offset = 0;
     loop {
         let batch = events.read(offset, 4096)?;
@@ -125,6 +148,11 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         for r in &batch {
             keys.apply_record(&r.payload)
                 .map_err(|e| anyhow::anyhow!("event {}: {e}", r.offset))?;
+            if let Some((&TAG_BAN_EVENT, body)) = r.payload.split_first() {
+                let BanEvent::Banned { worker, .. } = serde_json::from_slice(body)
+                    .map_err(|e| anyhow::anyhow!("event {}: {e}", r.offset))?;
+                bans.insert(worker);
+            }
         }
     }
 
@@ -213,6 +241,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         config: Arc::new(config),
         ledger_dir,
         metrics: Arc::new(crate::metrics::Metrics::new()),
+        bans: Arc::new(RwLock::new(bans)),
     })
 }
 
@@ -296,6 +325,11 @@ pub fn serve(
             .route("/admin/accounts", web::post().to(admin::open_account))
             .route("/admin/grants", web::post().to(admin::grant))
             .route("/admin/keys", web::post().to(admin::issue_key))
+            .route("/admin/keys/revoke", web::post().to(admin::revoke_key))
+            .route("/admin/accounts", web::get().to(admin::list_accounts))
+            .route("/admin/workers", web::get().to(admin::list_workers))
+            .route("/admin/workers/ban", web::post().to(admin::ban_worker))
+            .route("/admin/prices", web::post().to(admin::set_prices))
     })
     .listen(listener)?
     .shutdown_timeout(30)

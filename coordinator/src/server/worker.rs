@@ -154,6 +154,14 @@ async fn run(
     mut stream: actix_ws::MessageStream,
 ) -> Result<(), String> {
     let key = handshake(&state, &mut session, &mut stream).await?;
+    if state
+        .bans
+        .read()
+        .expect("bans lock")
+        .contains(&WorkerId::from_key(&key))
+    {
+        return Err("this worker is banned".into());
+    }
     let worker = ensure_registered(&state, key).await?;
     let welcome = CoordinatorMsg::Welcome {
         worker,

@@ -1,6 +1,8 @@
 //! Starting a coordinator in-process and driving its HTTP API from tests.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+use std::io::Read as _;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -83,4 +85,57 @@ pub fn account(url: &str, key: &str) -> Value {
         .expect("account")
         .into_json()
         .expect("json")
+}
+
+/// Admin token of coordinators started by [`start_process`].
+pub const PROCESS_ADMIN: &str = "process-admin";
+
+/// A coordinator process (the real binary), killed with SIGKILL on drop.
+pub struct Coordinator(pub Child, pub String);
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the coordinator binary on `dir`, with `PROCESS_ADMIN` as admin token and a
+/// price for the scripted model.
+pub fn start_process(dir: &std::path::Path) -> Coordinator {
+    let config = dir.join("troop.toml");
+    std::fs::write(
+        &config,
+        format!("admin_token = \"{PROCESS_ADMIN}\"\nheartbeat_interval_ms = 1000\n[[prices]]\nmodel = \"{}\"\ninput_micro_per_1k = 1000\noutput_micro_per_1k = 10000\n", super::scripted::MODEL),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
+        .arg("--config")
+        .arg(&config)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("coordinator starts");
+    // It prints `listening on ADDR` once serving.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains('\n') {
+        assert!(
+            stdout.read(&mut byte).expect("read") == 1,
+            "coordinator exited: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.push(byte[0]);
+    }
+    let line = String::from_utf8_lossy(&seen).into_owned();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address line")
+        .to_owned();
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    Coordinator(child, format!("http://{addr}"))
 }
