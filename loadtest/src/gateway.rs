@@ -38,7 +38,15 @@ struct Sample {
     ttft_ms: f64,
     total_ms: f64,
     tokens: u64,
-    ok: bool,
+    /// Why the request failed, if it did.
+    error: Option<String>,
+}
+
+fn failed(why: impl Into<String>) -> Sample {
+    Sample {
+        error: Some(why.into()),
+        ..Sample::default()
+    }
 }
 
 async fn one(client: &reqwest::Client, args: &GatewayArgs) -> Sample {
@@ -58,21 +66,23 @@ async fn one(client: &reqwest::Client, args: &GatewayArgs) -> Sample {
     if !args.key.is_empty() {
         req = req.bearer_auth(&args.key);
     }
-    let Ok(resp) = req.send().await else {
-        return Sample::default();
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => return failed(format!("send: {e}")),
     };
     if !resp.status().is_success() {
-        return Sample::default();
+        return failed(format!("status {}", resp.status().as_u16()));
     }
     let mut meter = Meter::new();
     let mut ttft = None;
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let Ok(chunk) = chunk else {
-            return Sample::default();
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return failed(format!("stream: {e}")),
         };
-        if meter.feed(&chunk).is_err() {
-            return Sample::default();
+        if let Err(e) = meter.feed(&chunk) {
+            return failed(format!("event stream: {e}"));
         }
         if ttft.is_none() {
             ttft = Some(started.elapsed());
@@ -83,7 +93,11 @@ async fn one(client: &reqwest::Client, args: &GatewayArgs) -> Sample {
         ttft_ms: ttft.unwrap_or_default().as_secs_f64() * 1e3,
         total_ms: started.elapsed().as_secs_f64() * 1e3,
         tokens: reading.deltas,
-        ok: reading.done,
+        error: match (reading.done, reading.error) {
+            (_, Some(e)) => Some(e),
+            (false, None) => Some("stream ended without [DONE]".into()),
+            (true, None) => None,
+        },
     }
 }
 
@@ -103,6 +117,10 @@ pub async fn run(args: GatewayArgs) -> Result<serde_json::Value> {
     );
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(args.timeout_s))
+        // A new connection per request: engines such as llama.cpp close idle
+        // keep-alive connections, and a request sent on one that is closing
+        // fails on the client side, which is not the server's failure.
+        .pool_max_idle_per_host(0)
         .build()
         .context("http client")?;
     let args = Arc::new(args);
@@ -124,7 +142,11 @@ pub async fn run(args: GatewayArgs) -> Result<serde_json::Value> {
         samples.extend(t.await.context("consumer task")?);
     }
     let wall = started.elapsed().as_secs_f64();
-    let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
+    let ok: Vec<&Sample> = samples.iter().filter(|s| s.error.is_none()).collect();
+    let mut errors = std::collections::BTreeMap::<String, u64>::new();
+    for e in samples.iter().filter_map(|s| s.error.clone()) {
+        *errors.entry(e).or_default() += 1;
+    }
     let mut ttft: Vec<f64> = ok.iter().map(|s| s.ttft_ms).collect();
     let mut total: Vec<f64> = ok.iter().map(|s| s.total_ms).collect();
     ttft.sort_by(f64::total_cmp);
@@ -134,6 +156,7 @@ pub async fn run(args: GatewayArgs) -> Result<serde_json::Value> {
         "requests": samples.len(),
         "ok": ok.len(),
         "failed": samples.len() - ok.len(),
+        "errors": errors,
         "concurrency": args.concurrency,
         "wall_s": wall,
         "requests_per_s": ok.len() as f64 / wall,

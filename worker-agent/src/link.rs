@@ -42,6 +42,10 @@ impl Agent {
     pub fn new(coordinator: String, engine: Engine, identity: Identity, slots: u32) -> Arc<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            // One connection per job: engines (llama.cpp among them) close idle
+            // keep-alive connections, and a job sent on one that is closing
+            // would fail for no fault of the engine.
+            .pool_max_idle_per_host(0)
             .build()
             .expect("static client settings");
         Arc::new(Self {
