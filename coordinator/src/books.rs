@@ -95,6 +95,17 @@ impl Books {
         ledger_dir: &std::path::Path,
         signer: NoteSigner,
     ) -> Result<(Self, Recovery), BooksError> {
+        Self::open_with(events, ledger_dir, signer, &mut |_| Ok(()))
+    }
+
+    /// [`Books::open`], handing every record that is not a ledger entry (keys,
+    /// bans) to `other`, so that the log is replayed once for every projection.
+    pub fn open_with(
+        events: Arc<dyn EventLog>,
+        ledger_dir: &std::path::Path,
+        signer: NoteSigner,
+        other: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<(Self, Recovery), BooksError> {
         let mut writer = LogWriter::open(
             DirStore::open(ledger_dir).map_err(WriterError::from)?,
             signer,
@@ -111,7 +122,11 @@ impl Books {
             for record in batch {
                 offset = record.offset + 1;
                 let Some((&TAG_LEDGER_ENTRY, entry)) = record.payload.split_first() else {
-                    continue; // Not a ledger record: other projections read it.
+                    other(&record.payload).map_err(|why| BooksError::Corrupt {
+                        offset: record.offset,
+                        why,
+                    })?;
+                    continue;
                 };
                 let corrupt = |why: String| BooksError::Corrupt {
                     offset: record.offset,

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::harness::{PROCESS_ADMIN, account, start_process, wait_for, wait_for_models};
-use common::scripted::{Script, scripted_worker};
+use common::scripted::Script;
 use serde_json::Value;
 
 fn cli(url: &str, args: &[&str]) -> Value {
@@ -89,11 +89,7 @@ fn operators_manage_accounts_keys_prices_and_workers_from_the_cli() {
     assert_eq!(prices["version"], 2, "config published version 1 at start");
 
     let worker_url = url.clone();
-    std::thread::spawn(move || {
-        tokio::runtime::Runtime::new()
-            .expect("rt")
-            .block_on(scripted_worker(worker_url, Script::Stall))
-    });
+    common::scripted::spawn(worker_url, Script::Stall);
     wait_for_models(&url);
     let workers = cli(&url, &["list-workers"]);
     let worker = workers["workers"][0]["worker"]

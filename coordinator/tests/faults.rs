@@ -6,7 +6,7 @@
 mod common;
 
 use common::harness::{account, consumer, start_in_process, wait_for, wait_for_models};
-use common::scripted::{MODEL, Script, scripted_worker};
+use common::scripted::{MODEL, Script};
 use serde_json::json;
 use troop_coordinator::config::{Config, PriceConfig};
 
@@ -34,11 +34,7 @@ fn run(script: Script) -> (String, u64, usize) {
     let url = start_in_process(config(dir.path()));
     let (_, key) = consumer(&url, ADMIN, GRANT);
     let worker_url = url.clone();
-    let worker = std::thread::spawn(move || {
-        tokio::runtime::Runtime::new()
-            .expect("rt")
-            .block_on(scripted_worker(worker_url, script))
-    });
+    let worker = common::scripted::spawn(worker_url, script);
     wait_for_models(&url);
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": true});
     let text = ureq::post(&format!("{url}/v1/chat/completions"))

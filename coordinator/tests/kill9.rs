@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::harness::{
     PROCESS_ADMIN, account, consumer, start_process as start, wait_for, wait_for_models,
 };
-use common::scripted::{MODEL, Script, scripted_worker};
+use common::scripted::{MODEL, Script};
 use serde_json::json;
 use troop_ledger::note::NoteVerifier;
 
@@ -24,11 +24,7 @@ fn kill_9_with_requests_in_flight_loses_nothing() {
     let url = first.1.clone();
     let (acct, key) = consumer(&url, PROCESS_ADMIN, GRANT);
     let worker_url = url.clone();
-    std::thread::spawn(move || {
-        tokio::runtime::Runtime::new()
-            .expect("rt")
-            .block_on(scripted_worker(worker_url, Script::Stall))
-    });
+    common::scripted::spawn(worker_url, Script::Stall);
     wait_for_models(&url);
     for _ in 0..IN_FLIGHT {
         let (url, key) = (url.clone(), key.clone());

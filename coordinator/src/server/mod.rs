@@ -130,31 +130,25 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         format!("{}\n", signer.verifier().to_key_string()),
     )?;
     let ledger_dir = dir.join("ledger");
-    let (mut books, recovery) = Books::open(Arc::clone(&events), &ledger_dir, signer)?;
+    let mut keys = ApiKeys::new(hash_key);
+    let mut bans = std::collections::HashSet::new();
+    // One replay of the event log feeds every projection: balances, keys, bans.
+    let (mut books, recovery) =
+        Books::open_with(Arc::clone(&events), &ledger_dir, signer, &mut |record| {
+            keys.apply_record(record)?;
+            if let Some((&TAG_BAN_EVENT, body)) = record.split_first() {
+                let BanEvent::Banned { worker, .. } =
+                    serde_json::from_slice(body).map_err(|e| e.to_string())?;
+                bans.insert(worker);
+            }
+            Ok(())
+        })?;
     tracing::info!(
         records = recovery.records,
         entries = recovery.entries,
         republished = recovery.republished,
         "books rebuilt from the event log"
     );
-
-    let mut keys = ApiKeys::new(hash_key);
-    let mut bans = std::collections::HashSet::new();
-    let mut offset = 0;
-    loop {
-        let batch = events.read(offset, 4096)?;
-        let Some(last) = batch.last() else { break };
-        offset = last.offset + 1;
-        for r in &batch {
-            keys.apply_record(&r.payload)
-                .map_err(|e| anyhow::anyhow!("event {}: {e}", r.offset))?;
-            if let Some((&TAG_BAN_EVENT, body)) = r.payload.split_first() {
-                let BanEvent::Banned { worker, .. } = serde_json::from_slice(body)
-                    .map_err(|e| anyhow::anyhow!("event {}: {e}", r.offset))?;
-                bans.insert(worker);
-            }
-        }
-    }
 
     let now = now_ms();
     let mut genesis = Vec::new();

@@ -186,3 +186,12 @@ pub async fn scripted_worker(url: String, script: Script) {
     // Stay connected until the coordinator has settled.
     tokio::time::sleep(Duration::from_secs(2)).await;
 }
+
+/// Runs [`scripted_worker`] on its own thread and runtime.
+pub fn spawn(url: String, script: Script) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .expect("rt")
+            .block_on(scripted_worker(url, script))
+    })
+}
