@@ -3,13 +3,17 @@
 //! ledger auditors read.
 //!
 //! Order of a commit: check each event against the projection and apply it;
-//! append the accepted ones to the event log (one fsync for the batch); only
-//! then acknowledge. If the append fails the projection is ahead of the log, so
-//! the books refuse all further work: a restart rebuilds them from the log
-//! (crash-only). The ledger log (tiles, checkpoint) trails the event log and is
-//! caught up on every start.
+//! queue the accepted ones on the event log; the caller acknowledges only once
+//! they are durable ([`Pending`]). Queuing without waiting lets the commits of
+//! concurrent requests share one fsync (group commit) while the projection
+//! stays the single serial judge of every balance. If a write fails the
+//! projection is ahead of the log: the log refuses everything after, so nothing
+//! more is acknowledged, and a restart rebuilds the books from the log
+//! (crash-only). The ledger log (tiles, checkpoint) takes an entry only once
+//! its event-log record is durable, so no signed checkpoint ever covers an
+//! entry a crash could lose; it is caught up on every start.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use troop_ledger::fold::{FoldError, Ledger};
@@ -21,7 +25,7 @@ use troop_ledger::tile::{self, TileHashReader, TileId, TileSource as _};
 use troop_ledger::writer::{LogWriter, WriterError};
 use troop_schemas::{EntryError, Event, JobId, VoidReason, decode_entry, encode_entry};
 
-use crate::eventlog::{EventLog, EventLogError};
+use crate::eventlog::{EventLog, EventLogError, Pending};
 
 /// Event-log records start with a tag byte, so that heartbeat summaries and job
 /// events can share the log with ledger entries.
@@ -46,6 +50,10 @@ pub enum BooksError {
     Poisoned,
 }
 
+/// One verdict per event (its ledger index, or why it was refused), and the
+/// durability to wait for before acknowledging (none if nothing was accepted).
+pub type Submitted = (Vec<Result<u64, BooksError>>, Option<Pending>);
+
 /// Balances (the projection), the event log they come from, and the ledger they are published as.
 pub struct Books {
     events: Arc<dyn EventLog>,
@@ -56,6 +64,9 @@ pub struct Books {
     /// Ledger index of each settled job's receipt. In memory for the embedded
     /// default (~50 B a receipt); a Postgres projection in the cluster.
     receipts: HashMap<JobId, u64>,
+    /// Ledger entries queued on the event log, by event-log offset, that the
+    /// ledger log takes once their record is durable.
+    undurable: VecDeque<(u64, Vec<u8>)>,
     poisoned: bool,
 }
 
@@ -170,6 +181,7 @@ impl Books {
                 writer,
                 entries,
                 receipts,
+                undurable: VecDeque::new(),
                 poisoned: false,
             },
             recovery,
@@ -178,6 +190,20 @@ impl Books {
 
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// Moves entries whose event-log records are durable into the ledger log.
+    fn sequence_durable(&mut self) -> Result<(), BooksError> {
+        let durable = self.events.next_offset();
+        while self
+            .undurable
+            .front()
+            .is_some_and(|(offset, _)| *offset < durable)
+        {
+            let (_, entry) = self.undurable.pop_front().expect("checked");
+            self.writer.append(entry)?;
+        }
+        Ok(())
     }
 
     /// Committed entries not yet covered by a signed checkpoint.
@@ -194,9 +220,25 @@ impl Books {
     /// own verdict: a refused event changes nothing and does not stop the others.
     /// Returns each accepted event's ledger index.
     pub fn commit(&mut self, events: &[Event]) -> Result<Vec<Result<u64, BooksError>>, BooksError> {
+        let (verdicts, pending) = self.submit(events)?;
+        if let Some(p) = pending
+            && let Err(e) = p.wait()
+        {
+            self.poisoned = true;
+            return Err(e.into());
+        }
+        self.sequence_durable()?;
+        Ok(verdicts)
+    }
+
+    /// [`Books::commit`] without waiting: the accepted events are applied and
+    /// queued on the event log; their effect may be acknowledged only once the
+    /// returned [`Pending`] (none if nothing was accepted) resolves.
+    pub fn submit(&mut self, events: &[Event]) -> Result<Submitted, BooksError> {
         if self.poisoned {
             return Err(BooksError::Poisoned);
         }
+        self.sequence_durable()?;
         let mut verdicts = Vec::with_capacity(events.len());
         let mut records = Vec::new();
         let mut entries = Vec::new();
@@ -225,17 +267,20 @@ impl Books {
             }
         }
         if records.is_empty() {
-            return Ok(verdicts);
+            return Ok((verdicts, None));
         }
-        if let Err(e) = self.events.append(records) {
-            self.poisoned = true;
-            return Err(e.into());
-        }
-        for entry in entries {
-            self.writer.append(entry)?;
+        let pending = match self.events.submit(records) {
+            Ok(p) => p,
+            Err(e) => {
+                self.poisoned = true;
+                return Err(e.into());
+            }
+        };
+        for (offset, entry) in (pending.first..).zip(entries) {
+            self.undurable.push_back((offset, entry));
             self.entries += 1;
         }
-        Ok(verdicts)
+        Ok((verdicts, Some(pending)))
     }
 
     /// A settled job's receipt: its ledger entry, published (a checkpoint is
@@ -244,6 +289,11 @@ impl Books {
         let Some(&index) = self.receipts.get(job) else {
             return Ok(None);
         };
+        self.sequence_durable()?;
+        if index >= self.writer.size() {
+            // Settled but not yet durable: its request has not been answered either.
+            return Ok(None);
+        }
         if index >= self.writer.published().size {
             self.writer.publish()?;
         }
@@ -284,6 +334,7 @@ impl Books {
 
     /// Integrates and signs a new checkpoint if anything was committed since the last.
     pub fn publish(&mut self) -> Result<(u64, troop_ledger::Hash), BooksError> {
+        self.sequence_durable()?;
         let cp = self.writer.publish()?;
         Ok((cp.size, cp.root))
     }

@@ -1,10 +1,16 @@
 //! Coordinator settings: TOML file, then `TROOP_*` environment overrides.
+//!
+//! Every setting can be overridden from the environment: `fee_bps` by
+//! `TROOP_FEE_BPS`, a setting in a table by its path joined with `__`
+//! (`TROOP_RATE_LIMITS__REQUESTS_PER_MINUTE`). Lists (`prices`) come from the
+//! file or the admin API only.
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
 use crate::api::openai::Limits;
+use crate::domain::ratelimit::RateLimits;
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -14,7 +20,7 @@ pub struct PriceConfig {
     pub output_micro_per_1k: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Event log, ledger and keys live here.
@@ -40,6 +46,8 @@ pub struct Config {
     pub hold_ttl_ms: u64,
     /// Attempts on different workers before the first byte.
     pub max_attempts: usize,
+    /// Per-account request limits (429 beyond them).
+    pub rate_limits: RateLimits,
 }
 
 impl Default for Config {
@@ -60,6 +68,7 @@ impl Default for Config {
             job_deadline_ms: 600_000,
             hold_ttl_ms: 3_600_000,
             max_attempts: 3,
+            rate_limits: RateLimits::default(),
         }
     }
 }
@@ -73,34 +82,66 @@ impl Config {
         }
     }
 
-    /// Reads `path` (if given), then applies `TROOP_DATA_DIR`, `TROOP_ADMIN_TOKEN`,
-    /// `TROOP_LEDGER_NAME` and `TROOP_FEE_BPS` from the environment.
+    /// Reads `path` (if given), then applies `TROOP_*` overrides from `env`.
     pub fn load(
         path: Option<&std::path::Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Self> {
-        let mut c: Config = match path {
+        let mut table: toml::Table = match path {
             Some(p) => toml::from_str(&std::fs::read_to_string(p)?)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
-            None => Config::default(),
+            None => toml::Table::new(),
         };
-        if let Some(v) = env("TROOP_DATA_DIR") {
-            c.data_dir = v.into();
-        }
-        if let Some(v) = env("TROOP_ADMIN_TOKEN") {
-            c.admin_token = v;
-        }
-        if let Some(v) = env("TROOP_LEDGER_NAME") {
-            c.ledger_name = v;
-        }
-        if let Some(v) = env("TROOP_FEE_BPS") {
-            c.fee_bps = v
-                .parse()
-                .map_err(|_| anyhow::anyhow!("TROOP_FEE_BPS must be an integer"))?;
-        }
+        let defaults = toml::Table::try_from(Config::default())?;
+        apply_env(&mut table, &defaults, "TROOP_", &env)?;
+        let c: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
         anyhow::ensure!(c.fee_bps <= 10_000, "fee_bps must be at most 10000");
+        anyhow::ensure!(c.max_attempts >= 1, "max_attempts must be at least 1");
         Ok(c)
     }
+}
+
+/// Overrides each scalar setting named in `defaults` from `PREFIX` + its
+/// upper-cased name, parsed as the default's type.
+fn apply_env(
+    table: &mut toml::Table,
+    defaults: &toml::Table,
+    prefix: &str,
+    env: &impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<()> {
+    for (key, default) in defaults {
+        let name = format!("{prefix}{}", key.to_uppercase());
+        if let toml::Value::Table(sub) = default {
+            let entry = table
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(entry) = entry else {
+                anyhow::bail!("setting `{key}` must be a table");
+            };
+            apply_env(entry, sub, &format!("{name}__"), env)?;
+            continue;
+        }
+        let Some(raw) = env(&name) else { continue };
+        let value = match default {
+            toml::Value::Integer(_) => toml::Value::Integer(
+                raw.trim()
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("{name} must be a whole number, not {raw:?}"))?,
+            ),
+            toml::Value::Boolean(_) => toml::Value::Boolean(
+                raw.trim()
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("{name} must be true or false, not {raw:?}"))?,
+            ),
+            toml::Value::String(_) => toml::Value::String(raw),
+            // Lists of tables (prices) are not set from one variable.
+            _ => continue,
+        };
+        table.insert(key.clone(), value);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -127,6 +168,30 @@ mod tests {
         );
         assert!(
             Config::load(None, |k| (k == "TROOP_FEE_BPS").then(|| "20000".to_owned())).is_err()
+        );
+        let c = Config::load(Some(&std::path::PathBuf::from("/dev/null")), |k| match k {
+            "TROOP_DATA_DIR" => Some("/srv/troop".into()),
+            "TROOP_MAX_TOKENS" => Some("4096".into()),
+            "TROOP_RATE_LIMITS__REQUESTS_PER_MINUTE" => Some("5".into()),
+            _ => None,
+        })
+        .expect("every setting from the environment");
+        assert_eq!(
+            (
+                c.data_dir.to_str(),
+                c.max_tokens,
+                c.rate_limits.requests_per_minute,
+                c.rate_limits.burst
+            ),
+            (Some("/srv/troop"), 4096, 5, RateLimits::default().burst)
+        );
+        let bad = Config::load(None, |k| {
+            (k == "TROOP_HEARTBEAT_INTERVAL_MS").then(|| "soon".to_owned())
+        });
+        assert!(
+            bad.expect_err("refused")
+                .to_string()
+                .contains("TROOP_HEARTBEAT_INTERVAL_MS")
         );
     }
 }

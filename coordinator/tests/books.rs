@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::*;
 use troop_coordinator::books::{Books, BooksError};
 use troop_coordinator::eventlog::file::{FileLog, FileLogConfig};
-use troop_coordinator::eventlog::{EventLog, EventLogError, Record};
+use troop_coordinator::eventlog::{EventLog, EventLogError, Pending, Record};
 use troop_ledger::fold::FoldError;
 use troop_ledger::note::NoteSigner;
 use troop_schemas::Event;
@@ -123,11 +123,14 @@ fn holds_of_dead_requests_are_voided_on_restart() {
 struct FullDisk;
 
 impl EventLog for FullDisk {
-    fn append(&self, _: Vec<Vec<u8>>) -> Result<u64, EventLogError> {
-        Err(EventLogError::Io {
+    /// Queued, then the fsync fails.
+    fn submit(&self, records: Vec<Vec<u8>>) -> Result<Pending, EventLogError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(Err(EventLogError::Io {
             path: "disk".into(),
             source: std::io::Error::other("no space left on device"),
-        })
+        }));
+        Ok(Pending::new(0, records.len() as u64, rx))
     }
     fn read(&self, _: u64, _: usize) -> Result<Vec<Record>, EventLogError> {
         Ok(Vec::new())
@@ -149,6 +152,77 @@ fn a_failed_append_stops_the_books() {
         matches!(books.commit(&genesis()), Err(BooksError::Poisoned)),
         "no decision after an unknown write"
     );
+}
+
+/// Where a test answers an append's durability.
+type Durable = tokio::sync::oneshot::Sender<Result<u64, EventLogError>>;
+
+/// A file log whose records become durable only when the test says so.
+struct SlowDisk {
+    log: FileLog,
+    held: std::sync::Mutex<Vec<Vec<Vec<u8>>>>,
+    waiting: std::sync::Mutex<Vec<(u64, Durable)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl SlowDisk {
+    fn release(&self) {
+        for records in self.held.lock().expect("lock").drain(..) {
+            self.log.append(records).expect("append");
+        }
+        for (first, tx) in self.waiting.lock().expect("lock").drain(..) {
+            let _ = tx.send(Ok(first));
+        }
+    }
+}
+
+impl EventLog for SlowDisk {
+    fn submit(&self, records: Vec<Vec<u8>>) -> Result<Pending, EventLogError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let count = records.len() as u64;
+        let first = self
+            .next
+            .fetch_add(count, std::sync::atomic::Ordering::SeqCst);
+        self.held.lock().expect("lock").push(records);
+        self.waiting.lock().expect("lock").push((first, tx));
+        Ok(Pending::new(first, count, rx))
+    }
+    fn read(&self, from: u64, max: usize) -> Result<Vec<Record>, EventLogError> {
+        self.log.read(from, max)
+    }
+    fn next_offset(&self) -> u64 {
+        self.log.next_offset()
+    }
+}
+
+#[test]
+fn no_checkpoint_covers_an_entry_before_its_record_is_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = Arc::new(SlowDisk {
+        log: FileLog::open(dir.path().join("events"), FileLogConfig::default()).expect("log"),
+        held: std::sync::Mutex::default(),
+        waiting: std::sync::Mutex::default(),
+        next: std::sync::atomic::AtomicU64::new(0),
+    });
+    let (mut books, _) = Books::open(
+        Arc::clone(&disk) as Arc<dyn EventLog>,
+        &dir.path().join("ledger"),
+        signer(),
+    )
+    .expect("open");
+    let (verdicts, pending) = books.submit(&genesis()).expect("submit");
+    assert!(verdicts.iter().all(Result::is_ok));
+    let (size, _) = books.publish().expect("publish");
+    assert_eq!(size, 0, "queued but not durable: not in any checkpoint");
+    assert_eq!(
+        books.ledger().account(&consumer()).map(|a| a.balance()),
+        Some(10_000_000),
+        "the projection judges later events with it already"
+    );
+    disk.release();
+    pending.expect("accepted").wait().expect("durable");
+    let (size, _) = books.publish().expect("publish");
+    assert_eq!(size, genesis().len() as u64);
 }
 
 #[test]

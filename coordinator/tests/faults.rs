@@ -9,6 +9,7 @@ use common::harness::{account, consumer, start_in_process, wait_for, wait_for_mo
 use common::scripted::{MODEL, Script};
 use serde_json::json;
 use troop_coordinator::config::{Config, PriceConfig};
+use troop_coordinator::domain::ratelimit::RateLimits;
 
 const ADMIN: &str = "faults-admin";
 const GRANT: u64 = 1_000_000;
@@ -84,4 +85,46 @@ fn a_forged_receipt_earns_nothing_and_costs_the_consumer_nothing() {
 fn a_worker_vanishing_mid_stream_leaves_no_hold_and_no_charge() {
     let (_, balance, holds) = run(Script::Vanish);
     assert_eq!((balance, holds), (GRANT, 0));
+}
+
+#[test]
+fn an_account_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = start_in_process(Config {
+        rate_limits: RateLimits {
+            requests_per_minute: 1,
+            burst: 2,
+            max_in_flight: 0,
+        },
+        ..config(dir.path())
+    });
+    let (_, hammer) = consumer(&url, ADMIN, GRANT);
+    let (_, calm) = consumer(&url, ADMIN, GRANT);
+    // (status, Retry-After, body) of one request.
+    let call = |key: &str| -> (u16, Option<String>, serde_json::Value) {
+        let resp = match ureq::post(&format!("{url}/v1/chat/completions"))
+            .set("authorization", &format!("Bearer {key}"))
+            .send_json(
+                json!({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}),
+            ) {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("transport: {e}"),
+        };
+        let retry = resp.header("retry-after").map(str::to_owned);
+        (resp.status(), retry, resp.into_json().unwrap_or_default())
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            call(&hammer).0,
+            404,
+            "within the burst the request goes on (to an unknown model)"
+        );
+    }
+    let (status, retry, err) = call(&hammer);
+    assert_eq!(status, 429);
+    let retry: u64 = retry.expect("Retry-After").parse().expect("seconds");
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(err["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(err["error"]["type"], "rate_limit_error");
+    assert_eq!(call(&calm).0, 404, "another account has its own bucket");
 }

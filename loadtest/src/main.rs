@@ -3,8 +3,10 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod engine;
 mod gateway;
 mod ledger;
+mod workers;
 
 #[derive(Parser)]
 #[command(name = "troop-loadtest", version, about = "Load generators for Troop")]
@@ -19,6 +21,10 @@ enum Command {
     Ledger(ledger::LedgerArgs),
     /// Concurrent streaming consumers against an OpenAI-compatible URL.
     Gateway(gateway::GatewayArgs),
+    /// A mock OpenAI-compatible engine streaming synthetic tokens at a set rate.
+    Engine(engine::EngineArgs),
+    /// N simulated workers (the real agent protocol, synthetic tokens).
+    Workers(workers::WorkersArgs),
 }
 
 fn main() -> Result<()> {
@@ -28,6 +34,8 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             println!("{}", rt.block_on(gateway::run(args))?);
         }
+        Command::Engine(args) => engine::run(&args)?,
+        Command::Workers(args) => println!("{}", workers::run(args)?),
     }
     Ok(())
 }

@@ -41,6 +41,16 @@ impl Identity {
     pub fn worker_id(&self) -> WorkerId {
         WorkerId::from_key(&self.public_key())
     }
+
+    /// A fresh key kept only in memory (simulated workers in load tests).
+    pub fn ephemeral() -> Self {
+        let mut seed = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
+        Self {
+            key: SigningKey::from_bytes(&seed),
+            path: PathBuf::new(),
+        }
+    }
 }
 
 /// Where the key lives unless told otherwise.

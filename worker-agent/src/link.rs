@@ -21,6 +21,16 @@ use crate::engine::Engine;
 use crate::gpu;
 use crate::identity::Identity;
 
+/// Where heartbeats get their GPU facts.
+#[derive(Debug, Clone)]
+pub enum GpuSource {
+    /// Ask `nvidia-smi` at every heartbeat (utilization and temperature move).
+    Detect,
+    /// Fixed facts: simulated workers in load tests, which must not spawn a
+    /// process per heartbeat.
+    Fixed(Vec<troop_schemas::protocol::GpuInfo>),
+}
+
 /// Frames queued toward the coordinator; a full queue slows the engine reads.
 const OUTBOX: usize = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -34,26 +44,40 @@ pub struct Agent {
     pub identity: Identity,
     pub slots: u32,
     pub http: reqwest::Client,
+    pub gpus: GpuSource,
     active: AtomicU32,
     draining: AtomicBool,
 }
 
 impl Agent {
     pub fn new(coordinator: String, engine: Engine, identity: Identity, slots: u32) -> Arc<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            // One connection per job: engines (llama.cpp among them) close idle
-            // keep-alive connections, and a job sent on one that is closing
-            // would fail for no fault of the engine.
-            .pool_max_idle_per_host(0)
-            .build()
-            .expect("static client settings");
+        Self::with(
+            coordinator,
+            engine,
+            identity,
+            slots,
+            GpuSource::Detect,
+            engine_client(),
+        )
+    }
+
+    /// An agent with its GPU facts and HTTP client given (many simulated
+    /// agents in one process share one client).
+    pub fn with(
+        coordinator: String,
+        engine: Engine,
+        identity: Identity,
+        slots: u32,
+        gpus: GpuSource,
+        http: reqwest::Client,
+    ) -> Arc<Self> {
         Arc::new(Self {
             coordinator,
             engine,
             identity,
             slots,
             http,
+            gpus,
             active: AtomicU32::new(0),
             draining: AtomicBool::new(false),
         })
@@ -72,9 +96,12 @@ impl Agent {
     }
 
     fn heartbeat(&self) -> Heartbeat {
-        let gpus = match gpu::detect(None) {
-            gpu::Detection::Gpus(g) => g,
-            gpu::Detection::CpuOnly(_) => Vec::new(),
+        let gpus = match &self.gpus {
+            GpuSource::Fixed(g) => g.clone(),
+            GpuSource::Detect => match gpu::detect(None) {
+                gpu::Detection::Gpus(g) => g,
+                gpu::Detection::CpuOnly(_) => Vec::new(),
+            },
         };
         let active = self.active.load(Ordering::SeqCst);
         Heartbeat {
@@ -90,6 +117,18 @@ impl Agent {
     pub fn active_jobs(&self) -> u32 {
         self.active.load(Ordering::SeqCst)
     }
+}
+
+/// The client an agent talks to its engine with.
+pub fn engine_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        // One connection per job: engines (llama.cpp among them) close idle
+        // keep-alive connections, and a job sent on one that is closing
+        // would fail for no fault of the engine.
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("static client settings")
 }
 
 /// Serves until `shutdown` turns true, then drains: takes no new jobs, finishes

@@ -4,7 +4,7 @@ use actix::prelude::*;
 use troop_ledger::fold::{Account, Hold, Schedule};
 use troop_schemas::{AccountId, Event, HoldId};
 
-use crate::books::{Books, BooksError};
+use crate::books::{Books, BooksError, Submitted};
 
 #[derive(Debug)]
 pub struct BooksActor {
@@ -15,15 +15,16 @@ impl Actor for BooksActor {
     type Context = SyncContext<Self>;
 }
 
-/// Commits events in order as one durable batch; one verdict each.
+/// Judges events in order and queues the accepted ones on the event log as
+/// one batch; the sender acknowledges once the [`crate::eventlog::Pending`] resolves.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Vec<Result<u64, BooksError>>, BooksError>")]
+#[rtype(result = "Result<Submitted, BooksError>")]
 pub struct Commit(pub Vec<Event>);
 
 impl Handler<Commit> for BooksActor {
-    type Result = Result<Vec<Result<u64, BooksError>>, BooksError>;
+    type Result = Result<Submitted, BooksError>;
     fn handle(&mut self, msg: Commit, _: &mut Self::Context) -> Self::Result {
-        self.books.commit(&msg.0)
+        self.books.submit(&msg.0)
     }
 }
 

@@ -86,14 +86,14 @@ impl ApiError {
             format!("Request body is larger than {limit} bytes."),
         )
     }
-    pub fn rate_limited(retry_after_s: u64) -> Self {
+    pub fn rate_limited(retry_after_s: u64, message: impl Into<String>) -> Self {
         Self {
             retry_after_s: Some(retry_after_s),
             ..Self::new(
                 429,
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
-                "Too many requests.",
+                message,
             )
         }
     }

@@ -2,9 +2,12 @@
 //! tested deterministically. Actors call these to decide; they do the IO.
 //!
 //! - [`placement`]: which worker serves a request.
-//! - [`meter`]: counting what an engine stream actually delivered.
+//! - counting what an engine stream delivered lives in `troop_schemas::sse`,
+//!   shared with the agent and the load tester.
+//! - [`ratelimit`]: requests per minute and in flight, per account.
 //! - [`billing`]: how much to hold before a job, and what to bill after it,
 //!   from the coordinator's own counts rather than the worker's word.
 
 pub mod billing;
 pub mod placement;
+pub mod ratelimit;

@@ -96,6 +96,34 @@ pub fn survives_reopen<L: EventLog>(open: impl Fn() -> L) {
     assert_eq!(got[999].payload, 2_499u32.to_be_bytes());
 }
 
+/// Queued appends get their offsets when queued, in queue order, and become
+/// durable (readable, counted) in that order whoever waits first.
+pub fn submitted_appends_keep_their_order<L: EventLog>(log: &L) {
+    let start = log.next_offset();
+    let a = log
+        .submit(vec![b"a0".to_vec(), b"a1".to_vec()])
+        .expect("submit");
+    let b = log.submit(vec![b"b0".to_vec()]).expect("submit");
+    assert_eq!(
+        (a.first, a.count, b.first, b.count),
+        (start, 2, start + 2, 1)
+    );
+    assert_eq!(b.wait().expect("durable"), start + 2);
+    assert_eq!(log.next_offset(), start + 3, "b is durable, so a is too");
+    assert_eq!(a.wait().expect("durable"), start);
+    let got: Vec<Vec<u8>> = log
+        .read(start, 10)
+        .expect("read")
+        .into_iter()
+        .map(|r| r.payload)
+        .collect();
+    assert_eq!(got, vec![b"a0".to_vec(), b"a1".to_vec(), b"b0".to_vec()]);
+    assert!(matches!(
+        log.submit(vec![vec![0; MAX_RECORD_BYTES + 1]]),
+        Err(EventLogError::RecordTooLarge(_))
+    ));
+}
+
 /// Declares the whole suite as `#[test]`s for one adapter.
 #[macro_export]
 macro_rules! event_log_conformance {
@@ -116,6 +144,11 @@ macro_rules! event_log_conformance {
             $crate::eventlog::conformance::concurrent_appends(std::sync::Arc::new(($open)(
                 dir.path(),
             )));
+        }
+        #[test]
+        fn conformance_submitted_appends_keep_their_order() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            $crate::eventlog::conformance::submitted_appends_keep_their_order(&($open)(dir.path()));
         }
         #[test]
         fn conformance_survives_reopen() {

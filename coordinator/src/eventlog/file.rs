@@ -10,11 +10,11 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use super::{EventLog, EventLogError, MAX_RECORD_BYTES, Record};
+use super::{EventLog, EventLogError, MAX_RECORD_BYTES, Pending, Record};
 
 const HEADER_BYTES: u64 = 8;
 /// One sparse index entry per this many records: reads seek, then scan at most this many.
@@ -56,7 +56,15 @@ struct Index {
 
 struct Request {
     records: Vec<Vec<u8>>,
-    reply: SyncSender<Result<u64, EventLogError>>,
+    reply: tokio::sync::oneshot::Sender<Result<u64, EventLogError>>,
+}
+
+/// The writer's queue and the offset the next queued record will get (the
+/// writer commits in queue order, so offsets are known when queued).
+#[derive(Debug)]
+struct Queue {
+    tx: Sender<Request>,
+    next: u64,
 }
 
 /// The embedded [`EventLog`] adapter.
@@ -64,7 +72,7 @@ struct Request {
 pub struct FileLog {
     dir: PathBuf,
     index: Arc<RwLock<Index>>,
-    tx: Mutex<Option<Sender<Request>>>,
+    queue: Mutex<Option<Queue>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -196,6 +204,7 @@ impl FileLog {
             index.next += seg.count;
             index.segments.push(seg);
         }
+        let next = index.next;
         let index = Arc::new(RwLock::new(index));
         let (tx, rx) = mpsc::channel();
         let writer = {
@@ -208,7 +217,7 @@ impl FileLog {
         Ok(Self {
             dir,
             index,
-            tx: Mutex::new(Some(tx)),
+            queue: Mutex::new(Some(Queue { tx, next })),
             writer: Mutex::new(Some(writer)),
         })
     }
@@ -333,24 +342,20 @@ fn commit(
 }
 
 impl EventLog for FileLog {
-    fn append(&self, records: Vec<Vec<u8>>) -> Result<u64, EventLogError> {
+    fn submit(&self, records: Vec<Vec<u8>>) -> Result<Pending, EventLogError> {
         if let Some(r) = records.iter().find(|r| r.len() > MAX_RECORD_BYTES) {
             return Err(EventLogError::RecordTooLarge(r.len()));
         }
-        if records.is_empty() {
-            return Ok(self.next_offset());
-        }
-        let (reply, answer) = mpsc::sync_channel(1);
-        let sent = self
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let mut queue = self.queue.lock().expect("queue lock");
+        let queue = queue.as_mut().ok_or(EventLogError::Closed)?;
+        let (first, count) = (queue.next, records.len() as u64);
+        queue
             .tx
-            .lock()
-            .expect("tx lock")
-            .as_ref()
-            .map(|tx| tx.send(Request { records, reply }));
-        match sent {
-            Some(Ok(())) => answer.recv().map_err(|_| EventLogError::Closed)?,
-            _ => Err(EventLogError::Closed),
-        }
+            .send(Request { records, reply })
+            .map_err(|_| EventLogError::Closed)?;
+        queue.next += count;
+        Ok(Pending::new(first, count, answer))
     }
 
     fn read(&self, from: u64, max_records: usize) -> Result<Vec<Record>, EventLogError> {
@@ -412,7 +417,7 @@ impl EventLog for FileLog {
 impl Drop for FileLog {
     fn drop(&mut self) {
         // Closing the channel ends the writer after it commits what it has.
-        self.tx.lock().expect("tx lock").take();
+        self.queue.lock().expect("queue lock").take();
         if let Some(w) = self.writer.lock().expect("writer lock").take() {
             let _ = w.join();
         }

@@ -123,7 +123,7 @@ pub async fn issue_key(
             .expect("keys lock")
             .issue(body.account, &random::<48>(), now_ms());
     // Durable before it is shown, as every decision.
-    if let Err(e) = state.events.append(vec![event.to_record()]) {
+    if let Err(e) = super::append_durable(&state, vec![event.to_record()]).await {
         return HttpResponse::ServiceUnavailable()
             .json(json!({"error": {"message": e.to_string(), "type": "server_error"}}));
     }
@@ -159,7 +159,7 @@ pub async fn revoke_key(
         key: body.key,
         at_ms: now_ms(),
     };
-    if let Err(e) = state.events.append(vec![event.to_record()]) {
+    if let Err(e) = super::append_durable(&state, vec![event.to_record()]).await {
         return error_response(&ApiError::upstream(e.to_string()));
     }
     state.keys.write().expect("keys lock").apply(&event);
@@ -216,7 +216,7 @@ pub async fn ban_worker(
         at_ms: now_ms(),
     }
     .to_record();
-    if let Err(e) = state.events.append(vec![record]) {
+    if let Err(e) = super::append_durable(&state, vec![record]).await {
         return error_response(&ApiError::upstream(e.to_string()));
     }
     state.bans.write().expect("bans lock").insert(body.worker);

@@ -17,6 +17,7 @@ use crate::api::openai::{ApiError, Endpoint, Validated, validate};
 use crate::books::BooksError;
 use crate::domain::billing::{self, Claimed, Observed};
 use crate::domain::placement::NoWorker;
+use crate::domain::ratelimit::Refusal;
 
 /// Output pieces buffered between a worker connection and one HTTP response.
 const JOB_CHANNEL: usize = 64;
@@ -213,6 +214,8 @@ enum End {
 /// Everything settlement needs to know about one request.
 struct Job {
     state: AppState,
+    /// Held until the response is over.
+    _in_flight: super::InFlight,
     endpoint: Endpoint,
     request: Validated,
     job: JobId,
@@ -248,6 +251,22 @@ async fn complete(
 ) -> Result<HttpResponse, ApiError> {
     let received = Instant::now();
     let account = authenticate(&req, &state)?;
+    let in_flight = super::InFlight::acquire(&state, account)
+        .map_err(|refusal| {
+            let limits = state.config.rate_limits;
+            let why = match refusal {
+                Refusal::Rate { .. } => format!(
+                    "Rate limit reached for this account: {} requests per minute (burst {}). Retry after {} s.",
+                    limits.requests_per_minute,
+                    limits.burst,
+                    refusal.retry_after_s()
+                ),
+                Refusal::InFlight { max } => format!(
+                    "This account already has {max} requests in flight; wait for one to finish."
+                ),
+            };
+            ApiError::rate_limited(refusal.retry_after_s(), why)
+        })?;
     let request = validate(endpoint, &body, &state.config.limits())?;
     let schedule = state
         .books
@@ -374,6 +393,7 @@ async fn complete(
             .observe(received.elapsed().as_secs_f64());
         let ctx = Job {
             state: state.clone(),
+            _in_flight: in_flight,
             endpoint,
             request,
             job,

@@ -23,6 +23,7 @@ use crate::actors::registry::Registry;
 use crate::api::openai::ApiError;
 use crate::books::Books;
 use crate::config::Config;
+use crate::domain::ratelimit::RateLimiter;
 use crate::eventlog::EventLog;
 use crate::eventlog::file::{FileLog, FileLogConfig};
 use crate::keys::ApiKeys;
@@ -40,6 +41,41 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Banned workers: refused at connect, never offered work.
     pub bans: Arc<RwLock<std::collections::HashSet<troop_schemas::WorkerId>>>,
+    pub limiter: Arc<Mutex<RateLimiter>>,
+}
+
+/// One account's place among its requests in flight; given back on drop,
+/// however the request ends (answered, failed, or the client went away).
+#[derive(Debug)]
+pub struct InFlight {
+    limiter: Arc<Mutex<RateLimiter>>,
+    account: troop_schemas::AccountId,
+}
+
+impl InFlight {
+    pub fn acquire(
+        state: &AppState,
+        account: troop_schemas::AccountId,
+    ) -> Result<Self, crate::domain::ratelimit::Refusal> {
+        state
+            .limiter
+            .lock()
+            .expect("limiter lock")
+            .acquire(account, now_ms())?;
+        Ok(Self {
+            limiter: Arc::clone(&state.limiter),
+            account,
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.limiter
+            .lock()
+            .expect("limiter lock")
+            .release(self.account);
+    }
 }
 
 /// Event-log tag of worker bans (ledger entries are 0x01, keys 0x02).
@@ -226,6 +262,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
             .expect("one books thread"),
     });
     let registry = Registry::new(config.heartbeat_timeout_ms).start();
+    let config_limits = config.rate_limits;
     Ok(AppState {
         books,
         registry,
@@ -236,6 +273,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         ledger_dir,
         metrics: Arc::new(crate::metrics::Metrics::new()),
         bans: Arc::new(RwLock::new(bans)),
+        limiter: Arc::new(Mutex::new(RateLimiter::new(config_limits))),
     })
 }
 
@@ -287,6 +325,34 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// Runs the coordinator on `listener` until the returned server is stopped.
+/// Opens `config` and serves it on `listener` from a thread of its own (its
+/// own actix system), returning once it serves or failed to open. For tests
+/// and tools that embed a coordinator; the binary runs [`serve`] itself.
+pub fn spawn(config: Config, listener: std::net::TcpListener) -> anyhow::Result<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("coordinator".into())
+        .spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let server = open_state(config).and_then(|state| serve(state, listener));
+                match server {
+                    Ok(server) => {
+                        let _ = ready_tx.send(Ok(()));
+                        if let Err(e) = server.await {
+                            tracing::error!(error = %e, "coordinator stopped");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+        })?;
+    ready_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the coordinator thread died while opening"))?
+}
+
 pub fn serve(
     state: AppState,
     listener: std::net::TcpListener,
@@ -331,12 +397,29 @@ pub fn serve(
     Ok(server)
 }
 
-/// Commits one event through the books actor.
+/// Commits one event through the books actor and returns once it is durable.
+/// The actor only judges and queues, so concurrent requests' commits share
+/// the event log's fsyncs.
 pub async fn commit_one(state: &AppState, event: Event) -> Result<u64, crate::books::BooksError> {
-    let verdicts = state
+    let (verdicts, pending) = state
         .books
         .send(Commit(vec![event]))
         .await
         .map_err(|_| crate::books::BooksError::Poisoned)??;
-    verdicts.into_iter().next().expect("one verdict")
+    let verdict = verdicts.into_iter().next().expect("one verdict");
+    if let Some(p) = pending {
+        p.durable().await.inspect_err(|e| {
+            tracing::error!(error = %e, "event log write failed: nothing more is acknowledged; restart to recover");
+        })?;
+    }
+    verdict
+}
+
+/// Appends records that are not ledger entries (keys, bans) and returns once
+/// they are durable, without blocking the async runtime.
+pub async fn append_durable(
+    state: &AppState,
+    records: Vec<Vec<u8>>,
+) -> Result<u64, crate::eventlog::EventLogError> {
+    state.events.submit(records)?.durable().await
 }

@@ -13,15 +13,7 @@ use troop_coordinator::config::Config;
 pub fn start_in_process(config: Config) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    std::thread::spawn(move || {
-        actix_web::rt::System::new().block_on(async move {
-            let state = troop_coordinator::server::open_state(config).expect("coordinator opens");
-            troop_coordinator::server::serve(state, listener)
-                .expect("serves")
-                .await
-                .expect("runs");
-        });
-    });
+    troop_coordinator::server::spawn(config, listener).expect("coordinator opens");
     wait_for("the coordinator", || {
         ureq::get(&format!("{url}/v1/models")).call().is_ok()
     });

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Issue 3's benchmarks, measured in one run on this machine: the same mock
+# engine (troop-loadtest engine, 5 ms between tokens) reached directly and
+# through coordinator + agent with auth, holds, receipts and the ledger on;
+# then N simulated workers on one coordinator and its peak memory.
+# Usage: ops/bench.sh [OUT_DIR] ; ROUNDS, WORKERS, WORKERS_HOLD_S tune it.
+# Prints one JSON object (also written to OUT_DIR/bench.json).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+out="${1:-${TMPDIR:-/tmp}/troop-bench}"
+rounds="${ROUNDS:-3}"
+workers="${WORKERS:-10000}"
+workers_hold_s="${WORKERS_HOLD_S:-60}"
+rm -rf "$out" && mkdir -p "$out"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_http() { # URL, what
+    for _ in $(seq 1 150); do
+        python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' "$1" 2>/dev/null && return 0
+        sleep 0.2
+    done
+    echo "timed out waiting for $2" >&2; exit 1
+}
+# CPU seconds (user + system) a process has used so far.
+cpu_s() { python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")",1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf("SC_CLK_TCK"))' "$1"; }
+peak_rss_mib() { awk '/VmHWM/ {print $2/1024}' "/proc/$1/status"; }
+
+echo "== building (release)" >&2
+cargo build --release --locked -q -p troop-coordinator -p troop-agent -p troop-loadtest
+bin="${CARGO_TARGET_DIR:-target}/release"
+lt="$bin/troop-loadtest"
+
+start_coordinator() { # DIR -> sets curl, cpid
+    local dir="$1" port
+    port="$(free_port)"
+    cat >"$dir.toml" <<TOML
+admin_token = "bench-admin"
+heartbeat_interval_ms = 10000
+# One account drives every stream: no per-account limits in the way.
+[rate_limits]
+requests_per_minute = 0
+max_in_flight = 0
+[[prices]]
+model = "mock"
+input_micro_per_1k = 100
+output_micro_per_1k = 300
+TOML
+    "$bin/troop-coordinator" --config "$dir.toml" serve --listen "127.0.0.1:$port" --data-dir "$dir" >"$dir.log" 2>&1 &
+    cpid=$!
+    pids+=("$cpid")
+    curl="http://127.0.0.1:$port"
+    wait_http "$curl/v1/models" "the coordinator"
+}
+admin() { "$bin/troop-coordinator" admin --url "$curl" --token bench-admin --json "$@"; }
+
+echo "== mock engine, coordinator, agent" >&2
+eport="$(free_port)"
+"$lt" engine --listen "127.0.0.1:$eport" --token-interval-ms 5 >"$out/engine.log" 2>&1 &
+epid=$!
+pids+=("$epid")
+engine="http://127.0.0.1:$eport"
+wait_http "$engine/health" "the mock engine"
+start_coordinator "$out/coordinator"
+"$bin/troop-agent" run --coordinator "$curl" --engine "$engine" --slots 1024 --key "$out/worker.key" >"$out/agent.log" 2>&1 &
+apid=$!
+pids+=("$apid")
+for _ in $(seq 1 100); do
+    python3 -c 'import json,sys,urllib.request; sys.exit(0 if json.load(urllib.request.urlopen(sys.argv[1]))["data"] else 1)' "$curl/v1/models" 2>/dev/null && break
+    sleep 0.2
+done
+account="$(admin create-account | python3 -c 'import json,sys; print(json.load(sys.stdin)["account"])')"
+admin grant --account "$account" --amount-micro 1000000000000 >/dev/null
+key="$(admin create-key --account "$account" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')"
+
+gateway() { # URL KEY CONCURRENCY REQUESTS
+    "$lt" gateway --url "$1" --key "$2" --model mock --concurrency "$3" --requests "$4" --max-tokens 64
+}
+# Warm both paths (connections, first allocations) before measuring.
+gateway "$engine" "" 64 128 >/dev/null
+gateway "$curl" "$key" 64 128 >/dev/null
+
+runs="$out/runs.jsonl"
+: >"$runs"
+for round in $(seq 1 "$rounds"); do
+    for c in 64 256; do
+        n=$((c * 8))
+        echo "== round $round: $c streams x $n requests, direct then via the coordinator" >&2
+        d="$(gateway "$engine" "" "$c" "$n")"
+        c0="$(cpu_s "$cpid")"; a0="$(cpu_s "$apid")"
+        v="$(gateway "$curl" "$key" "$c" "$n")"
+        c1="$(cpu_s "$cpid")"; a1="$(cpu_s "$apid")"
+        python3 -c 'import json,sys; print(json.dumps({"round": int(sys.argv[1]), "concurrency": int(sys.argv[2]), "direct": json.loads(sys.argv[3]), "via": json.loads(sys.argv[4]), "coordinator_cpu_s": float(sys.argv[6])-float(sys.argv[5]), "agent_cpu_s": float(sys.argv[8])-float(sys.argv[7])}))' \
+            "$round" "$c" "$d" "$v" "$c0" "$c1" "$a0" "$a1" >>"$runs"
+    done
+done
+coordinator_rss_mib="$(peak_rss_mib "$cpid")"
+kill "$apid" "$cpid" 2>/dev/null || true
+
+echo "== $workers simulated workers on a fresh coordinator, ${workers_hold_s} s at 10 s heartbeats" >&2
+start_coordinator "$out/coordinator-workers"
+idle_rss_mib="$(peak_rss_mib "$cpid")"
+w0="$(cpu_s "$cpid")"
+w="$("$lt" workers --coordinator "$curl" --engine "$engine" --count "$workers" --hold-s "$workers_hold_s" 2>"$out/workers.log")"
+w1="$(cpu_s "$cpid")"
+workers_rss_mib="$(peak_rss_mib "$cpid")"
+
+python3 - "$runs" "$w" "$idle_rss_mib" "$workers_rss_mib" "$coordinator_rss_mib" "$(python3 -c "print($w1-$w0)")" <<'PY' | tee "$out/bench.json"
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1])]
+result = {"streams": {}}
+for c in sorted({r["concurrency"] for r in runs}):
+    rs = [r for r in runs if r["concurrency"] == c]
+    for r in rs:
+        assert r["via"]["failed"] == 0 and r["direct"]["failed"] == 0, r
+    med = lambda f: statistics.median(f(r) for r in rs)
+    result["streams"][str(c)] = {
+        "rounds": len(rs),
+        "requests_per_round": rs[0]["via"]["requests"],
+        "ttft_ms_p50_direct": med(lambda r: r["direct"]["ttft_ms"]["p50"]),
+        "ttft_ms_p50_via": med(lambda r: r["via"]["ttft_ms"]["p50"]),
+        "ttft_ms_p50_added": med(lambda r: r["via"]["ttft_ms"]["p50"] - r["direct"]["ttft_ms"]["p50"]),
+        "tokens_per_s_direct": med(lambda r: r["direct"]["tokens_per_s"]),
+        "tokens_per_s_via": med(lambda r: r["via"]["tokens_per_s"]),
+        "throughput_ratio": med(lambda r: r["via"]["tokens_per_s"] / r["direct"]["tokens_per_s"]),
+        "coordinator_cpu_ms_per_request": med(lambda r: 1e3 * r["coordinator_cpu_s"] / r["via"]["ok"]),
+        "agent_cpu_ms_per_request": med(lambda r: 1e3 * r["agent_cpu_s"] / r["via"]["ok"]),
+    }
+result["coordinator_peak_rss_mib_streams"] = float(sys.argv[5])
+result["workers"] = json.loads(sys.argv[2])
+result["workers"]["coordinator_idle_rss_mib"] = float(sys.argv[3])
+result["workers"]["coordinator_peak_rss_mib"] = float(sys.argv[4])
+result["workers"]["coordinator_cpu_s"] = float(sys.argv[6])
+print(json.dumps(result, indent=1))
+PY
