@@ -57,8 +57,9 @@ fn consumers_stream_through_simulated_workers_and_pay_for_it() {
             &WORKERS.to_string(),
             "--slots",
             "2",
+            // Long enough for the consumers below on a slow machine.
             "--hold-s",
-            "2",
+            "10",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
