@@ -86,8 +86,9 @@ gateway "$curl" "$key" 64 128 >/dev/null
 runs="$out/runs.jsonl"
 : >"$runs"
 for round in $(seq 1 "$rounds"); do
-    for c in 64 256; do
-        n=$((c * 8))
+    # 1 stream: the latency floor; 64 and 256: the targets.
+    for c in 1 64 256; do
+        n=$((c == 1 ? 32 : c * 8))
         echo "== round $round: $c streams x $n requests, direct then via the coordinator" >&2
         d="$(gateway "$engine" "" "$c" "$n")"
         c0="$(cpu_s "$cpid")"; a0="$(cpu_s "$apid")"

@@ -339,6 +339,38 @@ impl Books {
         Ok((cp.size, cp.root))
     }
 
+    /// Expires every open hold whose deadline is at or before `now_ms`,
+    /// releasing its credits. A hold outlives its request only if the request
+    /// was lost (a stuck handler, a dead node); this bounds how long credits
+    /// stay locked. Queued, not awaited: nobody waits on an expiry, and the
+    /// ledger log takes the entries once they are durable.
+    pub fn expire_holds(&mut self, now_ms: u64) -> Result<usize, BooksError> {
+        let mut due: Vec<_> = self
+            .ledger
+            .open_holds()
+            .filter(|(_, h)| h.expires_at_ms <= now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        if due.is_empty() {
+            return Ok(0);
+        }
+        due.sort_unstable();
+        let expiries: Vec<Event> = due
+            .into_iter()
+            .map(|hold| Event::HoldExpired {
+                hold,
+                at_ms: now_ms,
+            })
+            .collect();
+        let (verdicts, _pending) = self.submit(&expiries)?;
+        let mut expired = 0;
+        for verdict in verdicts {
+            verdict?;
+            expired += 1;
+        }
+        Ok(expired)
+    }
+
     /// On a single node, a hold still open at start belonged to a request that
     /// died with the previous process: release it, charging nothing.
     pub fn void_orphaned_holds(&mut self, now_ms: u64) -> Result<usize, BooksError> {

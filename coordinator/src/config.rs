@@ -48,6 +48,8 @@ pub struct Config {
     pub max_attempts: usize,
     /// Per-account request limits (429 beyond them).
     pub rate_limits: RateLimits,
+    /// HTTP worker threads; 0 means one per core.
+    pub http_workers: usize,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             hold_ttl_ms: 3_600_000,
             max_attempts: 3,
             rate_limits: RateLimits::default(),
+            http_workers: 0,
         }
     }
 }

@@ -119,6 +119,32 @@ fn holds_of_dead_requests_are_voided_on_restart() {
     assert_eq!(audit(dir.path()).ledger.open_holds().count(), 0);
 }
 
+#[test]
+fn holds_past_their_deadline_expire_and_release_their_credits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut books, _) = open(dir.path());
+    for v in books.commit(&genesis()).expect("commit") {
+        v.expect("genesis");
+    }
+    books.commit(&[hold(1, 100), hold(2, 200)]).expect("holds");
+    // hold(n) expires at T0 + n + 60_000.
+    assert_eq!(books.expire_holds(T0 + 60_000).expect("expire"), 0);
+    assert_eq!(books.expire_holds(T0 + 60_001).expect("expire"), 1);
+    assert_eq!(books.ledger().open_holds().count(), 1);
+    assert_eq!(books.expire_holds(T0 + 90_000).expect("expire"), 1);
+    let c = books.ledger().account(&consumer()).expect("consumer");
+    assert_eq!((c.debits_pending, c.balance()), (0, 10_000_000));
+    books.publish().expect("publish");
+    drop(books);
+    let (books, _) = open(dir.path());
+    assert_eq!(
+        books.ledger().open_holds().count(),
+        0,
+        "expiries are in the log"
+    );
+    assert_eq!(audit(dir.path()).ledger.open_holds().count(), 0);
+}
+
 /// An event log whose appends fail, as a full disk would.
 struct FullDisk;
 

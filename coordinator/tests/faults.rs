@@ -31,20 +31,33 @@ fn config(dir: &std::path::Path) -> Config {
 
 /// Runs one scripted job; returns (streamed text, balance after, open holds after).
 fn run(script: Script) -> (String, u64, usize) {
+    let (status, text, balance, holds) = run_with(script, |_| {});
+    assert_eq!(status, 200, "the stream starts: {text}");
+    (text, balance, holds)
+}
+
+/// [`run`] with the test settings changed by `tweak`, for any outcome:
+/// (HTTP status, body, balance after, open holds after).
+fn run_with(script: Script, tweak: impl FnOnce(&mut Config)) -> (u16, String, u64, usize) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let url = start_in_process(config(dir.path()));
+    let mut settings = config(dir.path());
+    tweak(&mut settings);
+    let url = start_in_process(settings);
     let (_, key) = consumer(&url, ADMIN, GRANT);
-    let worker_url = url.clone();
-    let worker = common::scripted::spawn(worker_url, script);
+    let worker = common::scripted::spawn(url.clone(), script);
     wait_for_models(&url);
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": true});
-    let text = ureq::post(&format!("{url}/v1/chat/completions"))
+    let (status, text) = match ureq::post(&format!("{url}/v1/chat/completions"))
         .set("authorization", &format!("Bearer {key}"))
         .send_json(body)
-        .expect("the stream starts")
-        .into_string()
-        .unwrap_or_default();
-    worker.join().expect("worker");
+    {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(e) => panic!("transport: {e}"),
+    };
+    if !matches!(script, Script::Stall) {
+        // A stalling worker never ends by itself; the others do.
+        worker.join().expect("worker");
+    }
     // Settlement may finish just after the stream (disconnect paths); wait for it.
     wait_for("settlement", || {
         account(&url, &key)["holds"]
@@ -58,6 +71,7 @@ fn run(script: Script) -> (String, u64, usize) {
         .parse()
         .expect("number");
     (
+        status,
         text,
         balance,
         acct["holds"].as_array().expect("holds").len(),
@@ -127,4 +141,39 @@ fn an_account_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
     assert_eq!(err["error"]["code"], "rate_limit_exceeded");
     assert_eq!(err["error"]["type"], "rate_limit_error");
     assert_eq!(call(&calm).0, 404, "another account has its own bucket");
+}
+
+#[test]
+fn garbage_after_the_first_token_ends_the_stream_with_an_error_and_bills_only_what_was_streamed() {
+    let (text, balance, holds) = run(Script::Garbage);
+    assert!(text.contains("Hello"), "the good token arrived: {text}");
+    assert!(
+        text.contains("\"error\""),
+        "the stream ends with an OpenAI-style error event: {text}"
+    );
+    assert_eq!(holds, 0);
+    // The receipt claimed 1,000 output tokens (10,000 micro-credits); one
+    // token and the prompt were streamed.
+    let charged = GRANT - balance;
+    assert!(charged < 1_000, "charged {charged}");
+}
+
+#[test]
+fn an_oversized_frame_cuts_the_worker_off_and_costs_nothing() {
+    let (status, text, balance, holds) = run_with(Script::Oversized, |_| {});
+    assert_eq!(status, 503, "no other worker to retry on: {text}");
+    assert!(text.contains("no_capacity"), "{text}");
+    assert_eq!((balance, holds), (GRANT, 0));
+}
+
+#[test]
+fn a_worker_that_never_finishes_is_cut_at_the_job_deadline() {
+    let (text, balance, holds) = {
+        let (status, text, balance, holds) = run_with(Script::Stall, |c| c.job_deadline_ms = 1_500);
+        assert_eq!(status, 200, "{text}");
+        (text, balance, holds)
+    };
+    assert!(text.contains("\"error\""), "{text}");
+    assert_eq!(holds, 0);
+    assert_eq!(balance, GRANT, "a third of a token is no token");
 }

@@ -28,6 +28,20 @@ impl Handler<Commit> for BooksActor {
     }
 }
 
+/// Expires holds past their deadline; returns how many.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<usize, BooksError>")]
+pub struct ExpireHolds {
+    pub now_ms: u64,
+}
+
+impl Handler<ExpireHolds> for BooksActor {
+    type Result = Result<usize, BooksError>;
+    fn handle(&mut self, msg: ExpireHolds, _: &mut Self::Context) -> Self::Result {
+        self.books.expire_holds(msg.now_ms)
+    }
+}
+
 /// Signs a new checkpoint if anything changed. Sent every second by a timer.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(u64, troop_ledger::Hash), BooksError>")]

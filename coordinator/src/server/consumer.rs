@@ -6,6 +6,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
 use troop_ledger::fold::FoldError;
 use troop_schemas::sse::{Meter, Reading};
 use troop_schemas::{AccountId, CreditsMicro, Digest, Event, HoldId, JobId, VoidReason, WorkerId};
@@ -115,17 +116,31 @@ async fn handle(
     body: web::Payload,
     state: AppState,
 ) -> HttpResponse {
-    let response = match read_body(body, state.config.max_body_bytes).await {
-        Ok(body) => complete(endpoint, req, body, state.clone())
-            .await
-            .unwrap_or_else(|e| error_response(&e)),
-        Err(e) => error_response(&e),
-    };
     let label = if endpoint == Endpoint::Chat {
         "chat"
     } else {
         "completions"
     };
+    // The request id is the job id: it names the receipt, goes to the worker
+    // with the job, and is on every log line of the request, here and there.
+    let job = JobId(random::<16>());
+    let span = tracing::info_span!("request", id = %job, endpoint = label);
+    let mut response = async {
+        match read_body(body, state.config.max_body_bytes).await {
+            Ok(body) => complete(endpoint, req, body, state.clone(), job)
+                .await
+                .unwrap_or_else(|e| error_response(&e)),
+            Err(e) => error_response(&e),
+        }
+    }
+    .instrument(span)
+    .await;
+    if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&job.to_string()) {
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("x-request-id"),
+            v,
+        );
+    }
     state
         .metrics
         .requests
@@ -214,6 +229,8 @@ enum End {
 /// Everything settlement needs to know about one request.
 struct Job {
     state: AppState,
+    /// The request's span, for the work that outlives its handler.
+    span: tracing::Span,
     /// Held until the response is over.
     _in_flight: super::InFlight,
     endpoint: Endpoint,
@@ -248,6 +265,7 @@ async fn complete(
     req: HttpRequest,
     body: Bytes,
     state: AppState,
+    job: JobId,
 ) -> Result<HttpResponse, ApiError> {
     let received = Instant::now();
     let account = authenticate(&req, &state)?;
@@ -288,7 +306,8 @@ async fn complete(
         billing::BillingError::MaxTokens { .. } => ApiError::invalid("max_tokens", e.to_string()),
     })?;
 
-    let (job, hold) = (JobId(random::<16>()), HoldId(random::<16>()));
+    let hold = HoldId(random::<16>());
+    tracing::debug!(%account, model = %request.model, %hold, "hold");
     let now = now_ms();
     let placed = Event::HoldPlaced {
         hold,
@@ -328,6 +347,8 @@ async fn complete(
             .await
         {
             Ok(Ok(link)) => link,
+            // The workers tried are gone too: busy, not unknown.
+            Ok(Err(NoWorker::UnknownModel)) if !exclude.is_empty() => break,
             Ok(Err(NoWorker::UnknownModel)) => {
                 void(&state, hold, VoidReason::Failed).await;
                 return Err(ApiError::model_not_found(&request.model));
@@ -393,6 +414,7 @@ async fn complete(
             .observe(received.elapsed().as_secs_f64());
         let ctx = Job {
             state: state.clone(),
+            span: tracing::Span::current(),
             _in_flight: in_flight,
             endpoint,
             request,
@@ -507,15 +529,24 @@ fn stream_response(ctx: Job, first: Bytes, rx: mpsc::Receiver<Bytes>) -> HttpRes
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         loop {
+            // The closing chunk went out: the stream is over.
+            s.closing.as_ref()?;
             if let Some(piece) = s.pending.take() {
-                if let Some(m) = s.guard.meter.as_mut()
-                    && m.feed(&piece).is_err()
-                {
-                    return None; // Garbage from the worker ends the stream; the guard settles.
+                // Whole events only, each metered before it is forwarded, so
+                // that garbage stops the stream exactly where it starts.
+                let mut out = Vec::new();
+                for event in s.events.push(&piece) {
+                    let metered = s.guard.meter.as_mut().map(|m| m.feed(&event));
+                    if let Some(Err(e)) = metered {
+                        let why = format!("The worker sent output that is not a valid event stream ({e}); the response ends here and only what was delivered is billed.");
+                        return Some((Ok(s.fail(out, &why).await), s));
+                    }
+                    if !is_done_or_usage(&event) {
+                        out.extend_from_slice(&event);
+                    }
                 }
-                let out = s.events.push(&piece);
                 if !out.is_empty() {
-                    return Some((Ok::<Bytes, std::io::Error>(out), s));
+                    return Some((Ok::<Bytes, std::io::Error>(Bytes::from(out)), s));
                 }
                 continue;
             }
@@ -524,17 +555,25 @@ fn stream_response(ctx: Job, first: Bytes, rx: mpsc::Receiver<Bytes>) -> HttpRes
                 Ok(None) => {
                     let closing = s.closing.take()?;
                     let rest = s.events.finish();
+                    let mut out = Vec::new();
+                    if let Some(m) = s.guard.meter.as_mut()
+                        && m.feed(&rest).is_ok()
+                        && !is_done_or_usage(&rest)
+                    {
+                        out.extend_from_slice(&rest);
+                    }
                     // Settle before the final chunk: the receipt it names then exists.
                     let mut bill = None;
                     if let (Some(ctx), Some(meter)) = (s.guard.ctx.take(), s.guard.meter.take()) {
                         bill = settle(ctx, meter.finish(), false).await;
                     }
-                    let mut out = rest.to_vec();
                     out.extend_from_slice(&closing.render(bill));
                     return Some((Ok(Bytes::from(out)), s));
                 }
-                // Past the job deadline: the guard cancels and settles.
-                Err(_) => return None,
+                Err(_) => {
+                    let why = "The job passed its deadline; the response ends here and only what was delivered is billed.";
+                    return Some((Ok(s.fail(Vec::new(), why).await), s));
+                }
             }
         }
     });
@@ -552,6 +591,29 @@ struct StreamState {
     events: EventSplitter,
     closing: Option<Closing>,
     deadline: Instant,
+}
+
+impl StreamState {
+    /// Ends the stream after `out` with an OpenAI-style error event: cancels
+    /// the job on the worker, settles what was delivered, and closes with the
+    /// receipt chunk and `[DONE]`.
+    async fn fail(&mut self, mut out: Vec<u8>, why: &str) -> Bytes {
+        let error = json!({"error": {"message": why, "type": "server_error", "param": null, "code": "worker_failed"}});
+        out.extend_from_slice(format!("data: {error}\n\n").as_bytes());
+        let mut bill = None;
+        if let (Some(ctx), Some(meter)) = (self.guard.ctx.take(), self.guard.meter.take()) {
+            let _ = ctx
+                .link
+                .outbox
+                .try_send(troop_schemas::protocol::CoordinatorMsg::Cancel { job: ctx.job });
+            tracing::warn!(worker = %ctx.link.worker, why, "stream failed after its first byte");
+            bill = settle(ctx, meter.finish(), true).await;
+        }
+        if let Some(closing) = self.closing.take() {
+            out.extend_from_slice(&closing.render(bill));
+        }
+        Bytes::from(out)
+    }
 }
 
 struct Closing {
@@ -582,25 +644,19 @@ struct EventSplitter {
 }
 
 impl EventSplitter {
-    fn push(&mut self, piece: &[u8]) -> Bytes {
+    /// The events `piece` completes, each with its blank-line terminator.
+    fn push(&mut self, piece: &[u8]) -> Vec<Vec<u8>> {
         self.buf.extend_from_slice(piece);
-        let mut out = Vec::new();
+        let mut events = Vec::new();
         while let Some(end) = find_event_end(&self.buf) {
-            let event: Vec<u8> = self.buf.drain(..end).collect();
-            if !is_done_or_usage(&event) {
-                out.extend_from_slice(&event);
-            }
+            events.push(self.buf.drain(..end).collect());
         }
-        Bytes::from(out)
+        events
     }
 
-    fn finish(&mut self) -> Bytes {
-        let rest = std::mem::take(&mut self.buf);
-        if is_done_or_usage(&rest) {
-            Bytes::new()
-        } else {
-            Bytes::from(rest)
-        }
+    /// Whatever trails the last complete event.
+    fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
     }
 }
 
@@ -654,6 +710,13 @@ impl Drop for Guard {
 /// countersigns what the coordinator can account for, and settles or voids the
 /// hold. Returns the bill when something was charged.
 async fn settle(ctx: Job, reading: Reading, cancelled: bool) -> Option<billing::Bill> {
+    let span = ctx.span.clone();
+    settle_in_span(ctx, reading, cancelled)
+        .instrument(span)
+        .await
+}
+
+async fn settle_in_span(ctx: Job, reading: Reading, cancelled: bool) -> Option<billing::Bill> {
     let Job {
         state,
         request,

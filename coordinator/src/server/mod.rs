@@ -18,7 +18,7 @@ use ed25519_dalek::SigningKey;
 use troop_ledger::note::NoteSigner;
 use troop_schemas::{CreditsMicro, Event, KeyRole, ModelPrice, PublicKey};
 
-use crate::actors::books::{BooksActor, Commit, Publish};
+use crate::actors::books::{BooksActor, Commit, ExpireHolds, Publish};
 use crate::actors::registry::Registry;
 use crate::api::openai::ApiError;
 use crate::books::Books;
@@ -359,12 +359,19 @@ pub fn serve(
 ) -> anyhow::Result<actix_web::dev::Server> {
     let data = web::Data::new(state.clone());
     let max_body = state.config.max_body_bytes;
-    // A fresh checkpoint every second while there is traffic (publish is a no-op otherwise).
+    let http_workers = state.config.http_workers;
+    // A fresh checkpoint every second while there is traffic (publish is a
+    // no-op otherwise); holds past their deadline expire on the same clock.
     let books = state.books.clone();
     actix_web::rt::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
+            match books.send(ExpireHolds { now_ms: now_ms() }).await {
+                Ok(Ok(0)) | Err(_) => {}
+                Ok(Ok(n)) => tracing::warn!(holds = n, "expired holds whose requests were lost"),
+                Ok(Err(e)) => tracing::error!(error = %e, "expiring holds failed"),
+            }
             if let Ok(Err(e)) = books.send(Publish).await {
                 tracing::error!(error = %e, "publishing the ledger failed");
             }
@@ -390,10 +397,12 @@ pub fn serve(
             .route("/admin/workers", web::get().to(admin::list_workers))
             .route("/admin/workers/ban", web::post().to(admin::ban_worker))
             .route("/admin/prices", web::post().to(admin::set_prices))
-    })
-    .listen(listener)?
-    .shutdown_timeout(30)
-    .run();
+    });
+    let server = match http_workers {
+        0 => server,
+        n => server.workers(n),
+    };
+    let server = server.listen(listener)?.shutdown_timeout(30).run();
     Ok(server)
 }
 

@@ -25,6 +25,11 @@ pub enum Script {
     Vanish,
     /// Takes every job it is given, sends its first token, and never finishes.
     Stall,
+    /// Streams one token, then bytes that are not an event stream (invalid
+    /// UTF-8 in a data line), then a signed receipt claiming 1,000 tokens.
+    Garbage,
+    /// Sends a data frame over the protocol's size limit as its first output.
+    Oversized,
 }
 
 const STREAM: [&str; 3] = ["Hello", " there", " friend"];
@@ -139,7 +144,20 @@ pub async fn scripted_worker(url: String, script: Script) {
     } else {
         3
     };
-    let bytes = sse(n);
+    let mut bytes = sse(n);
+    if matches!(script, Script::Oversized) {
+        let mut frame = job.0.to_vec();
+        frame.resize(16 + protocol::MAX_DATA_FRAME_BYTES + 1, b'x');
+        // The coordinator cuts the connection; sending may or may not complete.
+        let _ = tx.send(Message::binary(frame)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        return;
+    }
+    if matches!(script, Script::Garbage) {
+        bytes = sse(1);
+        bytes.truncate(bytes.iter().position(|&b| b == b'\n').expect("one line") + 2);
+        bytes.extend_from_slice(b"data: {\"choices\": \"\xff\xfe\"}\n\n");
+    }
     if matches!(script, Script::Vanish) {
         // Half the stream, then gone.
         tx.send(Message::binary(
