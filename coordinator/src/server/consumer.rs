@@ -538,7 +538,9 @@ fn stream_response(ctx: Job, first: Bytes, rx: mpsc::Receiver<Bytes>) -> HttpRes
                 for event in s.events.push(&piece) {
                     let metered = s.guard.meter.as_mut().map(|m| m.feed(&event));
                     if let Some(Err(e)) = metered {
-                        let why = format!("The worker sent output that is not a valid event stream ({e}); the response ends here and only what was delivered is billed.");
+                        let why = format!(
+                            "The worker sent output that is not a valid event stream ({e}); the response ends here and only what was delivered is billed."
+                        );
                         return Some((Ok(s.fail(out, &why).await), s));
                     }
                     if !is_done_or_usage(&event) {
