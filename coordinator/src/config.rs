@@ -50,6 +50,8 @@ pub struct Config {
     pub rate_limits: RateLimits,
     /// HTTP worker threads; 0 means one per core.
     pub http_workers: usize,
+    /// Heartbeats are logged as one summary per worker per epoch of this length.
+    pub heartbeat_epoch_ms: u64,
 }
 
 impl Default for Config {
@@ -72,6 +74,7 @@ impl Default for Config {
             max_attempts: 3,
             rate_limits: RateLimits::default(),
             http_workers: 0,
+            heartbeat_epoch_ms: 60_000,
         }
     }
 }
@@ -102,6 +105,10 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
         anyhow::ensure!(c.fee_bps <= 10_000, "fee_bps must be at most 10000");
         anyhow::ensure!(c.max_attempts >= 1, "max_attempts must be at least 1");
+        anyhow::ensure!(
+            c.heartbeat_epoch_ms >= 1_000,
+            "heartbeat_epoch_ms must be at least 1000"
+        );
         Ok(c)
     }
 }

@@ -1,13 +1,20 @@
 //! The Troop coordinator.
 //!
-//! Codemap (growing with issue 3):
-//! - [`api`]: the OpenAI-compatible API (validation and error shapes so far).
+//! Codemap:
+//! - [`server`]: actix-web: the OpenAI-compatible API (`consumer`), the worker
+//!   WebSocket (`worker`), `/admin`, `/ledger`, `/metrics`; [`server::spawn`]
+//!   embeds a coordinator in a thread.
+//! - [`actors`]: the books actor (the one writer of balances) and the registry
+//!   of connected workers (placement).
 //! - [`books`]: balances as a projection of the event log, published as the signed ledger.
-//! - [`domain`]: pure decisions — placement, hold sizing, billing.
+//! - [`history`]: worker events (jobs started and failed, heartbeat summaries)
+//!   and their projection.
+//! - [`keys`]: API keys, event-sourced.
+//! - [`domain`]: pure decisions — placement, hold sizing, billing, rate limits,
+//!   heartbeat summaries.
 //! - [`eventlog`]: the event log port and its embedded adapter (segment files
 //!   with checksums, group commit, torn-tail recovery). Kafka comes in issue 4.
-//!
-//! Still to come: the actors, the OpenAI-compatible API and the worker endpoint.
+//! - [`api`]: OpenAI request validation and error shapes; [`config`]; [`metrics`].
 
 #![forbid(unsafe_code)]
 
@@ -17,6 +24,7 @@ pub mod books;
 pub mod config;
 pub mod domain;
 pub mod eventlog;
+pub mod history;
 pub mod keys;
 pub mod metrics;
 

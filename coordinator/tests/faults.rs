@@ -31,14 +31,14 @@ fn config(dir: &std::path::Path) -> Config {
 
 /// Runs one scripted job; returns (streamed text, balance after, open holds after).
 fn run(script: Script) -> (String, u64, usize) {
-    let (status, text, balance, holds) = run_with(script, |_| {});
+    let (status, text, balance, holds, _) = run_with(script, |_| {});
     assert_eq!(status, 200, "the stream starts: {text}");
     (text, balance, holds)
 }
 
 /// [`run`] with the test settings changed by `tweak`, for any outcome:
-/// (HTTP status, body, balance after, open holds after).
-fn run_with(script: Script, tweak: impl FnOnce(&mut Config)) -> (u16, String, u64, usize) {
+/// (HTTP status, body, balance after, open holds after, coordinator URL).
+fn run_with(script: Script, tweak: impl FnOnce(&mut Config)) -> (u16, String, u64, usize, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut settings = config(dir.path());
     tweak(&mut settings);
@@ -75,6 +75,7 @@ fn run_with(script: Script, tweak: impl FnOnce(&mut Config)) -> (u16, String, u6
         text,
         balance,
         acct["holds"].as_array().expect("holds").len(),
+        url,
     )
 }
 
@@ -160,7 +161,7 @@ fn garbage_after_the_first_token_ends_the_stream_with_an_error_and_bills_only_wh
 
 #[test]
 fn an_oversized_frame_cuts_the_worker_off_and_costs_nothing() {
-    let (status, text, balance, holds) = run_with(Script::Oversized, |_| {});
+    let (status, text, balance, holds, _) = run_with(Script::Oversized, |_| {});
     assert_eq!(status, 503, "no other worker to retry on: {text}");
     assert!(text.contains("no_capacity"), "{text}");
     assert_eq!((balance, holds), (GRANT, 0));
@@ -169,8 +170,21 @@ fn an_oversized_frame_cuts_the_worker_off_and_costs_nothing() {
 #[test]
 fn a_worker_that_never_finishes_is_cut_at_the_job_deadline() {
     let (text, balance, holds) = {
-        let (status, text, balance, holds) = run_with(Script::Stall, |c| c.job_deadline_ms = 1_500);
+        let (status, text, balance, holds, url) =
+            run_with(Script::Stall, |c| c.job_deadline_ms = 1_500);
         assert_eq!(status, 200, "{text}");
+        // The stalling worker is still connected: its history shows the job
+        // it started and failed, from the event log's worker events.
+        let workers = common::harness::admin_get(&url, ADMIN, "/admin/workers");
+        let history = &workers["workers"][0]["history"];
+        assert_eq!(
+            (
+                history["jobs_started"].as_u64(),
+                history["jobs_failed"].as_u64()
+            ),
+            (Some(1), Some(1)),
+            "{workers}"
+        );
         (text, balance, holds)
     };
     assert!(text.contains("\"error\""), "{text}");

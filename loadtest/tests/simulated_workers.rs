@@ -39,6 +39,7 @@ fn consumers_stream_through_simulated_workers_and_pay_for_it() {
             data_dir: dir.path().to_path_buf(),
             admin_token: ADMIN.into(),
             heartbeat_interval_ms: 1_000,
+            heartbeat_epoch_ms: 1_000,
             prices: vec![PriceConfig {
                 model: "mock".into(),
                 input_micro_per_1k: 1_000,
@@ -125,6 +126,35 @@ fn consumers_stream_through_simulated_workers_and_pay_for_it() {
         .expect("balance");
     // 32 answers of 16 tokens at 2 micro-credits a token, plus prompts.
     assert!(balance <= 10_000_000 - 32 * 16 * 2, "charged: {acct}");
+
+    // The event log has each worker's jobs and, with one-second epochs, its
+    // heartbeat summaries (an epoch is logged when the next one starts).
+    let list = || -> Vec<Value> {
+        let v: Value = ureq::get(&format!("{url}/admin/workers"))
+            .set("authorization", &format!("Bearer {ADMIN}"))
+            .call()
+            .expect("list workers")
+            .into_json()
+            .expect("json");
+        v["workers"].as_array().expect("workers").clone()
+    };
+    let summarized = |w: &Value| w["history"]["epochs"].as_u64().unwrap_or(0) >= 1;
+    let waited = Instant::now();
+    let mut listed = list();
+    while !listed.iter().all(summarized) && waited.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(200));
+        listed = list();
+    }
+    assert_eq!(listed.len() as u64, WORKERS);
+    assert!(
+        listed.iter().all(summarized),
+        "every worker has a heartbeat summary: {listed:?}"
+    );
+    let started: u64 = listed
+        .iter()
+        .map(|w| w["history"]["jobs_started"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(started, 32, "one job_started per request");
 
     let out = workers.wait_with_output().expect("workers finish");
     assert!(out.status.success());

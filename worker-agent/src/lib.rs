@@ -1,13 +1,14 @@
 //! `troop-agent`: runs beside an inference engine and serves the network.
 //!
-//! Codemap (growing with issue 3):
+//! Codemap:
 //! - [`engine`]: finding the local engine (vLLM, Ollama, LM Studio, llama.cpp)
 //!   and describing it: kind, models, context lengths, slots.
 //! - [`gpu`]: GPU facts from `nvidia-smi`, or CPU mode.
 //! - [`identity`]: the worker's Ed25519 key, created on first run, mode 0600.
-//!
-//! Still to come: the WebSocket link to the coordinator (`run`), job execution
-//! and stream forwarding, draining on SIGTERM.
+//! - [`link`]: the outbound WebSocket to the coordinator: challenge auth,
+//!   heartbeats, jobs run against the engine with their output forwarded as
+//!   data frames, signed receipts, cancel, drain on SIGTERM, jittered
+//!   reconnect. `troop-loadtest workers` runs many of these in one process.
 
 #![forbid(unsafe_code)]
 

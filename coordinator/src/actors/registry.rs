@@ -9,7 +9,9 @@ use tokio::sync::{mpsc, oneshot};
 use troop_schemas::protocol::{CoordinatorMsg, Heartbeat, ModelInfo};
 use troop_schemas::{JobId, WorkerId};
 
+use crate::domain::heartbeats::Summarizer;
 use crate::domain::placement::{self, Candidate, NoWorker};
+use crate::history::{WorkerEvent, WorkerEventSink, WorkerRecord};
 
 /// How a job ends, as the worker says.
 #[derive(Debug)]
@@ -52,18 +54,23 @@ struct Entry {
     connection: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     workers: HashMap<WorkerId, Entry>,
     next_connection: u64,
     pub heartbeat_timeout_ms: u64,
+    summarizer: Summarizer,
+    sink: WorkerEventSink,
 }
 
 impl Registry {
-    pub fn new(heartbeat_timeout_ms: u64) -> Self {
+    pub fn new(heartbeat_timeout_ms: u64, heartbeat_epoch_ms: u64, sink: WorkerEventSink) -> Self {
         Self {
+            workers: HashMap::new(),
+            next_connection: 0,
             heartbeat_timeout_ms,
-            ..Self::default()
+            summarizer: Summarizer::new(heartbeat_epoch_ms),
+            sink,
         }
     }
 }
@@ -122,6 +129,9 @@ impl Handler<Unregister> for Registry {
             .is_some_and(|e| e.connection == msg.connection)
         {
             self.workers.remove(&msg.worker);
+            if let Some(last) = self.summarizer.close(&msg.worker) {
+                self.sink.record(WorkerEvent::Heartbeats(last));
+            }
         }
     }
 }
@@ -139,6 +149,9 @@ impl Handler<Beat> for Registry {
     fn handle(&mut self, msg: Beat, _: &mut Self::Context) {
         if let Some(e) = self.workers.get_mut(&msg.worker) {
             let h = msg.heartbeat;
+            if let Some(closed) = self.summarizer.beat(msg.worker, &h, msg.now_ms) {
+                self.sink.record(WorkerEvent::Heartbeats(closed));
+            }
             e.candidate.models = h.models.iter().map(|m| m.name.clone()).collect();
             // Slots the coordinator has handed out but the worker has not yet
             // reported busy would be counted twice: trust the lower number.
@@ -274,6 +287,8 @@ pub struct WorkerView {
     pub milli_tokens_per_s: u64,
     pub last_heartbeat_ms: u64,
     pub banned: bool,
+    /// From the event log: jobs started and failed, heartbeat epochs.
+    pub history: Option<WorkerRecord>,
 }
 
 #[derive(Debug, Message)]
@@ -283,6 +298,7 @@ pub struct ListWorkers;
 impl Handler<ListWorkers> for Registry {
     type Result = Vec<WorkerView>;
     fn handle(&mut self, _: ListWorkers, _: &mut Self::Context) -> Self::Result {
+        let history = self.sink.history.read().expect("history lock");
         let mut list: Vec<WorkerView> = self
             .workers
             .values()
@@ -293,6 +309,7 @@ impl Handler<ListWorkers> for Registry {
                 milli_tokens_per_s: e.candidate.speed.milli_tokens_per_s(),
                 last_heartbeat_ms: e.candidate.last_heartbeat_ms,
                 banned: e.candidate.banned,
+                history: history.get(&e.candidate.worker).cloned(),
             })
             .collect();
         list.sort_by(|a, b| a.worker.cmp(&b.worker));

@@ -19,6 +19,7 @@ use crate::books::BooksError;
 use crate::domain::billing::{self, Claimed, Observed};
 use crate::domain::placement::NoWorker;
 use crate::domain::ratelimit::Refusal;
+use crate::history::WorkerEvent;
 
 /// Output pieces buffered between a worker connection and one HTTP response.
 const JOB_CHANNEL: usize = 64;
@@ -377,6 +378,12 @@ async fn complete(
             exclude.push(link.worker);
             continue;
         }
+        state.worker_events.record(WorkerEvent::JobStarted {
+            job,
+            worker: link.worker,
+            model: request.model.clone(),
+            at_ms: now_ms(),
+        });
         let started = Instant::now();
         let deadline = Duration::from_millis(state.config.first_byte_deadline_ms);
         let mut ended = None;
@@ -386,16 +393,27 @@ async fn complete(
             first = data_rx.recv() => first,
             r = &mut end => {
                 // The job ended; anything it sent before is still buffered.
-                let buffered = data_rx.try_recv().ok();
-                if buffered.is_some() {
-                    ended = Some(r.ok());
-                }
-                buffered
+                ended = Some(r.ok());
+                data_rx.try_recv().ok()
             }
             _ = tokio::time::sleep(deadline) => None,
         };
         let Some(first) = first else {
             // Failed before its first byte: free the slot and try someone else.
+            let reason = match ended.take().flatten() {
+                Some(JobEnd::Failed { status, error }) => {
+                    format!("engine answered {status}: {error}")
+                }
+                Some(JobEnd::Lost) => "connection lost before the first byte".to_owned(),
+                Some(JobEnd::Done { .. }) => "finished without output".to_owned(),
+                None => "no output before the first-byte deadline".to_owned(),
+            };
+            state.worker_events.record(WorkerEvent::job_failed(
+                job,
+                link.worker,
+                &reason,
+                now_ms(),
+            ));
             link.jobs.lock().expect("jobs lock").remove(&job);
             let _ = link
                 .outbox
@@ -763,6 +781,16 @@ async fn settle_in_span(ctx: Job, reading: Reading, cancelled: bool) -> Option<b
             } else {
                 VoidReason::ReceiptRejected
             };
+            let why = match &other {
+                Some(JobEnd::Failed { status, error }) => {
+                    format!("engine answered {status}: {error}")
+                }
+                Some(JobEnd::Lost) => "connection lost mid-job".to_owned(),
+                _ => "no receipt before the deadline".to_owned(),
+            };
+            state
+                .worker_events
+                .record(WorkerEvent::job_failed(job, link.worker, &why, now_ms()));
             tracing::warn!(%job, worker = %link.worker, outcome = ?other, "no receipt; voiding the hold");
             state.metrics.receipts_rejected.inc();
             void(&state, hold, reason).await;

@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::domain::ratelimit::RateLimiter;
 use crate::eventlog::EventLog;
 use crate::eventlog::file::{FileLog, FileLogConfig};
+use crate::history::{WorkerEventSink, WorkerHistory};
 use crate::keys::ApiKeys;
 
 /// Everything a request handler needs; cheap to clone.
@@ -42,6 +43,8 @@ pub struct AppState {
     /// Banned workers: refused at connect, never offered work.
     pub bans: Arc<RwLock<std::collections::HashSet<troop_schemas::WorkerId>>>,
     pub limiter: Arc<Mutex<RateLimiter>>,
+    /// Jobs started and failed, heartbeat summaries: logged and projected.
+    pub worker_events: WorkerEventSink,
 }
 
 /// One account's place among its requests in flight; given back on drop,
@@ -168,10 +171,12 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
     let ledger_dir = dir.join("ledger");
     let mut keys = ApiKeys::new(hash_key);
     let mut bans = std::collections::HashSet::new();
+    let mut history = WorkerHistory::default();
     // One replay of the event log feeds every projection: balances, keys, bans.
     let (mut books, recovery) =
         Books::open_with(Arc::clone(&events), &ledger_dir, signer, &mut |record| {
             keys.apply_record(record)?;
+            history.apply_record(record)?;
             if let Some((&TAG_BAN_EVENT, body)) = record.split_first() {
                 let BanEvent::Banned { worker, .. } =
                     serde_json::from_slice(body).map_err(|e| e.to_string())?;
@@ -261,7 +266,16 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
             .take()
             .expect("one books thread"),
     });
-    let registry = Registry::new(config.heartbeat_timeout_ms).start();
+    let worker_events = WorkerEventSink {
+        events: Arc::clone(&events),
+        history: Arc::new(RwLock::new(history)),
+    };
+    let registry = Registry::new(
+        config.heartbeat_timeout_ms,
+        config.heartbeat_epoch_ms,
+        worker_events.clone(),
+    )
+    .start();
     let config_limits = config.rate_limits;
     Ok(AppState {
         books,
@@ -274,6 +288,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         metrics: Arc::new(crate::metrics::Metrics::new()),
         bans: Arc::new(RwLock::new(bans)),
         limiter: Arc::new(Mutex::new(RateLimiter::new(config_limits))),
+        worker_events,
     })
 }
 

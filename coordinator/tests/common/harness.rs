@@ -42,6 +42,15 @@ pub fn wait_for_models(url: &str) {
     });
 }
 
+pub fn admin_get(url: &str, token: &str, path: &str) -> Value {
+    ureq::get(&format!("{url}{path}"))
+        .set("authorization", &format!("Bearer {token}"))
+        .call()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .into_json()
+        .expect("json")
+}
+
 pub fn admin(url: &str, token: &str, path: &str, body: Value) -> Value {
     ureq::post(&format!("{url}{path}"))
         .set("authorization", &format!("Bearer {token}"))
