@@ -27,6 +27,51 @@ pub struct ReportedUsage {
     pub completion_tokens: u64,
 }
 
+/// A stream chunk as engines send it: only what the meter reads. An `error`
+/// member sends it down the general path (the typed parse refuses it).
+#[derive(serde::Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChunkChoice<'a>>>,
+    #[serde(default)]
+    usage: Option<ChunkUsage>,
+    #[serde(default, rename = "error")]
+    _error: Option<Never>,
+}
+
+/// Deserializes from nothing: a chunk with an `error` member is not a [`Chunk`].
+enum Never {}
+
+impl<'de> serde::Deserialize<'de> for Never {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom("an error event"))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<ChunkDelta<'a>>,
+    #[serde(borrow, default)]
+    text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChunkDelta<'a> {
+    #[serde(borrow, default)]
+    content: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChunkUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
 #[derive(Debug)]
 pub struct Meter {
     hasher: blake3::Hasher,
@@ -103,17 +148,29 @@ impl Meter {
     pub fn feed(&mut self, piece: &[u8]) -> Result<(), MeterError> {
         self.hasher.update(piece);
         self.bytes += piece.len() as u64;
-        for &b in piece {
-            if b == b'\n' {
-                let line = std::mem::take(&mut self.line);
-                self.line_done(&line)?;
-            } else {
-                if self.line.len() == MAX_LINE_BYTES {
+        let mut rest = piece;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            let (line, tail) = (&rest[..end], &rest[end + 1..]);
+            if self.line.is_empty() {
+                // The whole line is in this piece: no copy.
+                if line.len() > MAX_LINE_BYTES {
                     return Err(MeterError::LineTooLong);
                 }
-                self.line.push(b);
+                self.line_done(line)?;
+            } else {
+                if self.line.len() + line.len() > MAX_LINE_BYTES {
+                    return Err(MeterError::LineTooLong);
+                }
+                let mut whole = std::mem::take(&mut self.line);
+                whole.extend_from_slice(line);
+                self.line_done(&whole)?;
             }
+            rest = tail;
         }
+        if self.line.len() + rest.len() > MAX_LINE_BYTES {
+            return Err(MeterError::LineTooLong);
+        }
+        self.line.extend_from_slice(rest);
         Ok(())
     }
 
@@ -133,6 +190,30 @@ impl Meter {
             self.done = true;
             return Ok(());
         }
+        // The shape engines send, borrowed from the line; anything else (an
+        // error event, content that is not a string) takes the general path.
+        if let Ok(chunk) = serde_json::from_str::<Chunk<'_>>(data) {
+            self.events += 1;
+            for c in chunk.choices.iter().flatten() {
+                let text = c
+                    .delta
+                    .as_ref()
+                    .and_then(|d| d.content.as_deref())
+                    .or(c.text.as_deref())
+                    .unwrap_or("");
+                self.count_text(text);
+                if let Some(r) = &c.finish_reason {
+                    self.finish_reason = Some(r.chars().take(64).collect());
+                }
+            }
+            if let Some(u) = chunk.usage {
+                self.usage = Some(ReportedUsage {
+                    prompt_tokens: u.prompt_tokens.unwrap_or(0),
+                    completion_tokens: u.completion_tokens.unwrap_or(0),
+                });
+            }
+            return Ok(());
+        }
         let v: serde_json::Value =
             serde_json::from_str(data).map_err(|e| MeterError::NotJson(e.to_string()))?;
         self.events += 1;
@@ -150,15 +231,7 @@ impl Meter {
                     .or_else(|| c.get("text"))
                     .and_then(|t| t.as_str())
                     .unwrap_or("");
-                if !text.is_empty() {
-                    self.deltas += 1;
-                    self.content_bytes += text.len() as u64;
-                    if let Some(t) = self.text.as_mut()
-                        && t.len() + text.len() <= MAX_COLLECTED_BYTES
-                    {
-                        t.push_str(text);
-                    }
-                }
+                self.count_text(text);
                 if let Some(r) = c.get("finish_reason").and_then(|r| r.as_str()) {
                     self.finish_reason = Some(r.chars().take(64).collect());
                 }
@@ -174,6 +247,18 @@ impl Meter {
             });
         }
         Ok(())
+    }
+
+    fn count_text(&mut self, text: &str) {
+        if !text.is_empty() {
+            self.deltas += 1;
+            self.content_bytes += text.len() as u64;
+            if let Some(t) = self.text.as_mut()
+                && t.len() + text.len() <= MAX_COLLECTED_BYTES
+            {
+                t.push_str(text);
+            }
+        }
     }
 
     pub fn finish(self) -> Reading {
