@@ -48,6 +48,47 @@ pub enum BooksError {
     Corrupt { offset: u64, why: String },
     #[error("the books stopped after a failed write; restart to recover from the event log")]
     Poisoned,
+    #[error("snapshot at ledger entry {snapshot} is past the published ledger ({published})")]
+    SnapshotAhead { snapshot: u64, published: u64 },
+}
+
+/// Where a replay starts: the beginning of the log, or a snapshot of the
+/// ledger projection taken at `offset`.
+#[derive(Debug, Clone, Default)]
+pub struct Start {
+    /// Event-log records already folded.
+    pub offset: u64,
+    /// Ledger entries among them.
+    pub entries: u64,
+    pub ledger: Ledger,
+    pub receipts: HashMap<JobId, u64>,
+}
+
+/// Folds one event-log record into the ledger projection (`entries` counts
+/// ledger entries; `receipts` indexes settlements). Returns the entry's bytes
+/// when the record is a ledger entry, `None` for any other record.
+pub fn fold_ledger_record<'a>(
+    ledger: &mut Ledger,
+    receipts: &mut HashMap<JobId, u64>,
+    entries: &mut u64,
+    record: &'a crate::eventlog::Record,
+) -> Result<Option<&'a [u8]>, BooksError> {
+    let Some((&TAG_LEDGER_ENTRY, entry)) = record.payload.split_first() else {
+        return Ok(None);
+    };
+    let corrupt = |why: String| BooksError::Corrupt {
+        offset: record.offset,
+        why,
+    };
+    let event = decode_entry(entry).map_err(|e| corrupt(e.to_string()))?;
+    ledger
+        .apply(&event)
+        .map_err(|e| corrupt(format!("refused on replay: {e}")))?;
+    if let Event::HoldSettled { receipt, .. } = &event {
+        receipts.insert(receipt.receipt.job, *entries);
+    }
+    *entries += 1;
+    Ok(Some(entry))
 }
 
 /// One verdict per event (its ledger index, or why it was refused), and the
@@ -67,6 +108,8 @@ pub struct Books {
     /// Ledger entries queued on the event log, by event-log offset, that the
     /// ledger log takes once their record is durable.
     undurable: VecDeque<(u64, Vec<u8>)>,
+    /// Size of the last signed checkpoint, for readers on other threads.
+    published: Arc<std::sync::atomic::AtomicU64>,
     poisoned: bool,
 }
 
@@ -117,14 +160,38 @@ impl Books {
         signer: NoteSigner,
         other: &mut dyn FnMut(&[u8]) -> Result<(), String>,
     ) -> Result<(Self, Recovery), BooksError> {
+        Self::open_at(events, ledger_dir, signer, Start::default(), other)
+    }
+
+    /// [`Books::open_with`] from `start` (a snapshot) instead of the log's
+    /// beginning: only the records after it are replayed. A snapshot past the
+    /// published ledger cannot be used (the ledger log would miss the entries
+    /// in between): [`BooksError::SnapshotAhead`], and the caller replays in full.
+    pub fn open_at(
+        events: Arc<dyn EventLog>,
+        ledger_dir: &std::path::Path,
+        signer: NoteSigner,
+        start: Start,
+        other: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<(Self, Recovery), BooksError> {
         let mut writer = LogWriter::open(
             DirStore::open(ledger_dir).map_err(WriterError::from)?,
             signer,
         )?;
         let published = writer.size();
-        let mut ledger = Ledger::new();
-        let (mut offset, mut entries, mut republished) = (0u64, 0u64, 0u64);
-        let mut receipts = HashMap::new();
+        if start.entries > published {
+            return Err(BooksError::SnapshotAhead {
+                snapshot: start.entries,
+                published,
+            });
+        }
+        let Start {
+            mut offset,
+            mut entries,
+            mut ledger,
+            mut receipts,
+        } = start;
+        let mut republished = 0u64;
         loop {
             let batch = events.read(offset, REPLAY_BATCH)?;
             if batch.is_empty() {
@@ -132,29 +199,19 @@ impl Books {
             }
             for record in batch {
                 offset = record.offset + 1;
-                let Some((&TAG_LEDGER_ENTRY, entry)) = record.payload.split_first() else {
-                    other(&record.payload).map_err(|why| BooksError::Corrupt {
+                match fold_ledger_record(&mut ledger, &mut receipts, &mut entries, &record)? {
+                    Some(entry) => {
+                        // `entries` now counts this one: its index is entries - 1.
+                        if entries > published {
+                            writer.append(entry.to_vec())?;
+                            republished += 1;
+                        }
+                    }
+                    None => other(&record.payload).map_err(|why| BooksError::Corrupt {
                         offset: record.offset,
                         why,
-                    })?;
-                    continue;
-                };
-                let corrupt = |why: String| BooksError::Corrupt {
-                    offset: record.offset,
-                    why,
-                };
-                let event = decode_entry(entry).map_err(|e| corrupt(e.to_string()))?;
-                ledger
-                    .apply(&event)
-                    .map_err(|e| corrupt(format!("refused on replay: {e}")))?;
-                if let Event::HoldSettled { receipt, .. } = &event {
-                    receipts.insert(receipt.receipt.job, entries);
+                    })?,
                 }
-                if entries >= published {
-                    writer.append(entry.to_vec())?;
-                    republished += 1;
-                }
-                entries += 1;
             }
         }
         if entries < published {
@@ -165,7 +222,7 @@ impl Books {
                 ),
             });
         }
-        writer.publish()?;
+        let published_now = writer.publish()?.size;
         ledger
             .check_invariants()
             .map_err(|why| BooksError::Corrupt { offset, why })?;
@@ -182,6 +239,7 @@ impl Books {
                 entries,
                 receipts,
                 undurable: VecDeque::new(),
+                published: Arc::new(std::sync::atomic::AtomicU64::new(published_now)),
                 poisoned: false,
             },
             recovery,
@@ -214,6 +272,31 @@ impl Books {
     /// Ledger entries so far.
     pub fn entries(&self) -> u64 {
         self.entries
+    }
+
+    /// The ledger projection as it stands, for a snapshot taken when nothing
+    /// is queued (right after opening).
+    pub fn start_here(&self, offset: u64) -> Start {
+        debug_assert!(
+            self.undurable.is_empty(),
+            "a snapshot holds durable state only"
+        );
+        Start {
+            offset,
+            entries: self.entries,
+            ledger: self.ledger.clone(),
+            receipts: self.receipts.clone(),
+        }
+    }
+
+    /// Size of the last signed checkpoint.
+    pub fn published(&self) -> u64 {
+        self.writer.published().size
+    }
+
+    /// The size of the last signed checkpoint, kept current for other threads.
+    pub fn published_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        Arc::clone(&self.published)
     }
 
     /// Checks and commits `events` in order, as one durable batch. Each gets its
@@ -295,7 +378,7 @@ impl Books {
             return Ok(None);
         }
         if index >= self.writer.published().size {
-            self.writer.publish()?;
+            self.publish()?;
         }
         let store = self.writer.store();
         let size = self.writer.published().size;
@@ -336,6 +419,8 @@ impl Books {
     pub fn publish(&mut self) -> Result<(u64, troop_ledger::Hash), BooksError> {
         self.sequence_durable()?;
         let cp = self.writer.publish()?;
+        self.published
+            .store(cp.size, std::sync::atomic::Ordering::SeqCst);
         Ok((cp.size, cp.root))
     }
 

@@ -52,6 +52,9 @@ pub struct Config {
     pub http_workers: usize,
     /// Heartbeats are logged as one summary per worker per epoch of this length.
     pub heartbeat_epoch_ms: u64,
+    /// A snapshot of every projection after this many more event-log records
+    /// (start-up replays only what follows the newest); 0 turns it off.
+    pub snapshot_every_records: u64,
 }
 
 impl Default for Config {
@@ -75,6 +78,7 @@ impl Default for Config {
             rate_limits: RateLimits::default(),
             http_workers: 0,
             heartbeat_epoch_ms: 60_000,
+            snapshot_every_records: 100_000,
         }
     }
 }

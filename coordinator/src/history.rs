@@ -70,7 +70,7 @@ impl WorkerEvent {
 }
 
 /// One worker's record, folded from its events.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerRecord {
     pub jobs_started: u64,
     pub jobs_failed: u64,
@@ -80,7 +80,7 @@ pub struct WorkerRecord {
 }
 
 /// Every worker's record. One entry per worker ever seen.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerHistory {
     workers: HashMap<WorkerId, WorkerRecord>,
 }

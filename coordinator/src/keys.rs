@@ -40,8 +40,8 @@ impl KeyEvent {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stored {
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stored {
     account: AccountId,
     hash: [u8; 32],
     revoked: bool,
@@ -78,6 +78,20 @@ impl ApiKeys {
 
     fn hash(&self, secret: &[u8]) -> [u8; 32] {
         *blake3::keyed_hash(&self.hash_key, secret).as_bytes()
+    }
+
+    /// The key table without the hashing key (which never leaves its file).
+    pub fn table(&self) -> HashMap<ApiKeyId, Stored> {
+        self.keys.clone()
+    }
+
+    pub fn into_table(self) -> HashMap<ApiKeyId, Stored> {
+        self.keys
+    }
+
+    /// A table saved by [`ApiKeys::table`], under the same hashing key.
+    pub fn with_table(hash_key: [u8; 32], keys: HashMap<ApiKeyId, Stored>) -> Self {
+        Self { hash_key, keys }
     }
 
     /// Applies a replayed or newly committed event.

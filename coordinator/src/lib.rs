@@ -10,6 +10,8 @@
 //! - [`history`]: worker events (jobs started and failed, heartbeat summaries)
 //!   and their projection.
 //! - [`keys`]: API keys, event-sourced.
+//! - [`snapshot`]: every projection at one offset, so start-up replays only
+//!   what came after; a background snapshotter keeps them fresh.
 //! - [`domain`]: pure decisions — placement, hold sizing, billing, rate limits,
 //!   heartbeat summaries.
 //! - [`eventlog`]: the event log port and its embedded adapter (segment files
@@ -30,3 +32,4 @@ pub mod metrics;
 
 pub use troop_ledger as ledger;
 pub mod server;
+pub mod snapshot;

@@ -83,3 +83,25 @@ fn kill_9_with_requests_in_flight_loses_nothing() {
         i128::from(GRANT)
     );
 }
+
+#[test]
+fn a_restart_from_the_start_up_snapshot_serves_the_same_books() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = start(dir.path());
+    let (acct, key) = consumer(&first.1, PROCESS_ADMIN, GRANT);
+    drop(first);
+    // The second start replays the whole log and snapshots it; the third
+    // starts from that snapshot and replays nothing.
+    let second = start(dir.path());
+    let before = account(&second.1, &key);
+    drop(second);
+    let snapshots: Vec<_> = std::fs::read_dir(dir.path().join("data/snapshots"))
+        .expect("a snapshot was written")
+        .filter_map(Result::ok)
+        .collect();
+    assert!(!snapshots.is_empty());
+    let third = start(dir.path());
+    let after = account(&third.1, &key);
+    assert_eq!(after, before, "balance, holds and the key itself survive");
+    assert_eq!(after["account"], acct.as_str());
+}

@@ -92,7 +92,7 @@ pub enum FoldError {
     SelfTransfer,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Account {
     pub role: Option<AccountRole>,
     pub debits_posted: u128,
@@ -114,7 +114,7 @@ impl Account {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Hold {
     pub account: AccountId,
     pub job: JobId,
@@ -123,13 +123,13 @@ pub struct Hold {
     pub expires_at_ms: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Price {
     pub input_micro_per_1k: u64,
     pub output_micro_per_1k: u64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Schedule {
     pub version: u64,
     pub fee_bps: u64,
@@ -193,14 +193,14 @@ impl Schedule {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Worker {
     pub key: PublicKey,
     pub account: AccountId,
 }
 
 /// The ledger's state. Build it by [`Ledger::apply`]ing events in log order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Ledger {
     accounts: HashMap<AccountId, Account>,
     holds: HashMap<HoldId, Hold>,

@@ -26,8 +26,9 @@ use crate::config::Config;
 use crate::domain::ratelimit::RateLimiter;
 use crate::eventlog::EventLog;
 use crate::eventlog::file::{FileLog, FileLogConfig};
-use crate::history::{WorkerEventSink, WorkerHistory};
+use crate::history::WorkerEventSink;
 use crate::keys::ApiKeys;
+use crate::snapshot::Snapshot;
 
 /// Everything a request handler needs; cheap to clone.
 #[derive(Clone)]
@@ -169,21 +170,56 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         format!("{}\n", signer.verifier().to_key_string()),
     )?;
     let ledger_dir = dir.join("ledger");
-    let mut keys = ApiKeys::new(hash_key);
-    let mut bans = std::collections::HashSet::new();
-    let mut history = WorkerHistory::default();
-    // One replay of the event log feeds every projection: balances, keys, bans.
-    let (mut books, recovery) =
-        Books::open_with(Arc::clone(&events), &ledger_dir, signer, &mut |record| {
-            keys.apply_record(record)?;
-            history.apply_record(record)?;
-            if let Some((&TAG_BAN_EVENT, body)) = record.split_first() {
-                let BanEvent::Banned { worker, .. } =
-                    serde_json::from_slice(body).map_err(|e| e.to_string())?;
-                bans.insert(worker);
+    // One replay of the event log feeds every projection — balances, keys,
+    // bans, worker history — from the newest usable snapshot on.
+    let snapshots_dir = dir.join("snapshots");
+    let snapshot = Snapshot::latest(&snapshots_dir, events.next_offset());
+    let from_snapshot = snapshot.as_ref().map_or(0, |s| s.offset);
+    let replay = |snapshot: Snapshot| -> Result<_, crate::books::BooksError> {
+        let signer = NoteSigner::new(&config.ledger_name, log_key.clone()).map_err(|e| {
+            crate::books::BooksError::Corrupt {
+                offset: 0,
+                why: e.to_string(),
             }
-            Ok(())
         })?;
+        let (start, mut others) = snapshot.split();
+        let (books, recovery) = Books::open_at(
+            Arc::clone(&events),
+            &ledger_dir,
+            signer,
+            start,
+            &mut |record| others.fold_other(record),
+        )?;
+        Ok((books, recovery, others))
+    };
+    let (mut books, recovery, others) = match snapshot {
+        Some(s) => replay(s).or_else(|e| {
+            tracing::warn!(error = %e, "the snapshot could not be used; replaying the whole event log");
+            replay(Snapshot::empty())
+        })?,
+        None => replay(Snapshot::empty())?,
+    };
+    drop(signer);
+    // What was just replayed is durable and published: a snapshot of it makes
+    // the next start replay only what comes after.
+    let snapshot = others.join(books.start_here(recovery.records));
+    if snapshot.offset > from_snapshot
+        && let Err(e) = snapshot.write(&snapshots_dir)
+    {
+        tracing::warn!(error = %e, "writing the start-up snapshot failed");
+    }
+    let keys = ApiKeys::with_table(hash_key, snapshot.keys.clone());
+    let bans = snapshot.bans.clone();
+    let history = snapshot.history.clone();
+    if config.snapshot_every_records > 0 {
+        crate::snapshot::spawn_snapshotter(
+            Arc::clone(&events),
+            snapshots_dir,
+            snapshot,
+            config.snapshot_every_records,
+            books.published_counter(),
+        )?;
+    }
     tracing::info!(
         records = recovery.records,
         entries = recovery.entries,
