@@ -191,3 +191,47 @@ fn a_worker_that_never_finishes_is_cut_at_the_job_deadline() {
     assert_eq!(holds, 0);
     assert_eq!(balance, GRANT, "a third of a token is no token");
 }
+
+#[test]
+fn a_non_streamed_answer_carries_the_tool_calls_put_together_and_bills_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = start_in_process(config(dir.path()));
+    let (_, key) = consumer(&url, ADMIN, GRANT);
+    let worker = common::scripted::spawn(url.clone(), Script::ToolCall);
+    wait_for_models(&url);
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "max_tokens": 50,
+    });
+    let answer: serde_json::Value = ureq::post(&format!("{url}/v1/chat/completions"))
+        .set("authorization", &format!("Bearer {key}"))
+        .send_json(body)
+        .expect("answered")
+        .into_json()
+        .expect("json");
+    worker.join().expect("worker");
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{answer}");
+    assert!(choice["message"]["content"].is_null(), "{answer}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(
+        (
+            call["id"].as_str(),
+            call["type"].as_str(),
+            call["function"]["name"].as_str()
+        ),
+        (Some("call_1"), Some("function"), Some("get_weather"))
+    );
+    assert_eq!(call["function"]["arguments"], "{\"city\": \"Paris\"}");
+    assert_eq!(
+        answer["usage"]["completion_tokens"], 3,
+        "the call's three pieces are billed, not the worker's claim of 1,000"
+    );
+    wait_for("settlement", || {
+        account(&url, &key)["holds"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+}

@@ -62,6 +62,47 @@ struct ChunkChoice<'a> {
 struct ChunkDelta<'a> {
     #[serde(borrow, default)]
     content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<ToolCallDelta<'a>>>,
+}
+
+/// A piece of a tool call: the first names it, the rest add to its arguments.
+#[derive(serde::Deserialize)]
+struct ToolCallDelta<'a> {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(borrow, default)]
+    id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    function: Option<FunctionDelta<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct FunctionDelta<'a> {
+    #[serde(borrow, default)]
+    name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    arguments: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Most tool calls kept for a non-streaming answer.
+pub const MAX_TOOL_CALLS: usize = 128;
+
+/// A tool call put together from its streamed pieces (OpenAI's shape).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: ToolFunction,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ToolFunction {
+    pub name: String,
+    pub arguments: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -86,6 +127,8 @@ pub struct Meter {
     error: Option<String>,
     /// Generated text, kept only when asked for (to answer non-streaming requests).
     text: Option<String>,
+    /// Tool calls, kept with the text.
+    tool_calls: Vec<ToolCall>,
 }
 
 /// Most text kept for a non-streaming answer.
@@ -117,6 +160,8 @@ pub struct Reading {
     pub error: Option<String>,
     /// The generated text, if the meter was made with [`Meter::collecting`].
     pub text: Option<String>,
+    /// Tool calls put together from their pieces (collecting meters only).
+    pub tool_calls: Vec<ToolCall>,
 }
 
 impl Meter {
@@ -133,6 +178,7 @@ impl Meter {
             done: false,
             error: None,
             text: None,
+            tool_calls: Vec::new(),
         }
     }
 
@@ -201,6 +247,13 @@ impl Meter {
                     .and_then(|d| d.content.as_deref())
                     .or(c.text.as_deref())
                     .unwrap_or("");
+                let calls = c.delta.as_ref().and_then(|d| d.tool_calls.as_deref());
+                let call_bytes = calls.map_or(0, |calls| self.collect_tool_calls(calls));
+                if text.is_empty() && call_bytes > 0 {
+                    // A tool call's pieces are generated tokens like text.
+                    self.deltas += 1;
+                    self.content_bytes += call_bytes;
+                }
                 self.count_text(text);
                 if let Some(r) = &c.finish_reason {
                     self.finish_reason = Some(r.chars().take(64).collect());
@@ -249,6 +302,44 @@ impl Meter {
         Ok(())
     }
 
+    /// Adds tool-call pieces; returns how many bytes of name and arguments they carried.
+    fn collect_tool_calls(&mut self, calls: &[ToolCallDelta<'_>]) -> u64 {
+        let mut bytes = 0u64;
+        for d in calls {
+            let f = d.function.as_ref();
+            let name = f.and_then(|f| f.name.as_deref()).unwrap_or("");
+            let args = f.and_then(|f| f.arguments.as_deref()).unwrap_or("");
+            bytes += (name.len() + args.len()) as u64;
+            if self.text.is_none() {
+                continue;
+            }
+            let index = usize::try_from(d.index.unwrap_or(0)).unwrap_or(usize::MAX);
+            if index >= MAX_TOOL_CALLS {
+                continue;
+            }
+            if self.tool_calls.len() <= index {
+                self.tool_calls.resize_with(index + 1, ToolCall::default);
+            }
+            let kept: usize = self
+                .tool_calls
+                .iter()
+                .map(|c| c.function.arguments.len() + c.function.name.len())
+                .sum();
+            let call = &mut self.tool_calls[index];
+            if let Some(id) = d.id.as_deref().filter(|i| !i.is_empty()) {
+                call.id = id.chars().take(256).collect();
+            }
+            if let Some(kind) = d.kind.as_deref() {
+                call.kind = kind.chars().take(64).collect();
+            }
+            if kept + name.len() + args.len() <= MAX_COLLECTED_BYTES {
+                call.function.name.push_str(name);
+                call.function.arguments.push_str(args);
+            }
+        }
+        bytes
+    }
+
     fn count_text(&mut self, text: &str) {
         if !text.is_empty() {
             self.deltas += 1;
@@ -273,6 +364,17 @@ impl Meter {
             done: self.done,
             error: self.error,
             text: self.text,
+            tool_calls: self
+                .tool_calls
+                .into_iter()
+                .filter(|c| !c.function.name.is_empty() || !c.function.arguments.is_empty())
+                .map(|mut c| {
+                    if c.kind.is_empty() {
+                        c.kind = "function".into();
+                    }
+                    c
+                })
+                .collect(),
         }
     }
 }
@@ -354,6 +456,37 @@ mod tests {
         assert_eq!(r.error.as_deref(), Some("context full"));
         assert_eq!(r.deltas, 0);
         assert!(!r.done);
+    }
+
+    #[test]
+    fn tool_calls_are_counted_and_put_together() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"arguments\":\"\"}}]},\"finish_reason\":null}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"city\\\": \"}}]},\"finish_reason\":null}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"\\\"Paris\\\"}\"}}]},\"finish_reason\":null}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let mut m = Meter::collecting();
+        m.feed(stream.as_bytes()).expect("valid");
+        let r = m.finish();
+        assert_eq!(r.deltas, 3, "each piece of the call is a generated token");
+        assert_eq!(r.finish_reason.as_deref(), Some("tool_calls"));
+        assert_eq!(
+            r.tool_calls,
+            vec![ToolCall {
+                id: "call_1".into(),
+                kind: "function".into(),
+                function: ToolFunction {
+                    name: "get_weather".into(),
+                    arguments: "{\"city\": \"Paris\"}".into()
+                }
+            }]
+        );
+        let mut streaming = Meter::new();
+        streaming.feed(stream.as_bytes()).expect("valid");
+        let r = streaming.finish();
+        assert_eq!((r.deltas, r.tool_calls.len()), (3, 0), "counted, not kept");
     }
 
     #[test]

@@ -494,6 +494,11 @@ async fn whole_response(ctx: Job, first: Bytes, mut rx: mpsc::Receiver<Bytes>) -
     let (input, output) = bill.map_or((0, 0), |b| (b.input_tokens, b.output_tokens));
     let text = reading.text.unwrap_or_default();
     let choice = match endpoint {
+        Endpoint::Chat if !reading.tool_calls.is_empty() => {
+            // OpenAI's shape: content is null when the answer is only tool calls.
+            let content = (!text.is_empty()).then_some(text);
+            json!({"index": 0, "message": {"role": "assistant", "content": content, "tool_calls": reading.tool_calls}, "finish_reason": reading.finish_reason})
+        }
         Endpoint::Chat => {
             json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reading.finish_reason})
         }

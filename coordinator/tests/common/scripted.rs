@@ -30,6 +30,9 @@ pub enum Script {
     Garbage,
     /// Sends a data frame over the protocol's size limit as its first output.
     Oversized,
+    /// Answers with a tool call in three pieces (and checks the request's
+    /// `tools` reached it unchanged).
+    ToolCall,
 }
 
 const STREAM: [&str; 3] = ["Hello", " there", " friend"];
@@ -152,6 +155,28 @@ pub async fn scripted_worker(url: String, script: Script) {
         let _ = tx.send(Message::binary(frame)).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         return;
+    }
+    if matches!(script, Script::ToolCall) {
+        let sent: serde_json::Value = serde_json::from_str(&body).expect("json body");
+        assert_eq!(
+            sent["tools"][0]["function"]["name"], "get_weather",
+            "tools pass through"
+        );
+        let piece = |delta: serde_json::Value, finish: serde_json::Value| {
+            format!(
+                "data: {}\n\n",
+                json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            )
+        };
+        bytes = [
+            piece(json!({"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}), json!(null)),
+            piece(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": "}}]}), json!(null)),
+            piece(json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}), json!(null)),
+            piece(json!({}), json!("tool_calls")),
+            "data: [DONE]\n\n".to_owned(),
+        ]
+        .concat()
+        .into_bytes();
     }
     if matches!(script, Script::Garbage) {
         bytes = sse(1);
