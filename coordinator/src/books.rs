@@ -264,6 +264,11 @@ impl Books {
         Ok(())
     }
 
+    /// Ledger records queued on the event log and not yet known durable.
+    pub fn undurable(&self) -> u64 {
+        self.undurable.len() as u64
+    }
+
     /// Committed entries not yet covered by a signed checkpoint.
     pub fn lag(&self) -> u64 {
         self.entries.saturating_sub(self.writer.published().size)

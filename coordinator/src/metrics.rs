@@ -22,6 +22,8 @@ pub struct Metrics {
     pub workers_online: IntGauge,
     /// Ledger entries committed but not yet in a signed checkpoint.
     pub ledger_lag_entries: IntGauge,
+    /// Records queued on the event log, not yet durable.
+    pub event_log_lag_records: IntGauge,
 }
 
 impl Default for Metrics {
@@ -82,8 +84,14 @@ impl Metrics {
             "Committed ledger entries not yet in a signed checkpoint",
         )
         .expect("valid");
+        let event_log_lag_records = IntGauge::new(
+            "event_log_lag_records",
+            "Ledger records queued on the event log, not yet durable",
+        )
+        .expect("valid");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(event_log_lag_records.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(time_to_first_token.clone()),
             Box::new(request_duration.clone()),
             Box::new(tokens_streamed.clone()),
@@ -106,6 +114,7 @@ impl Metrics {
             overclaims,
             workers_online,
             ledger_lag_entries,
+            event_log_lag_records,
         }
     }
 

@@ -246,6 +246,10 @@ fn openai_sdk_through_coordinator_and_agent_to_llama_cpp_paid_and_audited() {
     );
     assert!(metrics.contains("troop_workers_online 1"), "{metrics}");
     assert!(
+        metrics.contains("troop_event_log_lag_records 0"),
+        "every settlement is durable once answered: {metrics}"
+    );
+    assert!(
         metrics.contains("troop_requests_total{endpoint=\"chat\",status=\"200\"} 2"),
         "{metrics}"
     );

@@ -115,13 +115,14 @@ impl Handler<GetReceipt> for BooksActor {
 }
 
 #[derive(Debug, Message)]
-#[rtype(result = "u64")]
+#[rtype(result = "(u64, u64)")]
 pub struct GetLag;
 
+/// (ledger entries not yet in a signed checkpoint, ledger records not yet durable).
 impl Handler<GetLag> for BooksActor {
-    type Result = u64;
-    fn handle(&mut self, _: GetLag, _: &mut Self::Context) -> u64 {
-        self.books.lag()
+    type Result = MessageResult<GetLag>;
+    fn handle(&mut self, _: GetLag, _: &mut Self::Context) -> Self::Result {
+        MessageResult((self.books.lag(), self.books.undurable()))
     }
 }
 

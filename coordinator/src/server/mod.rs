@@ -364,18 +364,16 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             .workers_online
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
-    if let Ok(lag) = state.books.send(crate::actors::books::GetLag).await {
-        state
-            .metrics
-            .ledger_lag_entries
-            .set(i64::try_from(lag).unwrap_or(i64::MAX));
+    if let Ok((ledger, queued)) = state.books.send(crate::actors::books::GetLag).await {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        state.metrics.ledger_lag_entries.set(gauge(ledger));
+        state.metrics.event_log_lag_records.set(gauge(queued));
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())
 }
 
-/// Runs the coordinator on `listener` until the returned server is stopped.
 /// Opens `config` and serves it on `listener` from a thread of its own (its
 /// own actix system), returning once it serves or failed to open. For tests
 /// and tools that embed a coordinator; the binary runs [`serve`] itself.
@@ -404,6 +402,7 @@ pub fn spawn(config: Config, listener: std::net::TcpListener) -> anyhow::Result<
         .map_err(|_| anyhow::anyhow!("the coordinator thread died while opening"))?
 }
 
+/// Runs the coordinator on `listener` until the returned server is stopped.
 pub fn serve(
     state: AppState,
     listener: std::net::TcpListener,
