@@ -40,6 +40,9 @@ pub struct Config {
     pub heartbeat_timeout_ms: u64,
     /// A worker that sends nothing for this long after taking a job is replaced.
     pub first_byte_deadline_ms: u64,
+    /// A consumer that takes none of its job's output for this long loses the
+    /// job: waiting longer would stall the worker's other jobs on its connection.
+    pub slow_consumer_ms: u64,
     /// No job runs longer than this.
     pub job_deadline_ms: u64,
     /// How long a hold may stay open (it is voided by its request long before).
@@ -72,6 +75,7 @@ impl Default for Config {
             heartbeat_interval_ms: 10_000,
             heartbeat_timeout_ms: 30_000,
             first_byte_deadline_ms: 30_000,
+            slow_consumer_ms: 30_000,
             job_deadline_ms: 600_000,
             hold_ttl_ms: 3_600_000,
             max_attempts: 3,

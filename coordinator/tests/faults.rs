@@ -235,3 +235,48 @@ fn a_non_streamed_answer_carries_the_tool_calls_put_together_and_bills_them() {
             .is_some_and(Vec::is_empty)
     });
 }
+
+#[test]
+fn a_consumer_that_stops_reading_loses_its_job_not_the_workers_other_jobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = start_in_process(Config {
+        slow_consumer_ms: 1_000,
+        ..config(dir.path())
+    });
+    let (_, stalled_key) = consumer(&url, ADMIN, GRANT);
+    let (_, key) = consumer(&url, ADMIN, GRANT);
+    let worker = common::scripted::spawn(url.clone(), Script::Flood);
+    wait_for_models(&url);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": true});
+    let stalled = {
+        let (url, key, body) = (url.clone(), stalled_key.clone(), body.clone());
+        std::thread::spawn(move || {
+            let resp = ureq::post(&format!("{url}/v1/chat/completions"))
+                .set("authorization", &format!("Bearer {key}"))
+                .send_json(body)
+                .expect("the flood starts");
+            // Holds the connection open and reads nothing.
+            std::thread::sleep(std::time::Duration::from_secs(8));
+            drop(resp);
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let text = ureq::post(&format!("{url}/v1/chat/completions"))
+        .timeout(std::time::Duration::from_secs(30))
+        .set("authorization", &format!("Bearer {key}"))
+        .send_json(body)
+        .expect("the second job is served")
+        .into_string()
+        .expect("the second job streams to its end");
+    assert!(
+        text.contains("friend") && text.contains("troop_receipt"),
+        "{text}"
+    );
+    worker.join().expect("worker");
+    stalled.join().expect("stalled consumer");
+    wait_for("the stalled job's hold to go", || {
+        account(&url, &stalled_key)["holds"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+}

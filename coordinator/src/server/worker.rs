@@ -179,7 +179,7 @@ async fn run(
         .send(Register {
             link: WorkerLink {
                 worker,
-                outbox,
+                outbox: outbox.clone(),
                 jobs: Arc::clone(&jobs),
             },
             banned: false,
@@ -197,7 +197,7 @@ async fn run(
         }
     });
 
-    let result = read_loop(&state, worker, &jobs, &mut session, &mut stream).await;
+    let result = read_loop(&state, worker, &jobs, &outbox, &mut session, &mut stream).await;
 
     writer.abort();
     state.registry.do_send(Unregister { worker, connection });
@@ -215,6 +215,7 @@ async fn read_loop(
     state: &AppState,
     worker: WorkerId,
     jobs: &JobTable,
+    outbox: &mpsc::Sender<CoordinatorMsg>,
     session: &mut actix_ws::Session,
     stream: &mut actix_ws::MessageStream,
 ) -> Result<(), String> {
@@ -226,6 +227,7 @@ async fn read_loop(
             .saturating_mul(3)
             .max(1_000),
     );
+    let slow_consumer = Duration::from_millis(state.config.slow_consumer_ms.max(1));
     loop {
         let msg = match tokio::time::timeout(silence, stream.recv()).await {
             Err(_) => return Err("worker went silent".into()),
@@ -245,8 +247,17 @@ async fn read_loop(
                 if let Some(tx) = sender {
                     let bytes = frame.slice(16..);
                     // Bounded: a slow consumer slows this worker's connection, which is
-                    // TCP backpressure all the way to the engine.
-                    let _ = tx.send(bytes).await;
+                    // TCP backpressure all the way to the engine — for a while. A
+                    // consumer that takes nothing for `slow_consumer_ms` loses its
+                    // job, so that it cannot stall the worker's other jobs for good.
+                    if tokio::time::timeout(slow_consumer, tx.send(bytes))
+                        .await
+                        .is_err()
+                    {
+                        jobs.lock().expect("jobs lock").remove(&data.job);
+                        let _ = outbox.try_send(CoordinatorMsg::Cancel { job: data.job });
+                        tracing::warn!(%worker, job = %data.job, "consumer stopped reading; job cancelled");
+                    }
                 }
             }
             Message::Text(text) => match WorkerMsg::parse(&text).map_err(|e| e.to_string())? {

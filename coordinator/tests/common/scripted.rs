@@ -30,6 +30,9 @@ pub enum Script {
     Garbage,
     /// Sends a data frame over the protocol's size limit as its first output.
     Oversized,
+    /// Floods its first job with 36 MB of output, then serves the next job
+    /// like `Inflate` does.
+    Flood,
     /// Answers with a tool call in three pieces (and checks the request's
     /// `tools` reached it unchanged).
     ToolCall,
@@ -131,16 +134,35 @@ pub async fn scripted_worker(url: String, script: Script) {
             }
         }
     }
-    let CoordinatorMsg::Job {
-        job,
-        hold,
-        consumer,
-        model,
-        body,
-        ..
-    } = next().await
-    else {
-        panic!("job")
+    if matches!(script, Script::Flood) {
+        let CoordinatorMsg::Job { job, .. } = next().await else {
+            panic!("job")
+        };
+        let content = "x".repeat(60_000);
+        let event = format!(
+            "data: {}\n\n",
+            json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]})
+        );
+        let frame = DataFrame::encode(&job, event.as_bytes()).expect("frame");
+        for _ in 0..600 {
+            if tx.send(Message::binary(frame.clone())).await.is_err() {
+                return;
+            }
+        }
+    }
+    let (job, hold, consumer, model, body) = loop {
+        match next().await {
+            CoordinatorMsg::Job {
+                job,
+                hold,
+                consumer,
+                model,
+                body,
+                ..
+            } => break (job, hold, consumer, model, body),
+            CoordinatorMsg::Cancel { .. } => continue,
+            other => panic!("expected a job, got {other:?}"),
+        }
     };
     let n = if matches!(script, Script::Vanish) {
         2
