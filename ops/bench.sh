@@ -13,18 +13,8 @@ rounds="${ROUNDS:-3}"
 workers="${WORKERS:-10000}"
 workers_hold_s="${WORKERS_HOLD_S:-60}"
 rm -rf "$out" && mkdir -p "$out"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_http() { # URL, what
-    for _ in $(seq 1 150); do
-        python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' "$1" 2>/dev/null && return 0
-        sleep 0.2
-    done
-    echo "timed out waiting for $2" >&2; exit 1
-}
+# shellcheck source=ops/lib.sh
+. ops/lib.sh
 # CPU seconds (user + system) a process has used so far.
 cpu_s() { python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")",1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf("SC_CLK_TCK"))' "$1"; }
 peak_rss_mib() { awk '/VmHWM/ {print $2/1024}' "/proc/$1/status"; }
@@ -68,10 +58,7 @@ start_coordinator "$out/coordinator"
 "$bin/troop-agent" run --coordinator "$curl" --engine "$engine" --slots 1024 --key "$out/worker.key" >"$out/agent.log" 2>&1 &
 apid=$!
 pids+=("$apid")
-for _ in $(seq 1 100); do
-    python3 -c 'import json,sys,urllib.request; sys.exit(0 if json.load(urllib.request.urlopen(sys.argv[1]))["data"] else 1)' "$curl/v1/models" 2>/dev/null && break
-    sleep 0.2
-done
+wait_models "$curl"
 account="$(admin create-account | python3 -c 'import json,sys; print(json.load(sys.stdin)["account"])')"
 admin grant --account "$account" --amount-micro 1000000000000 >/dev/null
 key="$(admin create-key --account "$account" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')"

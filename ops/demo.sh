@@ -9,18 +9,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 out="${1:-${TMPDIR:-/tmp}/troop-demo}"
 rm -rf "$out" && mkdir -p "$out"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_http() { # URL, what
-    for _ in $(seq 1 150); do
-        python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' "$1" 2>/dev/null && return 0
-        sleep 0.2
-    done
-    echo "timed out waiting for $2" >&2; exit 1
-}
+# shellcheck source=ops/lib.sh
+. ops/lib.sh
 
 echo "== building"
 cargo build --release --locked -q -p troop-coordinator -p troop-agent -p troop-audit
@@ -62,10 +52,7 @@ echo "coordinator on $url (data in $out/data)"
 echo "== agent"
 "$bin/troop-agent" run --coordinator "$url" --key "$out/worker.key" "${engine_args[@]}" >"$out/agent.log" 2>&1 &
 pids+=("$!")
-for _ in $(seq 1 100); do
-    python3 -c 'import json,sys,urllib.request; sys.exit(0 if json.load(urllib.request.urlopen(sys.argv[1]))["data"] else 1)' "$url/v1/models" 2>/dev/null && break
-    sleep 0.2
-done
+wait_models "$url"
 echo "worker online, serving $model"
 
 echo "== a consumer streams a chat completion (official OpenAI SDK)"

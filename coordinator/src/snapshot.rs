@@ -23,7 +23,7 @@ use troop_schemas::{ApiKeyId, JobId, WorkerId};
 use crate::books::{BooksError, Start, TAG_LEDGER_ENTRY, fold_ledger_record};
 use crate::eventlog::{EventLog, Record};
 use crate::history::WorkerHistory;
-use crate::keys::{KeyEvent, Stored, TAG_KEY_EVENT};
+use crate::keys::{Stored, TAG_KEY_EVENT};
 use crate::server::{BanEvent, TAG_BAN_EVENT};
 
 pub const SNAPSHOT_VERSION: u32 = 1;
@@ -78,13 +78,13 @@ impl Snapshot {
     /// Folds a record that is not a ledger entry: keys, bans, worker events.
     pub fn fold_other(&mut self, payload: &[u8]) -> Result<(), String> {
         match payload.split_first() {
-            Some((&TAG_KEY_EVENT, body)) => {
-                let event: KeyEvent = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+            Some((&TAG_KEY_EVENT, _)) => {
                 // The table only: hashing happens on the live side.
                 let mut keys =
                     crate::keys::ApiKeys::with_table([0; 32], std::mem::take(&mut self.keys));
-                keys.apply(&event);
+                let folded = keys.apply_record(payload);
                 self.keys = keys.into_table();
+                folded?;
             }
             Some((&TAG_BAN_EVENT, body)) => {
                 let BanEvent::Banned { worker, .. } =

@@ -246,6 +246,16 @@ struct Job {
     started: Instant,
 }
 
+/// Why a job failed, for the worker's history; `silent` when the worker said nothing.
+fn failure_reason(end: Option<&JobEnd>, silent: &str) -> String {
+    match end {
+        Some(JobEnd::Failed { status, error }) => format!("engine answered {status}: {error}"),
+        Some(JobEnd::Lost) => "connection lost".to_owned(),
+        Some(JobEnd::Done { .. }) => "finished without usable output".to_owned(),
+        None => silent.to_owned(),
+    }
+}
+
 async fn void(state: &AppState, hold: HoldId, reason: VoidReason) {
     if let Err(e) = commit_one(
         state,
@@ -400,14 +410,10 @@ async fn complete(
         };
         let Some(first) = first else {
             // Failed before its first byte: free the slot and try someone else.
-            let reason = match ended.take().flatten() {
-                Some(JobEnd::Failed { status, error }) => {
-                    format!("engine answered {status}: {error}")
-                }
-                Some(JobEnd::Lost) => "connection lost before the first byte".to_owned(),
-                Some(JobEnd::Done { .. }) => "finished without output".to_owned(),
-                None => "no output before the first-byte deadline".to_owned(),
-            };
+            let reason = failure_reason(
+                ended.take().flatten().as_ref(),
+                "no output before the first-byte deadline",
+            );
             state.worker_events.record(WorkerEvent::job_failed(
                 job,
                 link.worker,
@@ -786,13 +792,7 @@ async fn settle_in_span(ctx: Job, reading: Reading, cancelled: bool) -> Option<b
             } else {
                 VoidReason::ReceiptRejected
             };
-            let why = match &other {
-                Some(JobEnd::Failed { status, error }) => {
-                    format!("engine answered {status}: {error}")
-                }
-                Some(JobEnd::Lost) => "connection lost mid-job".to_owned(),
-                _ => "no receipt before the deadline".to_owned(),
-            };
+            let why = failure_reason(other.as_ref(), "no receipt before the deadline");
             state
                 .worker_events
                 .record(WorkerEvent::job_failed(job, link.worker, &why, now_ms()));
