@@ -280,3 +280,122 @@ fn a_consumer_that_stops_reading_loses_its_job_not_the_workers_other_jobs() {
             .is_some_and(Vec::is_empty)
     });
 }
+
+#[test]
+fn a_consumer_that_disconnects_cancels_the_job_and_pays_only_for_what_was_delivered() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = start_in_process(config(dir.path()));
+    let (_, key) = consumer(&url, ADMIN, GRANT);
+    let worker = common::scripted::spawn(url.clone(), Script::UntilCancelled);
+    wait_for_models(&url);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000, "stream": true});
+    let resp = ureq::post(&format!("{url}/v1/chat/completions"))
+        .set("authorization", &format!("Bearer {key}"))
+        .send_json(body)
+        .expect("the stream starts");
+    let receipt = resp
+        .header("troop-receipt")
+        .expect("names its receipt")
+        .to_owned();
+    let mut lines = std::io::BufReader::new(resp.into_reader()).lines();
+    let mut tokens = 0;
+    while tokens < 3 {
+        let line = lines.next().expect("more lines").expect("readable");
+        if line.contains(" t") {
+            tokens += 1;
+        }
+    }
+    // The consumer hangs up after three tokens.
+    drop(lines);
+    // The worker asserts that it was told to cancel.
+    worker.join().expect("the worker was cancelled");
+    wait_for("settlement", || {
+        account(&url, &key)["holds"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    let settled = ureq::get(&format!("{url}/v1/receipts/{receipt}"))
+        .set("authorization", &format!("Bearer {key}"))
+        .call()
+        .expect("the delivered part is settled and receipted")
+        .into_json::<serde_json::Value>()
+        .expect("json");
+    let billed = settled["receipt"]["billed_output_tokens"]
+        .as_u64()
+        .expect("billed output tokens");
+    let charged = settled["charged_micro"].as_u64().expect("charged");
+    assert!(charged > 0, "what was delivered is paid for: {settled}");
+    assert!(
+        billed >= 3
+            && billed < u64::try_from(common::scripted::UNTIL_CANCELLED_MAX).expect("small"),
+        "billed {billed}: at least what the consumer read, less than the whole answer"
+    );
+    let balance: u64 = account(&url, &key)["balance_micro"]
+        .as_str()
+        .expect("balance")
+        .parse()
+        .expect("number");
+    assert_eq!(
+        balance,
+        GRANT - charged,
+        "the balance moved by exactly the receipt"
+    );
+}
+
+#[test]
+fn one_key_hammering_at_once_never_holds_more_than_its_balance() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = start_in_process(Config {
+        job_deadline_ms: 3_000,
+        ..config(dir.path())
+    });
+    // A 1,000-token hold costs 10,000 micro-credits of output plus a little
+    // for the prompt: five fit in 55,000, a sixth does not.
+    let (_, key) = consumer(&url, ADMIN, 55_000);
+    let _worker = common::scripted::spawn(url.clone(), Script::Stall);
+    wait_for_models(&url);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000, "stream": true});
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(16));
+    let requests: Vec<_> = (0..16)
+        .map(|_| {
+            let (url, key, body, barrier) =
+                (url.clone(), key.clone(), body.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                match ureq::post(&format!("{url}/v1/chat/completions"))
+                    .set("authorization", &format!("Bearer {key}"))
+                    .send_json(body)
+                {
+                    Ok(r) | Err(ureq::Error::Status(_, r)) => {
+                        (r.status(), r.into_string().unwrap_or_default())
+                    }
+                    Err(e) => panic!("transport: {e}"),
+                }
+            })
+        })
+        .collect();
+    let outcomes: Vec<(u16, String)> = requests
+        .into_iter()
+        .map(|r| r.join().expect("request thread"))
+        .collect();
+    let served = outcomes.iter().filter(|(s, _)| *s == 200).count();
+    let refused: Vec<_> = outcomes.iter().filter(|(s, _)| *s == 402).collect();
+    assert_eq!((served, refused.len()), (5, 11), "{outcomes:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|(_, b)| b.contains("insufficient_quota")),
+        "{refused:?}"
+    );
+    wait_for("settlement", || {
+        account(&url, &key)["holds"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    let acct = account(&url, &key);
+    assert_eq!(
+        acct["balance_micro"], "55000",
+        "nothing delivered, nothing charged: {acct}"
+    );
+}

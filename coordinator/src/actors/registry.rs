@@ -1,50 +1,15 @@
 //! The registry: one entry per connected worker; placement decisions.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
-use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
-use troop_schemas::protocol::{CoordinatorMsg, Heartbeat, ModelInfo};
-use troop_schemas::{JobId, WorkerId};
+use troop_schemas::WorkerId;
+use troop_schemas::protocol::{Heartbeat, ModelInfo};
 
+use super::worker::{Goodbye, WorkerLink};
 use crate::domain::heartbeats::Summarizer;
 use crate::domain::placement::{self, Candidate, NoWorker};
 use crate::history::{WorkerEvent, WorkerEventSink, WorkerRecord};
-
-/// How a job ends, as the worker says.
-#[derive(Debug)]
-pub enum JobEnd {
-    Done {
-        usage: Option<troop_schemas::protocol::EngineUsage>,
-        receipt: Box<troop_schemas::Receipt>,
-        worker_sig: troop_schemas::Signature,
-    },
-    Failed {
-        status: u16,
-        error: String,
-    },
-    /// The worker's connection went away.
-    Lost,
-}
-
-/// A job in flight on one worker connection: where its bytes go (the data
-/// plane: a bounded channel, never an actor mailbox) and who hears how it ended.
-#[derive(Debug)]
-pub struct JobSlot {
-    pub data: mpsc::Sender<Bytes>,
-    pub end: Option<oneshot::Sender<JobEnd>>,
-}
-
-pub type JobTable = Arc<Mutex<HashMap<JobId, JobSlot>>>;
-
-#[derive(Debug, Clone)]
-pub struct WorkerLink {
-    pub worker: WorkerId,
-    pub outbox: mpsc::Sender<CoordinatorMsg>,
-    pub jobs: JobTable,
-}
 
 #[derive(Debug)]
 struct Entry {
@@ -57,7 +22,6 @@ struct Entry {
 #[derive(Debug)]
 pub struct Registry {
     workers: HashMap<WorkerId, Entry>,
-    next_connection: u64,
     pub heartbeat_timeout_ms: u64,
     summarizer: Summarizer,
     sink: WorkerEventSink,
@@ -67,7 +31,6 @@ impl Registry {
     pub fn new(heartbeat_timeout_ms: u64, heartbeat_epoch_ms: u64, sink: WorkerEventSink) -> Self {
         Self {
             workers: HashMap::new(),
-            next_connection: 0,
             heartbeat_timeout_ms,
             summarizer: Summarizer::new(heartbeat_epoch_ms),
             sink,
@@ -80,18 +43,18 @@ impl Actor for Registry {
 }
 
 /// A worker authenticated on a new connection; replaces any older connection
-/// of the same worker. Returns the connection number to unregister with.
+/// of the same worker.
 #[derive(Debug, Message)]
-#[rtype(result = "u64")]
+#[rtype(result = "()")]
 pub struct Register {
     pub link: WorkerLink,
+    pub connection: u64,
     pub banned: bool,
 }
 
 impl Handler<Register> for Registry {
-    type Result = u64;
-    fn handle(&mut self, msg: Register, _: &mut Self::Context) -> u64 {
-        self.next_connection += 1;
+    type Result = ();
+    fn handle(&mut self, msg: Register, _: &mut Self::Context) {
         let candidate = Candidate {
             worker: msg.link.worker,
             models: Vec::new(),
@@ -106,10 +69,9 @@ impl Handler<Register> for Registry {
                 candidate,
                 models: Vec::new(),
                 link: msg.link,
-                connection: self.next_connection,
+                connection: msg.connection,
             },
         );
-        self.next_connection
     }
 }
 
@@ -141,6 +103,8 @@ impl Handler<Unregister> for Registry {
 pub struct Beat {
     pub worker: WorkerId,
     pub heartbeat: Heartbeat,
+    /// Jobs the coordinator has given this connection and not yet seen end.
+    pub in_flight: u32,
     pub now_ms: u64,
 }
 
@@ -155,8 +119,7 @@ impl Handler<Beat> for Registry {
             e.candidate.models = h.models.iter().map(|m| m.name.clone()).collect();
             // Slots the coordinator has handed out but the worker has not yet
             // reported busy would be counted twice: trust the lower number.
-            let in_flight =
-                u32::try_from(e.link.jobs.lock().expect("jobs lock").len()).unwrap_or(u32::MAX);
+            let in_flight = msg.in_flight;
             e.candidate.free_slots = if h.draining {
                 0
             } else {
@@ -272,9 +235,7 @@ impl Handler<Ban> for Registry {
     fn handle(&mut self, msg: Ban, _: &mut Self::Context) {
         if let Some(e) = self.workers.get_mut(&msg.0) {
             e.candidate.banned = true;
-            let _ = e.link.outbox.try_send(CoordinatorMsg::Goodbye {
-                reason: "this worker is banned".into(),
-            });
+            e.link.addr.do_send(Goodbye("this worker is banned".into()));
         }
     }
 }

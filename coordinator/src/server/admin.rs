@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::json;
 use troop_schemas::{AccountId, AccountRole, CreditsMicro, Event};
 
-use super::{AppState, commit_one, error_response, now_ms, random};
+use super::{AppState, commit_as, commit_one, error_response, now_ms, random};
 use crate::api::openai::ApiError;
 use crate::keys::admin_token_matches;
 
@@ -86,7 +86,7 @@ pub async fn grant(
         memo: body.memo.clone(),
         at_ms: now_ms(),
     };
-    match commit_one(&state, event).await {
+    match commit_as(&state, body.account, event).await {
         Ok(index) => HttpResponse::Created().json(json!({"ledger_index": index})),
         Err(e) => refused(e),
     }

@@ -1,30 +1,27 @@
-//! The consumer API: hold, place, stream, settle.
+//! The consumer API over HTTP. Each completion request gets a
+//! [`Session`] actor (hold, placement, retries, settlement); the response
+//! here streams the job's output from its bounded channel, meters it, and
+//! hands the reading back to the session.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::{Actor as _, Addr};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::Instrument as _;
-use troop_ledger::fold::FoldError;
 use troop_schemas::sse::{Meter, Reading};
-use troop_schemas::{AccountId, CreditsMicro, Digest, Event, HoldId, JobId, VoidReason, WorkerId};
+use troop_schemas::{AccountId, Event, JobId};
 
-use super::{AppState, commit_one, error_response, now_ms, random};
+use super::{AppState, error_response, now_ms, random};
 use crate::actors::books::{GetAccount, GetSchedule};
-use crate::actors::registry::{Finished, JobEnd, JobSlot, Models, Place, WorkerLink};
+use crate::actors::registry::Models;
+use crate::actors::session::{Deliver, Open, Session};
 use crate::api::openai::{ApiError, Endpoint, Validated, validate};
-use crate::books::BooksError;
-use crate::domain::billing::{self, Claimed, Observed};
-use crate::domain::placement::NoWorker;
+use crate::domain::billing;
 use crate::domain::ratelimit::Refusal;
-use crate::history::WorkerEvent;
-
-/// Output pieces buffered between a worker connection and one HTTP response.
-const JOB_CHANNEL: usize = 64;
-/// How long a worker has to send its receipt once its output ended.
-const RECEIPT_DEADLINE: Duration = Duration::from_secs(10);
 
 fn authenticate(req: &HttpRequest, state: &AppState) -> Result<AccountId, ApiError> {
     let header = req
@@ -221,56 +218,6 @@ pub async fn receipt(
     }))
 }
 
-/// How the worker said the job ended: still to come, or already heard.
-enum End {
-    Pending(oneshot::Receiver<JobEnd>),
-    Heard(Option<JobEnd>),
-}
-
-/// Everything settlement needs to know about one request.
-struct Job {
-    state: AppState,
-    /// The request's span, for the work that outlives its handler.
-    span: tracing::Span,
-    /// Held until the response is over.
-    _in_flight: super::InFlight,
-    endpoint: Endpoint,
-    request: Validated,
-    job: JobId,
-    hold: HoldId,
-    account: AccountId,
-    reserved: CreditsMicro,
-    request_digest: Digest,
-    link: WorkerLink,
-    end: End,
-    started: Instant,
-}
-
-/// Why a job failed, for the worker's history; `silent` when the worker said nothing.
-fn failure_reason(end: Option<&JobEnd>, silent: &str) -> String {
-    match end {
-        Some(JobEnd::Failed { status, error }) => format!("engine answered {status}: {error}"),
-        Some(JobEnd::Lost) => "connection lost".to_owned(),
-        Some(JobEnd::Done { .. }) => "finished without usable output".to_owned(),
-        None => silent.to_owned(),
-    }
-}
-
-async fn void(state: &AppState, hold: HoldId, reason: VoidReason) {
-    if let Err(e) = commit_one(
-        state,
-        Event::HoldVoided {
-            hold,
-            reason,
-            at_ms: now_ms(),
-        },
-    )
-    .await
-    {
-        tracing::error!(%hold, error = %e, "voiding a hold failed");
-    }
-}
-
 async fn complete(
     endpoint: Endpoint,
     req: HttpRequest,
@@ -280,7 +227,10 @@ async fn complete(
 ) -> Result<HttpResponse, ApiError> {
     let received = Instant::now();
     let account = authenticate(&req, &state)?;
-    let in_flight = super::InFlight::acquire(&state, account)
+    let admission = state
+        .accounts
+        .admit(account, now_ms())
+        .await
         .map_err(|refusal| {
             let limits = state.config.rate_limits;
             let why = match refusal {
@@ -296,172 +246,57 @@ async fn complete(
             };
             ApiError::rate_limited(refusal.retry_after_s(), why)
         })?;
-    let request = validate(endpoint, &body, &state.config.limits())?;
-    let schedule = state
-        .books
-        .send(GetSchedule)
+    let request = Arc::new(validate(endpoint, &body, &state.config.limits())?);
+    let session = Session::new(
+        state.clone(),
+        tracing::Span::current(),
+        endpoint,
+        Arc::clone(&request),
+        job,
+        account,
+        received,
+        admission,
+    )
+    .start();
+    let opened = session
+        .send(Open)
+        .await
+        .map_err(|e| ApiError::upstream(format!("the request's session stopped: {e}")))??;
+    let deadline = opened.started + Duration::from_millis(state.config.job_deadline_ms);
+    let ctx = Delivery {
+        session,
+        endpoint,
+        request,
+        job,
+        deadline,
+    };
+    Ok(if ctx.request.stream {
+        stream_response(ctx, opened.first, opened.data)
+    } else {
+        whole_response(ctx, opened.first, opened.data).await
+    })
+}
+
+/// What the response needs to deliver a job's output and hand it back to its session.
+struct Delivery {
+    session: Addr<Session>,
+    endpoint: Endpoint,
+    request: Arc<Validated>,
+    job: JobId,
+    deadline: Instant,
+}
+
+/// Hands the session what was forwarded; it settles and says what was billed.
+async fn deliver(
+    session: &Addr<Session>,
+    reading: Reading,
+    cancelled: bool,
+) -> Option<billing::Bill> {
+    session
+        .send(Deliver { reading, cancelled })
         .await
         .ok()
         .flatten()
-        .ok_or_else(|| ApiError::model_not_found(&request.model))?;
-    let estimate = billing::prompt_tokens_estimate(request.prompt_bytes, request.messages);
-    let reserved = billing::hold_amount(
-        &schedule,
-        &request.model,
-        estimate,
-        request.max_tokens,
-        state.config.max_tokens,
-    )
-    .map_err(|e| match e {
-        billing::BillingError::Price(_) => ApiError::model_not_found(&request.model),
-        billing::BillingError::MaxTokens { .. } => ApiError::invalid("max_tokens", e.to_string()),
-    })?;
-
-    let hold = HoldId(random::<16>());
-    tracing::debug!(%account, model = %request.model, %hold, "hold");
-    let now = now_ms();
-    let placed = Event::HoldPlaced {
-        hold,
-        job,
-        account,
-        model: request.model.clone(),
-        amount_micro: reserved,
-        expires_at_ms: now + state.config.hold_ttl_ms,
-        at_ms: now,
-    };
-    match commit_one(&state, placed).await {
-        Ok(_) => {}
-        Err(BooksError::Refused(FoldError::InsufficientFunds {
-            available, needed, ..
-        })) => {
-            return Err(ApiError::insufficient_credits(needed, available));
-        }
-        Err(e) => {
-            return Err(ApiError::upstream(format!(
-                "the books refused the hold: {e}"
-            )));
-        }
-    }
-
-    let body = request.engine_body.to_string();
-    let request_digest = Digest::of(body.as_bytes());
-    let mut exclude: Vec<WorkerId> = Vec::new();
-    // Retry on another worker until the first byte; after it, never.
-    for _ in 0..state.config.max_attempts.max(1) {
-        let link = match state
-            .registry
-            .send(Place {
-                model: request.model.clone(),
-                exclude: exclude.clone(),
-                now_ms: now_ms(),
-            })
-            .await
-        {
-            Ok(Ok(link)) => link,
-            // The workers tried are gone too: busy, not unknown.
-            Ok(Err(NoWorker::UnknownModel)) if !exclude.is_empty() => break,
-            Ok(Err(NoWorker::UnknownModel)) => {
-                void(&state, hold, VoidReason::Failed).await;
-                return Err(ApiError::model_not_found(&request.model));
-            }
-            Ok(Err(NoWorker::NoCapacity)) | Err(_) => break,
-        };
-        let (data_tx, mut data_rx) = mpsc::channel::<Bytes>(JOB_CHANNEL);
-        let (end_tx, mut end) = oneshot::channel();
-        link.jobs.lock().expect("jobs lock").insert(
-            job,
-            JobSlot {
-                data: data_tx,
-                end: Some(end_tx),
-            },
-        );
-        let msg = troop_schemas::protocol::CoordinatorMsg::Job {
-            job,
-            hold,
-            consumer: account,
-            model: request.model.clone(),
-            path: endpoint.path().to_owned(),
-            body: body.clone(),
-        };
-        if link.outbox.try_send(msg).is_err() {
-            link.jobs.lock().expect("jobs lock").remove(&job);
-            exclude.push(link.worker);
-            continue;
-        }
-        state.worker_events.record(WorkerEvent::JobStarted {
-            job,
-            worker: link.worker,
-            model: request.model.clone(),
-            at_ms: now_ms(),
-        });
-        let started = Instant::now();
-        let deadline = Duration::from_millis(state.config.first_byte_deadline_ms);
-        let mut ended = None;
-        let first = tokio::select! {
-            // Data first: a fast worker's output and its end can arrive together.
-            biased;
-            first = data_rx.recv() => first,
-            r = &mut end => {
-                // The job ended; anything it sent before is still buffered.
-                ended = Some(r.ok());
-                data_rx.try_recv().ok()
-            }
-            _ = tokio::time::sleep(deadline) => None,
-        };
-        let Some(first) = first else {
-            // Failed before its first byte: free the slot and try someone else.
-            let reason = failure_reason(
-                ended.take().flatten().as_ref(),
-                "no output before the first-byte deadline",
-            );
-            state.worker_events.record(WorkerEvent::job_failed(
-                job,
-                link.worker,
-                &reason,
-                now_ms(),
-            ));
-            link.jobs.lock().expect("jobs lock").remove(&job);
-            let _ = link
-                .outbox
-                .try_send(troop_schemas::protocol::CoordinatorMsg::Cancel { job });
-            state.registry.do_send(Finished {
-                worker: link.worker,
-                tokens: 0,
-                duration_ms: 0,
-            });
-            exclude.push(link.worker);
-            continue;
-        };
-        state
-            .metrics
-            .time_to_first_token
-            .observe(received.elapsed().as_secs_f64());
-        let ctx = Job {
-            state: state.clone(),
-            span: tracing::Span::current(),
-            _in_flight: in_flight,
-            endpoint,
-            request,
-            job,
-            hold,
-            account,
-            reserved,
-            request_digest,
-            link,
-            end: match ended {
-                Some(heard) => End::Heard(heard),
-                None => End::Pending(end),
-            },
-            started,
-        };
-        return Ok(if ctx.request.stream {
-            stream_response(ctx, first, data_rx)
-        } else {
-            whole_response(ctx, first, data_rx).await
-        });
-    }
-    void(&state, hold, VoidReason::Failed).await;
-    Err(ApiError::no_capacity(2))
 }
 
 /// The receipt's id, as consumers see it: the job id.
@@ -469,10 +304,14 @@ fn receipt_header(job: &JobId) -> (&'static str, String) {
     ("troop-receipt", job.to_string())
 }
 
-async fn whole_response(ctx: Job, first: Bytes, mut rx: mpsc::Receiver<Bytes>) -> HttpResponse {
+async fn whole_response(
+    ctx: Delivery,
+    first: Bytes,
+    mut rx: mpsc::Receiver<Bytes>,
+) -> HttpResponse {
     let mut meter = Meter::collecting();
     let mut failed = meter.feed(&first).err();
-    let deadline = ctx.started + Duration::from_millis(ctx.state.config.job_deadline_ms);
+    let deadline = ctx.deadline;
     while failed.is_none() {
         match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
             Ok(Some(piece)) => failed = meter.feed(&piece).err(),
@@ -488,7 +327,7 @@ async fn whole_response(ctx: Job, first: Bytes, mut rx: mpsc::Receiver<Bytes>) -
     let cancelled = failed.is_some();
     let job = ctx.job;
     let (model, endpoint) = (ctx.request.model.clone(), ctx.endpoint);
-    let bill = settle(ctx, reading.clone(), cancelled).await;
+    let bill = deliver(&ctx.session, reading.clone(), cancelled).await;
     if let Some(e) = failed {
         return error_response(&ApiError::upstream(format!(
             "the worker's output was unusable: {e}"
@@ -528,9 +367,9 @@ async fn whole_response(ctx: Job, first: Bytes, mut rx: mpsc::Receiver<Bytes>) -
 /// Streams the worker's events to the consumer as they come, holding back the
 /// final `[DONE]` to add a chunk naming the receipt. If the consumer goes away,
 /// the guard cancels the job and settles what was delivered.
-fn stream_response(ctx: Job, first: Bytes, rx: mpsc::Receiver<Bytes>) -> HttpResponse {
+fn stream_response(ctx: Delivery, first: Bytes, rx: mpsc::Receiver<Bytes>) -> HttpResponse {
     let job = ctx.job;
-    let deadline = ctx.started + Duration::from_millis(ctx.state.config.job_deadline_ms);
+    let deadline = ctx.deadline;
     let object = if ctx.endpoint == Endpoint::Chat {
         "chat.completion.chunk"
     } else {
@@ -545,7 +384,7 @@ fn stream_response(ctx: Job, first: Bytes, rx: mpsc::Receiver<Bytes>) -> HttpRes
         include_usage: ctx.request.include_usage,
     };
     let guard = Guard {
-        ctx: Some(ctx),
+        session: ctx.session,
         meter: Some(Meter::new()),
     };
     let state = StreamState {
@@ -594,10 +433,7 @@ fn stream_response(ctx: Job, first: Bytes, rx: mpsc::Receiver<Bytes>) -> HttpRes
                         out.extend_from_slice(&rest);
                     }
                     // Settle before the final chunk: the receipt it names then exists.
-                    let mut bill = None;
-                    if let (Some(ctx), Some(meter)) = (s.guard.ctx.take(), s.guard.meter.take()) {
-                        bill = settle(ctx, meter.finish(), false).await;
-                    }
+                    let bill = s.guard.deliver(false).await;
                     out.extend_from_slice(&closing.render(bill));
                     return Some((Ok(Bytes::from(out)), s));
                 }
@@ -631,15 +467,8 @@ impl StreamState {
     async fn fail(&mut self, mut out: Vec<u8>, why: &str) -> Bytes {
         let error = json!({"error": {"message": why, "type": "server_error", "param": null, "code": "worker_failed"}});
         out.extend_from_slice(format!("data: {error}\n\n").as_bytes());
-        let mut bill = None;
-        if let (Some(ctx), Some(meter)) = (self.guard.ctx.take(), self.guard.meter.take()) {
-            let _ = ctx
-                .link
-                .outbox
-                .try_send(troop_schemas::protocol::CoordinatorMsg::Cancel { job: ctx.job });
-            tracing::warn!(worker = %ctx.link.worker, why, "stream failed after its first byte");
-            bill = settle(ctx, meter.finish(), true).await;
-        }
+        tracing::warn!(why, "stream failed after its first byte");
+        let bill = self.guard.deliver(true).await;
         if let Some(closing) = self.closing.take() {
             out.extend_from_slice(&closing.render(bill));
         }
@@ -716,193 +545,29 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
 }
 
-/// Settles a streamed job exactly once: at the end of the stream, or — if the
-/// consumer disconnected or the stream broke — when the response is dropped.
+/// Hands a streamed job back to its session exactly once: at the end of the
+/// stream, or — if the consumer disconnected or the stream broke — when the
+/// response is dropped (the session then cancels the job on the worker and
+/// settles what was delivered).
 struct Guard {
-    ctx: Option<Job>,
+    session: Addr<Session>,
     meter: Option<Meter>,
+}
+
+impl Guard {
+    async fn deliver(&mut self, cancelled: bool) -> Option<billing::Bill> {
+        let meter = self.meter.take()?;
+        deliver(&self.session, meter.finish(), cancelled).await
+    }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let (Some(ctx), Some(meter)) = (self.ctx.take(), self.meter.take()) {
-            let _ = ctx
-                .link
-                .outbox
-                .try_send(troop_schemas::protocol::CoordinatorMsg::Cancel { job: ctx.job });
-            actix_web::rt::spawn(async move {
-                settle(ctx, meter.finish(), true).await;
+        if let Some(meter) = self.meter.take() {
+            self.session.do_send(Deliver {
+                reading: meter.finish(),
+                cancelled: true,
             });
-        }
-    }
-}
-
-/// Waits for the worker's receipt, checks it against what was streamed,
-/// countersigns what the coordinator can account for, and settles or voids the
-/// hold. Returns the bill when something was charged.
-async fn settle(ctx: Job, reading: Reading, cancelled: bool) -> Option<billing::Bill> {
-    let span = ctx.span.clone();
-    settle_in_span(ctx, reading, cancelled)
-        .instrument(span)
-        .await
-}
-
-async fn settle_in_span(ctx: Job, reading: Reading, cancelled: bool) -> Option<billing::Bill> {
-    let Job {
-        state,
-        request,
-        job,
-        hold,
-        account,
-        reserved,
-        request_digest,
-        link,
-        end,
-        started,
-        ..
-    } = ctx;
-    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    state
-        .metrics
-        .request_duration
-        .observe(started.elapsed().as_secs_f64());
-    state.metrics.tokens_streamed.inc_by(reading.deltas);
-    let end = match end {
-        End::Pending(rx) => tokio::time::timeout(RECEIPT_DEADLINE, rx)
-            .await
-            .ok()
-            .and_then(Result::ok),
-        End::Heard(end) => end,
-    };
-    link.jobs.lock().expect("jobs lock").remove(&job);
-    state.registry.do_send(Finished {
-        worker: link.worker,
-        tokens: reading.deltas,
-        duration_ms,
-    });
-    let (receipt, worker_sig) = match end {
-        Some(JobEnd::Done {
-            receipt,
-            worker_sig,
-            ..
-        }) => (receipt, worker_sig),
-        other => {
-            let reason = if reading.deltas == 0 {
-                VoidReason::Failed
-            } else {
-                VoidReason::ReceiptRejected
-            };
-            let why = failure_reason(other.as_ref(), "no receipt before the deadline");
-            state
-                .worker_events
-                .record(WorkerEvent::job_failed(job, link.worker, &why, now_ms()));
-            tracing::warn!(%job, worker = %link.worker, outcome = ?other, "no receipt; voiding the hold");
-            state.metrics.receipts_rejected.inc();
-            void(&state, hold, reason).await;
-            return None;
-        }
-    };
-    let mismatch = if receipt.job != job
-        || receipt.hold != hold
-        || receipt.consumer != account
-        || receipt.model != request.model
-    {
-        Some("receipt names another job")
-    } else if receipt.worker != link.worker {
-        Some("receipt is from another worker")
-    } else if receipt.request_digest != request_digest {
-        Some("request digest differs from what was sent")
-    } else if !cancelled && receipt.response_digest != reading.digest {
-        Some("response digest differs from what was streamed")
-    } else {
-        None
-    };
-    let signed_ok = ed25519_dalek::VerifyingKey::from_bytes(&receipt.worker_key.0)
-        .ok()
-        .is_some_and(|vk| {
-            !vk.is_weak()
-                && receipt.signing_bytes().is_ok_and(|m| {
-                    vk.verify_strict(&m, &ed25519_dalek::Signature::from_bytes(&worker_sig.0))
-                        .is_ok()
-                })
-        });
-    if let Some(why) = mismatch.or((!signed_ok).then_some("bad worker signature")) {
-        tracing::warn!(%job, worker = %link.worker, why, "receipt rejected; voiding the hold");
-        state.metrics.receipts_rejected.inc();
-        void(&state, hold, VoidReason::ReceiptRejected).await;
-        return None;
-    }
-    let observed = Observed {
-        prompt_tokens_bound: billing::prompt_tokens_bound(request.prompt_bytes, request.messages),
-        deltas: reading.deltas,
-        content_bytes: reading.content_bytes,
-        one_token_per_delta: true,
-        stopped: reading.finish_reason.as_deref() == Some("stop"),
-    };
-    let bill = billing::bill(
-        &observed,
-        &Claimed {
-            input_tokens: receipt.input_tokens,
-            output_tokens: receipt.output_tokens,
-        },
-    );
-    if bill.overclaimed {
-        state.metrics.overclaims.inc();
-        tracing::warn!(%job, worker = %link.worker, claimed_out = receipt.output_tokens, billed_out = bill.output_tokens, "worker claimed more than it streamed");
-    }
-    if bill.output_tokens == 0 {
-        void(&state, hold, VoidReason::Empty).await;
-        return None;
-    }
-    let Some(schedule) = state.books.send(GetSchedule).await.ok().flatten() else {
-        void(&state, hold, VoidReason::Failed).await;
-        return None;
-    };
-    let signed = match troop_ledger::receipt::countersign(
-        &state.coordinator_key,
-        *receipt,
-        worker_sig,
-        bill.input_tokens,
-        bill.output_tokens,
-    ) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(%job, error = %e, "countersigning failed");
-            void(&state, hold, VoidReason::Failed).await;
-            return None;
-        }
-    };
-    let charge = match schedule.charge(
-        &request.model,
-        bill.input_tokens,
-        bill.output_tokens,
-        reserved,
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(%job, error = %e, "pricing failed");
-            void(&state, hold, VoidReason::Failed).await;
-            return None;
-        }
-    };
-    let m = |v: u64| CreditsMicro::new(v).unwrap_or(CreditsMicro::MAX);
-    let settled = Event::HoldSettled {
-        hold,
-        receipt: signed,
-        charged_micro: m(charge.charged),
-        worker_earned_micro: m(charge.earned),
-        fee_micro: m(charge.fee),
-        at_ms: now_ms(),
-    };
-    match commit_one(&state, settled).await {
-        Ok(_) => {
-            state.metrics.receipts_settled.inc();
-            Some(bill)
-        }
-        Err(e) => {
-            tracing::error!(%job, error = %e, "settlement refused; voiding");
-            void(&state, hold, VoidReason::Failed).await;
-            None
         }
     }
 }

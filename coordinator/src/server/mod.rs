@@ -18,12 +18,12 @@ use ed25519_dalek::SigningKey;
 use troop_ledger::note::NoteSigner;
 use troop_schemas::{CreditsMicro, Event, KeyRole, ModelPrice, PublicKey};
 
+use crate::actors::account::Accounts;
 use crate::actors::books::{BooksActor, Commit, ExpireHolds, Publish};
 use crate::actors::registry::Registry;
 use crate::api::openai::ApiError;
 use crate::books::Books;
 use crate::config::Config;
-use crate::domain::ratelimit::RateLimiter;
 use crate::eventlog::EventLog;
 use crate::eventlog::file::{FileLog, FileLogConfig};
 use crate::history::WorkerEventSink;
@@ -43,43 +43,10 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Banned workers: refused at connect, never offered work.
     pub bans: Arc<RwLock<std::collections::HashSet<troop_schemas::WorkerId>>>,
-    pub limiter: Arc<Mutex<RateLimiter>>,
+    /// One actor per active account: request limits, spending in order.
+    pub accounts: Accounts,
     /// Jobs started and failed, heartbeat summaries: logged and projected.
     pub worker_events: WorkerEventSink,
-}
-
-/// One account's place among its requests in flight; given back on drop,
-/// however the request ends (answered, failed, or the client went away).
-#[derive(Debug)]
-pub struct InFlight {
-    limiter: Arc<Mutex<RateLimiter>>,
-    account: troop_schemas::AccountId,
-}
-
-impl InFlight {
-    pub fn acquire(
-        state: &AppState,
-        account: troop_schemas::AccountId,
-    ) -> Result<Self, crate::domain::ratelimit::Refusal> {
-        state
-            .limiter
-            .lock()
-            .expect("limiter lock")
-            .acquire(account, now_ms())?;
-        Ok(Self {
-            limiter: Arc::clone(&state.limiter),
-            account,
-        })
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.limiter
-            .lock()
-            .expect("limiter lock")
-            .release(self.account);
-    }
 }
 
 /// Event-log tag of worker bans (ledger entries are 0x01, keys 0x02).
@@ -314,7 +281,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
     .start();
     let config_limits = config.rate_limits;
     Ok(AppState {
-        books,
+        books: books.clone(),
         registry,
         keys: Arc::new(RwLock::new(keys)),
         events,
@@ -323,7 +290,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         ledger_dir,
         metrics: Arc::new(crate::metrics::Metrics::new()),
         bans: Arc::new(RwLock::new(bans)),
-        limiter: Arc::new(Mutex::new(RateLimiter::new(config_limits))),
+        accounts: Accounts::new(books, config_limits),
         worker_events,
     })
 }
@@ -460,11 +427,28 @@ pub fn serve(
 /// The actor only judges and queues, so concurrent requests' commits share
 /// the event log's fsyncs.
 pub async fn commit_one(state: &AppState, event: Event) -> Result<u64, crate::books::BooksError> {
-    let (verdicts, pending) = state
+    let submitted = state
         .books
         .send(Commit(vec![event]))
         .await
         .map_err(|_| crate::books::BooksError::Poisoned)??;
+    durable_verdict(submitted).await
+}
+
+/// Commits one change of `account`'s balance through the account's actor (in
+/// the account's order) and returns once it is durable.
+pub async fn commit_as(
+    state: &AppState,
+    account: troop_schemas::AccountId,
+    event: Event,
+) -> Result<u64, crate::books::BooksError> {
+    durable_verdict(state.accounts.change(account, vec![event]).await?).await
+}
+
+/// The verdict on one submitted event, once the event log has it durably.
+async fn durable_verdict(
+    (verdicts, pending): crate::books::Submitted,
+) -> Result<u64, crate::books::BooksError> {
     let verdict = verdicts.into_iter().next().expect("one verdict");
     if let Some(p) = pending {
         p.durable().await.inspect_err(|e| {

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix::{Actor as _, Addr};
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::Message;
 use base64::Engine as _;
@@ -15,7 +16,8 @@ use troop_schemas::{AccountId, AccountRole, Event, PublicKey, WorkerId};
 
 use super::{AppState, commit_one, now_ms, random};
 use crate::actors::books::GetWorker;
-use crate::actors::registry::{Beat, JobEnd, JobTable, Register, Unregister, WorkerLink};
+use crate::actors::registry::Register;
+use crate::actors::worker::{Cancel, Control, Disconnected, JobTable, WorkerActor, WorkerLink};
 
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Control messages queued to one worker; a worker this far behind is dropped.
@@ -174,14 +176,17 @@ async fn run(
 
     let (outbox, mut outbox_rx) = mpsc::channel::<CoordinatorMsg>(OUTBOX);
     let jobs: JobTable = Arc::new(Mutex::new(HashMap::new()));
-    let connection = state
+    let actor = WorkerActor::new(worker, outbox, Arc::clone(&jobs), state.registry.clone());
+    let connection = actor.connection();
+    let addr = actor.start();
+    state
         .registry
         .send(Register {
             link: WorkerLink {
                 worker,
-                outbox: outbox.clone(),
-                jobs: Arc::clone(&jobs),
+                addr: addr.clone(),
             },
+            connection,
             banned: false,
         })
         .await
@@ -197,25 +202,19 @@ async fn run(
         }
     });
 
-    let result = read_loop(&state, worker, &jobs, &outbox, &mut session, &mut stream).await;
+    let result = read_loop(&state, &addr, &jobs, &mut session, &mut stream).await;
 
     writer.abort();
-    state.registry.do_send(Unregister { worker, connection });
-    let orphans: Vec<_> = jobs.lock().expect("jobs lock").drain().collect();
-    for (_, slot) in orphans {
-        if let Some(end) = slot.end {
-            let _ = end.send(JobEnd::Lost);
-        }
-    }
+    // The actor tells the jobs still running that their worker is gone.
+    addr.do_send(Disconnected);
     tracing::info!(%worker, "worker disconnected");
     result
 }
 
 async fn read_loop(
     state: &AppState,
-    worker: WorkerId,
+    actor: &Addr<WorkerActor>,
     jobs: &JobTable,
-    outbox: &mpsc::Sender<CoordinatorMsg>,
     session: &mut actix_ws::Session,
     stream: &mut actix_ws::MessageStream,
 ) -> Result<(), String> {
@@ -254,43 +253,23 @@ async fn read_loop(
                         .await
                         .is_err()
                     {
+                        // Forgotten at once, so that its later frames are dropped
+                        // instead of waiting again; its session hears no end and
+                        // voids the hold.
                         jobs.lock().expect("jobs lock").remove(&data.job);
-                        let _ = outbox.try_send(CoordinatorMsg::Cancel { job: data.job });
-                        tracing::warn!(%worker, job = %data.job, "consumer stopped reading; job cancelled");
+                        actor.do_send(Cancel(data.job));
+                        tracing::warn!(job = %data.job, "consumer stopped reading; job cancelled");
                     }
                 }
             }
             Message::Text(text) => match WorkerMsg::parse(&text).map_err(|e| e.to_string())? {
-                WorkerMsg::Heartbeat(heartbeat) => state.registry.do_send(Beat {
-                    worker,
-                    heartbeat,
-                    now_ms: now_ms(),
-                }),
-                WorkerMsg::JobStarted { .. } => {}
-                WorkerMsg::JobDone {
-                    job,
-                    usage,
-                    receipt,
-                    worker_sig,
-                } => {
-                    let slot = jobs.lock().expect("jobs lock").remove(&job);
-                    if let Some(end) = slot.and_then(|s| s.end) {
-                        let _ = end.send(JobEnd::Done {
-                            usage,
-                            receipt,
-                            worker_sig,
-                        });
-                    }
-                }
-                WorkerMsg::JobFailed { job, status, error } => {
-                    let slot = jobs.lock().expect("jobs lock").remove(&job);
-                    if let Some(end) = slot.and_then(|s| s.end) {
-                        let _ = end.send(JobEnd::Failed { status, error });
-                    }
-                }
                 WorkerMsg::Hello { .. } | WorkerMsg::Auth { .. } => {
                     return Err("handshake message after the handshake".into());
                 }
+                msg => actor.do_send(Control {
+                    msg,
+                    now_ms: now_ms(),
+                }),
             },
             Message::Ping(p) => {
                 let _ = session.pong(&p).await;

@@ -36,7 +36,14 @@ pub enum Script {
     /// Answers with a tool call in three pieces (and checks the request's
     /// `tools` reached it unchanged).
     ToolCall,
+    /// Streams a token every 50 ms until the coordinator cancels the job
+    /// (panics if it never does), then sends a signed receipt for what it
+    /// streamed, as the real agent does.
+    UntilCancelled,
 }
+
+/// Tokens [`Script::UntilCancelled`] streams at most.
+pub const UNTIL_CANCELLED_MAX: usize = 200;
 
 const STREAM: [&str; 3] = ["Hello", " there", " friend"];
 
@@ -164,6 +171,57 @@ pub async fn scripted_worker(url: String, script: Script) {
             other => panic!("expected a job, got {other:?}"),
         }
     };
+    if matches!(script, Script::UntilCancelled) {
+        let mut sent = Vec::new();
+        let mut cancelled = false;
+        for i in 0..UNTIL_CANCELLED_MAX {
+            let piece = format!(
+                "data: {}\n\n",
+                json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": format!(" t{i}")}, "finish_reason": null}]})
+            );
+            tx.send(Message::binary(
+                DataFrame::encode(&job, piece.as_bytes()).expect("frame"),
+            ))
+            .await
+            .expect("send");
+            sent.extend_from_slice(piece.as_bytes());
+            if let Ok(CoordinatorMsg::Cancel { job: c }) =
+                tokio::time::timeout(Duration::from_millis(50), next()).await
+            {
+                assert_eq!(c, job, "the cancel names the job");
+                cancelled = true;
+                break;
+            }
+        }
+        assert!(cancelled, "the coordinator never cancelled the job");
+        let receipt = Receipt {
+            consumer,
+            finished_at_ms: 2,
+            hold,
+            input_tokens: 10,
+            job,
+            model,
+            output_tokens: u64::try_from(sent.len()).expect("small"),
+            request_digest: Digest::of(body.as_bytes()),
+            response_digest: Digest::of(&sent),
+            started_at_ms: 1,
+            worker: WorkerId::from_key(&pk),
+            worker_key: pk,
+        };
+        let worker_sig = Signature(
+            key.sign(&receipt.signing_bytes().expect("bytes"))
+                .to_bytes(),
+        );
+        let done = WorkerMsg::JobDone {
+            job,
+            usage: None,
+            receipt: Box::new(receipt),
+            worker_sig,
+        };
+        tx.send(Message::text(done.to_text())).await.expect("send");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        return;
+    }
     let n = if matches!(script, Script::Vanish) {
         2
     } else {

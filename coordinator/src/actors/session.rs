@@ -1,0 +1,560 @@
+//! One actor per consumer request: the hold, placement and retries up to the
+//! first byte ([`Open`]), then — once the HTTP response has streamed what the
+//! worker sent — the receipt check and settlement ([`Deliver`]).
+//!
+//! The output itself never passes through here: [`Opened`] hands the HTTP
+//! response the job's bounded channel. The session outlives its HTTP handler
+//! when it must: a consumer gone mid-placement or mid-stream still gets its
+//! hold settled or voided, by this actor, exactly once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
+use troop_ledger::fold::FoldError;
+use troop_schemas::protocol::CoordinatorMsg;
+use troop_schemas::sse::{Meter, Reading};
+use troop_schemas::{AccountId, CreditsMicro, Digest, Event, HoldId, JobId, VoidReason, WorkerId};
+
+use super::account::Admission;
+use super::books::GetSchedule;
+use super::registry::{Finished, Place};
+use super::worker::{Assign, Cancel, JobEnd, JobSlot, Release, WorkerLink};
+use crate::api::openai::{ApiError, Endpoint, Validated};
+use crate::books::BooksError;
+use crate::domain::billing::{self, Claimed, Observed};
+use crate::domain::placement::NoWorker;
+use crate::history::WorkerEvent;
+use crate::server::{AppState, commit_as, now_ms, random};
+
+/// Output pieces buffered between a worker connection and one HTTP response.
+const JOB_CHANNEL: usize = 64;
+/// How long a worker has to send its receipt once its output ended.
+const RECEIPT_DEADLINE: Duration = Duration::from_secs(10);
+
+pub struct Session {
+    state: AppState,
+    /// The request's span: settlement may run after the handler is gone.
+    span: tracing::Span,
+    endpoint: Endpoint,
+    request: Arc<Validated>,
+    job: JobId,
+    account: AccountId,
+    received: Instant,
+    /// The account's in-flight place, given back when the session stops.
+    _admission: Admission,
+    /// Set once the first byte came; taken by settlement.
+    open: Option<OpenJob>,
+    /// The actor's own address while a step runs, so that it finishes the step
+    /// even when nobody else holds its address any more.
+    busy: Option<Addr<Session>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("job", &self.job).finish()
+    }
+}
+
+impl Session {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one constructor, called once, with the request's parts"
+    )]
+    pub fn new(
+        state: AppState,
+        span: tracing::Span,
+        endpoint: Endpoint,
+        request: Arc<Validated>,
+        job: JobId,
+        account: AccountId,
+        received: Instant,
+        admission: Admission,
+    ) -> Self {
+        Self {
+            state,
+            span,
+            endpoint,
+            request,
+            job,
+            account,
+            received,
+            _admission: admission,
+            open: None,
+            busy: None,
+        }
+    }
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        // Opened, and nobody took the output: the consumer went away between
+        // the first byte and its response. Nothing was delivered.
+        if let Some(open) = self.open.take() {
+            open.link.addr.do_send(Cancel(self.job));
+            let settling = settle(
+                self.state.clone(),
+                Arc::clone(&self.request),
+                self.job,
+                self.account,
+                open,
+                Meter::new().finish(),
+                true,
+            )
+            .instrument(self.span.clone());
+            actix::spawn(async move {
+                settling.await;
+            });
+        }
+    }
+}
+
+/// How the worker said the job ended: still to come, or already heard.
+enum End {
+    Pending(oneshot::Receiver<JobEnd>),
+    Heard(Option<JobEnd>),
+}
+
+/// A job that sent its first byte: what settlement needs.
+struct OpenJob {
+    hold: HoldId,
+    reserved: CreditsMicro,
+    request_digest: Digest,
+    link: WorkerLink,
+    end: End,
+    started: Instant,
+}
+
+/// The first piece of output and the channel the rest comes through.
+#[derive(Debug)]
+pub struct Opened {
+    pub first: Bytes,
+    pub data: mpsc::Receiver<Bytes>,
+    /// When the job went to the worker that answered: deadlines count from here.
+    pub started: Instant,
+}
+
+/// Places the hold and the job, retrying on other workers until one sends
+/// its first byte.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Opened, ApiError>")]
+pub struct Open;
+
+impl Handler<Open> for Session {
+    type Result = ResponseActFuture<Self, Result<Opened, ApiError>>;
+    fn handle(&mut self, _: Open, ctx: &mut Self::Context) -> Self::Result {
+        self.busy = Some(ctx.address());
+        let opening = open(
+            self.state.clone(),
+            self.endpoint,
+            Arc::clone(&self.request),
+            self.job,
+            self.account,
+            self.received,
+        )
+        .instrument(self.span.clone());
+        Box::pin(opening.into_actor(self).map(|result, act, _| {
+            act.busy = None;
+            result.map(|(opened, job)| {
+                act.open = Some(job);
+                opened
+            })
+        }))
+    }
+}
+
+/// The response is over: `reading` is what the coordinator forwarded, and
+/// `cancelled` says it ended early (the consumer left, or the output broke),
+/// so the worker is told to stop. Returns the bill when something was charged.
+#[derive(Debug, Message)]
+#[rtype(result = "Option<billing::Bill>")]
+pub struct Deliver {
+    pub reading: Reading,
+    pub cancelled: bool,
+}
+
+impl Handler<Deliver> for Session {
+    type Result = ResponseActFuture<Self, Option<billing::Bill>>;
+    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) -> Self::Result {
+        let Some(open) = self.open.take() else {
+            return Box::pin(fut::ready(None));
+        };
+        if msg.cancelled {
+            open.link.addr.do_send(Cancel(self.job));
+        }
+        self.busy = Some(ctx.address());
+        let settling = settle(
+            self.state.clone(),
+            Arc::clone(&self.request),
+            self.job,
+            self.account,
+            open,
+            msg.reading,
+            msg.cancelled,
+        )
+        .instrument(self.span.clone());
+        Box::pin(settling.into_actor(self).map(|bill, act, ctx| {
+            act.busy = None;
+            ctx.stop();
+            bill
+        }))
+    }
+}
+
+/// Why a job failed, for the worker's history; `silent` when the worker said nothing.
+fn failure_reason(end: Option<&JobEnd>, silent: &str) -> String {
+    match end {
+        Some(JobEnd::Failed { status, error }) => format!("engine answered {status}: {error}"),
+        Some(JobEnd::Lost) => "connection lost".to_owned(),
+        Some(JobEnd::Done { .. }) => "finished without usable output".to_owned(),
+        None => silent.to_owned(),
+    }
+}
+
+async fn void(state: &AppState, account: AccountId, hold: HoldId, reason: VoidReason) {
+    let voided = Event::HoldVoided {
+        hold,
+        reason,
+        at_ms: now_ms(),
+    };
+    if let Err(e) = commit_as(state, account, voided).await {
+        tracing::error!(%hold, error = %e, "voiding a hold failed");
+    }
+}
+
+async fn open(
+    state: AppState,
+    endpoint: Endpoint,
+    request: Arc<Validated>,
+    job: JobId,
+    account: AccountId,
+    received: Instant,
+) -> Result<(Opened, OpenJob), ApiError> {
+    let schedule = state
+        .books
+        .send(GetSchedule)
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| ApiError::model_not_found(&request.model))?;
+    let estimate = billing::prompt_tokens_estimate(request.prompt_bytes, request.messages);
+    let reserved = billing::hold_amount(
+        &schedule,
+        &request.model,
+        estimate,
+        request.max_tokens,
+        state.config.max_tokens,
+    )
+    .map_err(|e| match e {
+        billing::BillingError::Price(_) => ApiError::model_not_found(&request.model),
+        billing::BillingError::MaxTokens { .. } => ApiError::invalid("max_tokens", e.to_string()),
+    })?;
+
+    let hold = HoldId(random::<16>());
+    tracing::debug!(%account, model = %request.model, %hold, "hold");
+    let now = now_ms();
+    let placed = Event::HoldPlaced {
+        hold,
+        job,
+        account,
+        model: request.model.clone(),
+        amount_micro: reserved,
+        expires_at_ms: now + state.config.hold_ttl_ms,
+        at_ms: now,
+    };
+    match commit_as(&state, account, placed).await {
+        Ok(_) => {}
+        Err(BooksError::Refused(FoldError::InsufficientFunds {
+            available, needed, ..
+        })) => {
+            return Err(ApiError::insufficient_credits(needed, available));
+        }
+        Err(e) => {
+            return Err(ApiError::upstream(format!(
+                "the books refused the hold: {e}"
+            )));
+        }
+    }
+
+    let body = request.engine_body.to_string();
+    let request_digest = Digest::of(body.as_bytes());
+    let mut exclude: Vec<WorkerId> = Vec::new();
+    // Retry on another worker until the first byte; after it, never.
+    for _ in 0..state.config.max_attempts.max(1) {
+        let link = match state
+            .registry
+            .send(Place {
+                model: request.model.clone(),
+                exclude: exclude.clone(),
+                now_ms: now_ms(),
+            })
+            .await
+        {
+            Ok(Ok(link)) => link,
+            // The workers tried are gone too: busy, not unknown.
+            Ok(Err(NoWorker::UnknownModel)) if !exclude.is_empty() => break,
+            Ok(Err(NoWorker::UnknownModel)) => {
+                void(&state, account, hold, VoidReason::Failed).await;
+                return Err(ApiError::model_not_found(&request.model));
+            }
+            Ok(Err(NoWorker::NoCapacity)) | Err(_) => break,
+        };
+        let (data_tx, mut data_rx) = mpsc::channel::<Bytes>(JOB_CHANNEL);
+        let (end_tx, mut end) = oneshot::channel();
+        let assign = Assign {
+            job,
+            slot: JobSlot {
+                data: data_tx,
+                end: end_tx,
+            },
+            msg: CoordinatorMsg::Job {
+                job,
+                hold,
+                consumer: account,
+                model: request.model.clone(),
+                path: endpoint.path().to_owned(),
+                body: body.clone(),
+            },
+        };
+        if !link.addr.send(assign).await.unwrap_or(false) {
+            exclude.push(link.worker);
+            continue;
+        }
+        state.worker_events.record(WorkerEvent::JobStarted {
+            job,
+            worker: link.worker,
+            model: request.model.clone(),
+            at_ms: now_ms(),
+        });
+        let started = Instant::now();
+        let deadline = Duration::from_millis(state.config.first_byte_deadline_ms);
+        let mut ended = None;
+        let first = tokio::select! {
+            // Data first: a fast worker's output and its end can arrive together.
+            biased;
+            first = data_rx.recv() => first,
+            r = &mut end => {
+                // The job ended; anything it sent before is still buffered.
+                ended = Some(r.ok());
+                data_rx.try_recv().ok()
+            }
+            _ = tokio::time::sleep(deadline) => None,
+        };
+        let Some(first) = first else {
+            // Failed before its first byte: free the slot and try someone else.
+            let reason = failure_reason(
+                ended.take().flatten().as_ref(),
+                "no output before the first-byte deadline",
+            );
+            state.worker_events.record(WorkerEvent::job_failed(
+                job,
+                link.worker,
+                &reason,
+                now_ms(),
+            ));
+            link.addr.do_send(Cancel(job));
+            link.addr.do_send(Release(job));
+            state.registry.do_send(Finished {
+                worker: link.worker,
+                tokens: 0,
+                duration_ms: 0,
+            });
+            exclude.push(link.worker);
+            continue;
+        };
+        state
+            .metrics
+            .time_to_first_token
+            .observe(received.elapsed().as_secs_f64());
+        let open = OpenJob {
+            hold,
+            reserved,
+            request_digest,
+            link,
+            end: match ended {
+                Some(heard) => End::Heard(heard),
+                None => End::Pending(end),
+            },
+            started,
+        };
+        let opened = Opened {
+            first,
+            data: data_rx,
+            started,
+        };
+        return Ok((opened, open));
+    }
+    void(&state, account, hold, VoidReason::Failed).await;
+    Err(ApiError::no_capacity(2))
+}
+
+/// Waits for the worker's receipt, checks it against what was streamed,
+/// countersigns what the coordinator can account for, and settles or voids the
+/// hold. Returns the bill when something was charged.
+async fn settle(
+    state: AppState,
+    request: Arc<Validated>,
+    job: JobId,
+    account: AccountId,
+    open: OpenJob,
+    reading: Reading,
+    cancelled: bool,
+) -> Option<billing::Bill> {
+    let OpenJob {
+        hold,
+        reserved,
+        request_digest,
+        link,
+        end,
+        started,
+    } = open;
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    state
+        .metrics
+        .request_duration
+        .observe(started.elapsed().as_secs_f64());
+    state.metrics.tokens_streamed.inc_by(reading.deltas);
+    let end = match end {
+        End::Pending(rx) => tokio::time::timeout(RECEIPT_DEADLINE, rx)
+            .await
+            .ok()
+            .and_then(Result::ok),
+        End::Heard(end) => end,
+    };
+    link.addr.do_send(Release(job));
+    state.registry.do_send(Finished {
+        worker: link.worker,
+        tokens: reading.deltas,
+        duration_ms,
+    });
+    let (receipt, worker_sig) = match end {
+        Some(JobEnd::Done {
+            receipt,
+            worker_sig,
+            ..
+        }) => (receipt, worker_sig),
+        other => {
+            let reason = if reading.deltas == 0 {
+                VoidReason::Failed
+            } else {
+                VoidReason::ReceiptRejected
+            };
+            let why = failure_reason(other.as_ref(), "no receipt before the deadline");
+            state
+                .worker_events
+                .record(WorkerEvent::job_failed(job, link.worker, &why, now_ms()));
+            tracing::warn!(worker = %link.worker, outcome = ?other, "no receipt; voiding the hold");
+            state.metrics.receipts_rejected.inc();
+            void(&state, account, hold, reason).await;
+            return None;
+        }
+    };
+    let mismatch = if receipt.job != job
+        || receipt.hold != hold
+        || receipt.consumer != account
+        || receipt.model != request.model
+    {
+        Some("receipt names another job")
+    } else if receipt.worker != link.worker {
+        Some("receipt is from another worker")
+    } else if receipt.request_digest != request_digest {
+        Some("request digest differs from what was sent")
+    } else if !cancelled && receipt.response_digest != reading.digest {
+        Some("response digest differs from what was streamed")
+    } else {
+        None
+    };
+    let signed_ok = ed25519_dalek::VerifyingKey::from_bytes(&receipt.worker_key.0)
+        .ok()
+        .is_some_and(|vk| {
+            !vk.is_weak()
+                && receipt.signing_bytes().is_ok_and(|m| {
+                    vk.verify_strict(&m, &ed25519_dalek::Signature::from_bytes(&worker_sig.0))
+                        .is_ok()
+                })
+        });
+    if let Some(why) = mismatch.or((!signed_ok).then_some("bad worker signature")) {
+        tracing::warn!(worker = %link.worker, why, "receipt rejected; voiding the hold");
+        state.metrics.receipts_rejected.inc();
+        void(&state, account, hold, VoidReason::ReceiptRejected).await;
+        return None;
+    }
+    let observed = Observed {
+        prompt_tokens_bound: billing::prompt_tokens_bound(request.prompt_bytes, request.messages),
+        deltas: reading.deltas,
+        content_bytes: reading.content_bytes,
+        one_token_per_delta: true,
+        stopped: reading.finish_reason.as_deref() == Some("stop"),
+    };
+    let bill = billing::bill(
+        &observed,
+        &Claimed {
+            input_tokens: receipt.input_tokens,
+            output_tokens: receipt.output_tokens,
+        },
+    );
+    if bill.overclaimed {
+        state.metrics.overclaims.inc();
+        tracing::warn!(worker = %link.worker, claimed_out = receipt.output_tokens, billed_out = bill.output_tokens, "worker claimed more than it streamed");
+    }
+    if bill.output_tokens == 0 {
+        void(&state, account, hold, VoidReason::Empty).await;
+        return None;
+    }
+    let Some(schedule) = state.books.send(GetSchedule).await.ok().flatten() else {
+        void(&state, account, hold, VoidReason::Failed).await;
+        return None;
+    };
+    let signed = match troop_ledger::receipt::countersign(
+        &state.coordinator_key,
+        *receipt,
+        worker_sig,
+        bill.input_tokens,
+        bill.output_tokens,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "countersigning failed");
+            void(&state, account, hold, VoidReason::Failed).await;
+            return None;
+        }
+    };
+    let charge = match schedule.charge(
+        &request.model,
+        bill.input_tokens,
+        bill.output_tokens,
+        reserved,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "pricing failed");
+            void(&state, account, hold, VoidReason::Failed).await;
+            return None;
+        }
+    };
+    let m = |v: u64| CreditsMicro::new(v).unwrap_or(CreditsMicro::MAX);
+    let settled = Event::HoldSettled {
+        hold,
+        receipt: signed,
+        charged_micro: m(charge.charged),
+        worker_earned_micro: m(charge.earned),
+        fee_micro: m(charge.fee),
+        at_ms: now_ms(),
+    };
+    match commit_as(&state, account, settled).await {
+        Ok(_) => {
+            state.metrics.receipts_settled.inc();
+            Some(bill)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "settlement refused; voiding");
+            void(&state, account, hold, VoidReason::Failed).await;
+            None
+        }
+    }
+}
