@@ -1,6 +1,6 @@
 //! One actor per active account: its request allowance (rate and in-flight
 //! limits), and the one door through which its balance changes reach the
-//! books, one at a time, in order.
+//! books, in order.
 //!
 //! The books judge every event again (no overdraft, holds resolve once), so an
 //! account actor cannot break an invariant; what it adds is that an account's
@@ -72,30 +72,26 @@ impl Handler<Leave> for AccountActor {
 }
 
 /// Balance changes of this account (a hold, its settlement or voiding, a
-/// grant), judged and queued by the books before the next change of this
-/// account is taken; the caller awaits durability outside the actor.
+/// grant), handed to the books in the order this actor takes them; the books
+/// judge and queue them, and the caller awaits durability outside both actors.
+/// The actor does not wait for the books' verdict before the next change:
+/// order is kept by the books' mailbox, and one busy account must not stall
+/// on a round trip per change.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Submitted, BooksError>")]
 struct Change(Vec<Event>);
 
 impl Handler<Change> for AccountActor {
-    type Result = AtomicResponse<Self, Result<Submitted, BooksError>>;
+    type Result = ResponseFuture<Result<Submitted, BooksError>>;
     fn handle(&mut self, msg: Change, _: &mut Self::Context) -> Self::Result {
         for event in &msg.0 {
             if let Event::HoldPlaced { account, .. } | Event::Grant { account, .. } = event {
                 assert_eq!(*account, self.account, "a change sent to another account");
             }
         }
-        let books = self.books.clone();
-        AtomicResponse::new(Box::pin(
-            async move {
-                books
-                    .send(Commit(msg.0))
-                    .await
-                    .map_err(|_| BooksError::Poisoned)?
-            }
-            .into_actor(self),
-        ))
+        // Queued on the books' mailbox here, in this actor's order.
+        let verdict = self.books.send(Commit(msg.0));
+        Box::pin(async move { verdict.await.map_err(|_| BooksError::Poisoned)? })
     }
 }
 

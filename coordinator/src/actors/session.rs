@@ -321,10 +321,8 @@ async fn open(
                 body: body.clone(),
             },
         };
-        if !link.addr.send(assign).await.unwrap_or(false) {
-            exclude.push(link.worker);
-            continue;
-        }
+        // An actor that is gone drops the slot: the end below says so at once.
+        link.addr.do_send(assign);
         state.worker_events.record(WorkerEvent::JobStarted {
             job,
             worker: link.worker,

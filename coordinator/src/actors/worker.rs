@@ -117,10 +117,11 @@ impl Actor for WorkerActor {
 }
 
 /// Gives the worker a job: its slot goes into the table before the job goes
-/// out, so that no output can arrive for a job the table does not know.
-/// `false` when the worker's outbox is full (it is far behind) or closed.
+/// out, so that no output can arrive for a job the table does not know. Sent
+/// without waiting: a worker whose outbox is full (it is far behind) fails
+/// the job through its end, and the session tries another worker.
 #[derive(Debug, Message)]
-#[rtype(result = "bool")]
+#[rtype(result = "()")]
 pub struct Assign {
     pub job: JobId,
     pub slot: JobSlot,
@@ -128,14 +129,18 @@ pub struct Assign {
 }
 
 impl Handler<Assign> for WorkerActor {
-    type Result = bool;
-    fn handle(&mut self, msg: Assign, _: &mut Self::Context) -> bool {
+    type Result = ();
+    fn handle(&mut self, msg: Assign, _: &mut Self::Context) {
         self.jobs().insert(msg.job, msg.slot);
         if self.outbox.try_send(msg.msg).is_err() {
-            self.jobs().remove(&msg.job);
-            return false;
+            self.end(
+                msg.job,
+                JobEnd::Failed {
+                    status: 503,
+                    error: "the worker is too far behind to take a job".into(),
+                },
+            );
         }
-        true
     }
 }
 

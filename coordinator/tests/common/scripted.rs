@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 use troop_schemas::protocol::{
     self, CoordinatorMsg, DataFrame, EngineKind, Heartbeat, ModelInfo, WorkerMsg,
 };
-use troop_schemas::{Digest, PublicKey, Receipt, Signature, WorkerId};
+use troop_schemas::{AccountId, Digest, HoldId, JobId, PublicKey, Receipt, Signature, WorkerId};
 
 pub const MODEL: &str = "scripted";
 
@@ -38,7 +38,7 @@ pub enum Script {
     ToolCall,
     /// Streams a token every 50 ms until the coordinator cancels the job
     /// (panics if it never does), then sends a signed receipt for what it
-    /// streamed, as the real agent does.
+    /// streamed, as the real agent does (claiming 1,000 tokens).
     UntilCancelled,
 }
 
@@ -194,30 +194,7 @@ pub async fn scripted_worker(url: String, script: Script) {
             }
         }
         assert!(cancelled, "the coordinator never cancelled the job");
-        let receipt = Receipt {
-            consumer,
-            finished_at_ms: 2,
-            hold,
-            input_tokens: 10,
-            job,
-            model,
-            output_tokens: u64::try_from(sent.len()).expect("small"),
-            request_digest: Digest::of(body.as_bytes()),
-            response_digest: Digest::of(&sent),
-            started_at_ms: 1,
-            worker: WorkerId::from_key(&pk),
-            worker_key: pk,
-        };
-        let worker_sig = Signature(
-            key.sign(&receipt.signing_bytes().expect("bytes"))
-                .to_bytes(),
-        );
-        let done = WorkerMsg::JobDone {
-            job,
-            usage: None,
-            receipt: Box::new(receipt),
-            worker_sig,
-        };
+        let done = job_done(&key, (job, hold, consumer, model), &body, &sent, false);
         tx.send(Message::text(done.to_text())).await.expect("send");
         tokio::time::sleep(Duration::from_secs(2)).await;
         return;
@@ -278,6 +255,24 @@ pub async fn scripted_worker(url: String, script: Script) {
     ))
     .await
     .expect("send");
+    let forge = matches!(script, Script::Forge);
+    let done = job_done(&key, (job, hold, consumer, model), &body, &bytes, forge);
+    tx.send(Message::text(done.to_text())).await.expect("send");
+    // Stay connected until the coordinator has settled.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
+
+/// The job's end with a receipt signed by `key` for `response`, claiming
+/// 1,000 output tokens (a lie the coordinator must not bill); `forge` breaks
+/// the signature.
+fn job_done(
+    key: &SigningKey,
+    (job, hold, consumer, model): (JobId, HoldId, AccountId, String),
+    body: &str,
+    response: &[u8],
+    forge: bool,
+) -> WorkerMsg {
+    let pk = PublicKey(key.verifying_key().to_bytes());
     let receipt = Receipt {
         consumer,
         finished_at_ms: 2,
@@ -287,7 +282,7 @@ pub async fn scripted_worker(url: String, script: Script) {
         model,
         output_tokens: 1_000,
         request_digest: Digest::of(body.as_bytes()),
-        response_digest: Digest::of(&bytes),
+        response_digest: Digest::of(response),
         started_at_ms: 1,
         worker: WorkerId::from_key(&pk),
         worker_key: pk,
@@ -296,18 +291,15 @@ pub async fn scripted_worker(url: String, script: Script) {
         key.sign(&receipt.signing_bytes().expect("bytes"))
             .to_bytes(),
     );
-    if matches!(script, Script::Forge) {
+    if forge {
         worker_sig.0[0] ^= 1;
     }
-    let done = WorkerMsg::JobDone {
+    WorkerMsg::JobDone {
         job,
         usage: None,
         receipt: Box::new(receipt),
         worker_sig,
-    };
-    tx.send(Message::text(done.to_text())).await.expect("send");
-    // Stay connected until the coordinator has settled.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// Runs [`scripted_worker`] on its own thread and runtime.
