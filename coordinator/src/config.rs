@@ -51,6 +51,9 @@ pub struct Config {
     pub max_attempts: usize,
     /// Per-account request limits (429 beyond them).
     pub rate_limits: RateLimits,
+    /// How often an account's actor checks whether it is idle (nothing in
+    /// flight, a full bucket) and retires: memory follows the accounts in use.
+    pub account_idle_check_ms: u64,
     /// HTTP worker threads; 0 means one per core.
     pub http_workers: usize,
     /// Heartbeats are logged as one summary per worker per epoch of this length.
@@ -80,6 +83,7 @@ impl Default for Config {
             hold_ttl_ms: 3_600_000,
             max_attempts: 3,
             rate_limits: RateLimits::default(),
+            account_idle_check_ms: 60_000,
             http_workers: 0,
             heartbeat_epoch_ms: 60_000,
             snapshot_every_records: 100_000,

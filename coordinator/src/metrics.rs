@@ -20,6 +20,8 @@ pub struct Metrics {
     /// Workers that claimed more tokens than they streamed.
     pub overclaims: IntCounter,
     pub workers_online: IntGauge,
+    /// Accounts with an actor now (idle ones retire).
+    pub accounts_active: IntGauge,
     /// Ledger entries committed but not yet in a signed checkpoint.
     pub ledger_lag_entries: IntGauge,
     /// Records queued on the event log, not yet durable.
@@ -79,6 +81,8 @@ impl Metrics {
         )
         .expect("valid");
         let workers_online = IntGauge::new("workers_online", "Connected workers").expect("valid");
+        let accounts_active =
+            IntGauge::new("accounts_active", "Accounts with an actor now").expect("valid");
         let ledger_lag_entries = IntGauge::new(
             "ledger_lag_entries",
             "Committed ledger entries not yet in a signed checkpoint",
@@ -99,6 +103,7 @@ impl Metrics {
             Box::new(receipts_rejected.clone()),
             Box::new(overclaims.clone()),
             Box::new(workers_online.clone()),
+            Box::new(accounts_active.clone()),
             Box::new(ledger_lag_entries.clone()),
         ] {
             registry.register(c).expect("each metric registered once");
@@ -113,6 +118,7 @@ impl Metrics {
             receipts_rejected,
             overclaims,
             workers_online,
+            accounts_active,
             ledger_lag_entries,
             event_log_lag_records,
         }

@@ -399,3 +399,53 @@ fn one_key_hammering_at_once_never_holds_more_than_its_balance() {
         "nothing delivered, nothing charged: {acct}"
     );
 }
+
+#[test]
+fn idle_account_actors_retire_and_a_fresh_one_takes_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = start_in_process(Config {
+        account_idle_check_ms: 100,
+        ..config(dir.path())
+    });
+    let metrics = || {
+        ureq::get(&format!("{url}/metrics"))
+            .call()
+            .expect("metrics")
+            .into_string()
+            .expect("text")
+    };
+    let (acct, key) = consumer(&url, ADMIN, GRANT);
+    let worker = common::scripted::spawn(url.clone(), Script::Inflate);
+    wait_for_models(&url);
+    let (status, _) = match ureq::post(&format!("{url}/v1/chat/completions"))
+        .set("authorization", &format!("Bearer {key}"))
+        .send_json(json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}))
+    {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(e) => panic!("transport: {e}"),
+    };
+    assert_eq!(status, 200);
+    worker.join().expect("worker");
+    wait_for("the idle account's actor to retire", || {
+        metrics().contains("troop_accounts_active 0")
+    });
+    let before: u64 = account(&url, &key)["balance_micro"]
+        .as_str()
+        .expect("balance")
+        .parse()
+        .expect("number");
+    // A change of the account after its actor retired goes through a fresh one.
+    common::harness::admin(
+        &url,
+        ADMIN,
+        "/admin/grants",
+        json!({"account": acct, "amount_micro": 7}),
+    );
+    let after: u64 = account(&url, &key)["balance_micro"]
+        .as_str()
+        .expect("balance")
+        .parse()
+        .expect("number");
+    assert_eq!(after, before + 7);
+    assert!(before < GRANT, "the first request was billed");
+}

@@ -19,9 +19,6 @@ use super::books::{BooksActor, Commit};
 use crate::books::{BooksError, Submitted};
 use crate::domain::ratelimit::{Allowance, RateLimits, Refusal};
 
-/// How often an actor checks whether it is idle and can retire.
-const IDLE_CHECK: Duration = Duration::from_secs(60);
-
 #[derive(Debug)]
 pub struct AccountActor {
     account: AccountId,
@@ -35,7 +32,7 @@ impl Actor for AccountActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(IDLE_CHECK, |act, ctx| {
+        ctx.run_interval(self.directory.idle_check, |act, ctx| {
             if act.allowance.is_idle(&act.limits, crate::server::now_ms()) {
                 // A fresh actor would start exactly where this one is.
                 act.directory.retire(act.account, &ctx.address());
@@ -115,14 +112,17 @@ pub struct Accounts {
     actors: Arc<Mutex<HashMap<AccountId, Addr<AccountActor>>>>,
     books: Addr<BooksActor>,
     limits: RateLimits,
+    /// How often an actor checks whether it is idle and can retire.
+    idle_check: Duration,
 }
 
 impl Accounts {
-    pub fn new(books: Addr<BooksActor>, limits: RateLimits) -> Self {
+    pub fn new(books: Addr<BooksActor>, limits: RateLimits, idle_check: Duration) -> Self {
         Self {
             actors: Arc::default(),
             books,
             limits,
+            idle_check: idle_check.max(Duration::from_millis(10)),
         }
     }
 

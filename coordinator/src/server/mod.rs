@@ -280,6 +280,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
     )
     .start();
     let config_limits = config.rate_limits;
+    let account_idle_check = Duration::from_millis(config.account_idle_check_ms);
     Ok(AppState {
         books: books.clone(),
         registry,
@@ -290,7 +291,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         ledger_dir,
         metrics: Arc::new(crate::metrics::Metrics::new()),
         bans: Arc::new(RwLock::new(bans)),
-        accounts: Accounts::new(books, config_limits),
+        accounts: Accounts::new(books, config_limits, account_idle_check),
         worker_events,
     })
 }
@@ -325,6 +326,10 @@ async fn ledger_file(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    state
+        .metrics
+        .accounts_active
+        .set(i64::try_from(state.accounts.active()).unwrap_or(i64::MAX));
     if let Ok(n) = state.registry.send(crate::actors::registry::Online).await {
         state
             .metrics
