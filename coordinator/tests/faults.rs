@@ -29,6 +29,41 @@ fn config(dir: &std::path::Path) -> Config {
     }
 }
 
+/// Posts a chat completion with `key`; the response whatever its status.
+fn chat_response(url: &str, key: &str, body: serde_json::Value) -> ureq::Response {
+    match ureq::post(&format!("{url}/v1/chat/completions"))
+        .set("authorization", &format!("Bearer {key}"))
+        .send_json(body)
+    {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport: {e}"),
+    }
+}
+
+/// [`chat_response`]'s status and body.
+fn chat(url: &str, key: &str, body: serde_json::Value) -> (u16, String) {
+    let r = chat_response(url, key, body);
+    (r.status(), r.into_string().unwrap_or_default())
+}
+
+/// Waits until the account of `key` has no open hold (settlement may finish
+/// just after its stream).
+fn wait_settled(url: &str, key: &str) {
+    wait_for("settlement", || {
+        account(url, key)["holds"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+}
+
+fn balance(url: &str, key: &str) -> u64 {
+    account(url, key)["balance_micro"]
+        .as_str()
+        .expect("balance")
+        .parse()
+        .expect("number")
+}
+
 /// Runs one scripted job; returns (streamed text, balance after, open holds after).
 fn run(script: Script) -> (String, u64, usize) {
     let (status, text, balance, holds, _) = run_with(script, |_| {});
@@ -47,23 +82,12 @@ fn run_with(script: Script, tweak: impl FnOnce(&mut Config)) -> (u16, String, u6
     let worker = common::scripted::spawn(url.clone(), script);
     wait_for_models(&url);
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": true});
-    let (status, text) = match ureq::post(&format!("{url}/v1/chat/completions"))
-        .set("authorization", &format!("Bearer {key}"))
-        .send_json(body)
-    {
-        Ok(r) | Err(ureq::Error::Status(_, r)) => (r.status(), r.into_string().unwrap_or_default()),
-        Err(e) => panic!("transport: {e}"),
-    };
+    let (status, text) = chat(&url, &key, body);
     if !matches!(script, Script::Stall) {
         // A stalling worker never ends by itself; the others do.
         worker.join().expect("worker");
     }
-    // Settlement may finish just after the stream (disconnect paths); wait for it.
-    wait_for("settlement", || {
-        account(&url, &key)["holds"]
-            .as_array()
-            .is_some_and(Vec::is_empty)
-    });
+    wait_settled(&url, &key);
     let acct = account(&url, &key);
     let balance = acct["balance_micro"]
         .as_str()
@@ -117,14 +141,11 @@ fn an_account_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
     let (_, calm) = consumer(&url, ADMIN, GRANT);
     // (status, Retry-After, body) of one request.
     let call = |key: &str| -> (u16, Option<String>, serde_json::Value) {
-        let resp = match ureq::post(&format!("{url}/v1/chat/completions"))
-            .set("authorization", &format!("Bearer {key}"))
-            .send_json(
-                json!({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}),
-            ) {
-            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("transport: {e}"),
-        };
+        let resp = chat_response(
+            &url,
+            key,
+            json!({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}),
+        );
         let retry = resp.header("retry-after").map(str::to_owned);
         (resp.status(), retry, resp.into_json().unwrap_or_default())
     };
@@ -229,11 +250,7 @@ fn a_non_streamed_answer_carries_the_tool_calls_put_together_and_bills_them() {
         answer["usage"]["completion_tokens"], 3,
         "the call's three pieces are billed, not the worker's claim of 1,000"
     );
-    wait_for("settlement", || {
-        account(&url, &key)["holds"]
-            .as_array()
-            .is_some_and(Vec::is_empty)
-    });
+    wait_settled(&url, &key);
 }
 
 #[test]
@@ -310,11 +327,7 @@ fn a_consumer_that_disconnects_cancels_the_job_and_pays_only_for_what_was_delive
     drop(lines);
     // The worker asserts that it was told to cancel.
     worker.join().expect("the worker was cancelled");
-    wait_for("settlement", || {
-        account(&url, &key)["holds"]
-            .as_array()
-            .is_some_and(Vec::is_empty)
-    });
+    wait_settled(&url, &key);
     let settled = ureq::get(&format!("{url}/v1/receipts/{receipt}"))
         .set("authorization", &format!("Bearer {key}"))
         .call()
@@ -331,13 +344,8 @@ fn a_consumer_that_disconnects_cancels_the_job_and_pays_only_for_what_was_delive
             && billed < u64::try_from(common::scripted::UNTIL_CANCELLED_MAX).expect("small"),
         "billed {billed}: at least what the consumer read, less than the whole answer"
     );
-    let balance: u64 = account(&url, &key)["balance_micro"]
-        .as_str()
-        .expect("balance")
-        .parse()
-        .expect("number");
     assert_eq!(
-        balance,
+        balance(&url, &key),
         GRANT - charged,
         "the balance moved by exactly the receipt"
     );
@@ -363,15 +371,7 @@ fn one_key_hammering_at_once_never_holds_more_than_its_balance() {
                 (url.clone(), key.clone(), body.clone(), barrier.clone());
             std::thread::spawn(move || {
                 barrier.wait();
-                match ureq::post(&format!("{url}/v1/chat/completions"))
-                    .set("authorization", &format!("Bearer {key}"))
-                    .send_json(body)
-                {
-                    Ok(r) | Err(ureq::Error::Status(_, r)) => {
-                        (r.status(), r.into_string().unwrap_or_default())
-                    }
-                    Err(e) => panic!("transport: {e}"),
-                }
+                chat(&url, &key, body)
             })
         })
         .collect();
@@ -388,11 +388,7 @@ fn one_key_hammering_at_once_never_holds_more_than_its_balance() {
             .all(|(_, b)| b.contains("insufficient_quota")),
         "{refused:?}"
     );
-    wait_for("settlement", || {
-        account(&url, &key)["holds"]
-            .as_array()
-            .is_some_and(Vec::is_empty)
-    });
+    wait_settled(&url, &key);
     let acct = account(&url, &key);
     assert_eq!(
         acct["balance_micro"], "55000",
@@ -417,23 +413,17 @@ fn idle_account_actors_retire_and_a_fresh_one_takes_over() {
     let (acct, key) = consumer(&url, ADMIN, GRANT);
     let worker = common::scripted::spawn(url.clone(), Script::Inflate);
     wait_for_models(&url);
-    let (status, _) = match ureq::post(&format!("{url}/v1/chat/completions"))
-        .set("authorization", &format!("Bearer {key}"))
-        .send_json(json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}))
-    {
-        Ok(r) | Err(ureq::Error::Status(_, r)) => (r.status(), r.into_string().unwrap_or_default()),
-        Err(e) => panic!("transport: {e}"),
-    };
+    let (status, _) = chat(
+        &url,
+        &key,
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}),
+    );
     assert_eq!(status, 200);
     worker.join().expect("worker");
     wait_for("the idle account's actor to retire", || {
         metrics().contains("troop_accounts_active 0")
     });
-    let before: u64 = account(&url, &key)["balance_micro"]
-        .as_str()
-        .expect("balance")
-        .parse()
-        .expect("number");
+    let before = balance(&url, &key);
     // A change of the account after its actor retired goes through a fresh one.
     common::harness::admin(
         &url,
@@ -441,11 +431,7 @@ fn idle_account_actors_retire_and_a_fresh_one_takes_over() {
         "/admin/grants",
         json!({"account": acct, "amount_micro": 7}),
     );
-    let after: u64 = account(&url, &key)["balance_micro"]
-        .as_str()
-        .expect("balance")
-        .parse()
-        .expect("number");
+    let after = balance(&url, &key);
     assert_eq!(after, before + 7);
     assert!(before < GRANT, "the first request was billed");
 }
