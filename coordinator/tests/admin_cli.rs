@@ -92,6 +92,13 @@ fn operators_manage_accounts_keys_prices_and_workers_from_the_cli() {
     common::scripted::spawn(worker_url, Script::Stall);
     wait_for_models(&url);
     let workers = cli(&url, &["list-workers"]);
+    // What the worker's heartbeat said about its engine and GPU is shown.
+    assert_eq!(workers["workers"][0]["engine"], "llama_cpp", "{workers}");
+    assert_eq!(
+        workers["workers"][0]["gpus"][0]["name"], "Scripted GPU 24GB",
+        "{workers}"
+    );
+    assert_eq!(workers["workers"][0]["gpus"][0]["memory_total_mib"], 24_564);
     let worker = workers["workers"][0]["worker"]
         .as_str()
         .expect("worker")

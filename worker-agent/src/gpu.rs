@@ -92,6 +92,25 @@ mod tests {
     }
 
     #[test]
+    fn parses_an_h100_under_load() {
+        // Captured from driver 580.159.04 by ops/gpu-check.sh while the GPU ran
+        // bf16 matrix products with 20 GiB allocated.
+        let gpus = parse_csv("NVIDIA H100 80GB HBM3, 81559, 21363, 100, 55\n").expect("parses");
+        assert_eq!(
+            gpus,
+            vec![GpuInfo {
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_total_mib: 81_559,
+                memory_used_mib: 21_363,
+                utilization_pct: 100,
+                temperature_c: 55,
+            }]
+        );
+        // Without `nounits` the same driver writes "81559 MiB": refused, not misread.
+        assert!(parse_csv("NVIDIA H100 80GB HBM3, 81559 MiB, 0 MiB, 0 %, 30").is_err());
+    }
+
+    #[test]
     fn refuses_what_it_does_not_understand() {
         assert!(parse_csv("NVIDIA H100, 80GB, 1, 0, 31").is_err());
         assert!(parse_csv("only, three, fields").is_err());

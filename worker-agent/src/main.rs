@@ -77,8 +77,15 @@ async fn main() -> Result<()> {
             let found = engine::detect(&engine::client(), &candidates)
                 .await
                 .context("finding the inference engine")?;
-            if let gpu::Detection::CpuOnly(why) = gpu::detect(None) {
-                tracing::info!(%why, "no GPU facts: serving in CPU mode");
+            match gpu::detect(None) {
+                gpu::Detection::Gpus(gpus) => {
+                    for g in gpus {
+                        tracing::info!(name = %g.name, memory_total_mib = g.memory_total_mib, "GPU found by nvidia-smi");
+                    }
+                }
+                gpu::Detection::CpuOnly(why) => {
+                    tracing::info!(%why, "no GPU facts: serving in CPU mode");
+                }
             }
             tracing::info!(engine = ?found.kind, url = %found.base_url, models = found.models.len(), worker = %id.worker_id(), "engine found");
             let slots = slots.unwrap_or(found.slots).max(1);

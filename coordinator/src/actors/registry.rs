@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use actix::prelude::*;
 use troop_schemas::WorkerId;
-use troop_schemas::protocol::{Heartbeat, ModelInfo};
+use troop_schemas::protocol::{EngineKind, GpuInfo, Heartbeat, ModelInfo};
 
 use super::worker::{Goodbye, WorkerLink};
 use crate::domain::heartbeats::Summarizer;
@@ -15,6 +15,9 @@ use crate::history::{WorkerEvent, WorkerEventSink, WorkerRecord};
 struct Entry {
     candidate: Candidate,
     models: Vec<ModelInfo>,
+    /// From the last heartbeat; self-reported until hardware proofs.
+    engine: Option<EngineKind>,
+    gpus: Vec<GpuInfo>,
     link: WorkerLink,
     connection: u64,
 }
@@ -68,6 +71,8 @@ impl Handler<Register> for Registry {
             Entry {
                 candidate,
                 models: Vec::new(),
+                engine: None,
+                gpus: Vec::new(),
                 link: msg.link,
                 connection: msg.connection,
             },
@@ -127,6 +132,8 @@ impl Handler<Beat> for Registry {
             };
             e.candidate.last_heartbeat_ms = msg.now_ms;
             e.models = h.models;
+            e.engine = Some(h.engine);
+            e.gpus = h.gpus;
         }
     }
 }
@@ -248,6 +255,9 @@ pub struct WorkerView {
     pub milli_tokens_per_s: u64,
     pub last_heartbeat_ms: u64,
     pub banned: bool,
+    /// As the worker's last heartbeat reported them (not yet verified).
+    pub engine: Option<EngineKind>,
+    pub gpus: Vec<GpuInfo>,
     /// From the event log: jobs started and failed, heartbeat epochs.
     pub history: Option<WorkerRecord>,
 }
@@ -270,6 +280,8 @@ impl Handler<ListWorkers> for Registry {
                 milli_tokens_per_s: e.candidate.speed.milli_tokens_per_s(),
                 last_heartbeat_ms: e.candidate.last_heartbeat_ms,
                 banned: e.candidate.banned,
+                engine: e.engine,
+                gpus: e.gpus.clone(),
                 history: history.get(&e.candidate.worker).cloned(),
             })
             .collect();

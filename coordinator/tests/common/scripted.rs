@@ -9,7 +9,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use troop_schemas::protocol::{
-    self, CoordinatorMsg, DataFrame, EngineKind, Heartbeat, ModelInfo, WorkerMsg,
+    self, CoordinatorMsg, DataFrame, EngineKind, GpuInfo, Heartbeat, ModelInfo, WorkerMsg,
 };
 use troop_schemas::{AccountId, Digest, HoldId, JobId, PublicKey, Receipt, Signature, WorkerId};
 
@@ -113,7 +113,13 @@ pub async fn scripted_worker(url: String, script: Script) {
             name: MODEL.into(),
             context_length: Some(4096),
         }],
-        gpus: vec![],
+        gpus: vec![GpuInfo {
+            name: "Scripted GPU 24GB".into(),
+            memory_total_mib: 24_564,
+            memory_used_mib: 1_210,
+            utilization_pct: 37,
+            temperature_c: 45,
+        }],
         free_slots: 8,
         total_slots: 8,
         draining: false,
