@@ -214,6 +214,23 @@ fn a_worker_that_never_finishes_is_cut_at_the_job_deadline() {
 }
 
 #[test]
+fn a_worker_that_streams_past_the_job_deadline_is_cut_cancelled_and_paid_for_what_was_delivered() {
+    // A token every 50 ms for up to 10 s; the job may take 1 s.
+    let (status, text, balance, holds, _) =
+        run_with(Script::UntilCancelled, |c| c.job_deadline_ms = 1_000);
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("passed its deadline"), "{text}");
+    assert!(
+        text.contains("troop_receipt") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    // run_with joined the worker, which asserts it was told to cancel.
+    assert_eq!(holds, 0);
+    let paid = GRANT - balance;
+    assert!(paid > 0, "what was delivered is paid for");
+}
+
+#[test]
 fn a_non_streamed_answer_carries_the_tool_calls_put_together_and_bills_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = start_in_process(config(dir.path()));

@@ -210,6 +210,9 @@ async fn session(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) -> anyh
         'out: while let Some(m) = out_rx.recv().await {
             // Whatever else is already queued (other jobs' frames) goes out
             // in the same write: one syscall for a burst, not one per frame.
+            // Yielding once first lets the jobs woken by the same engine
+            // readiness queue theirs: no timer, so no added wait when idle.
+            tokio::task::yield_now().await;
             let mut next = Some(m);
             while let Some(m) = next.take() {
                 if sink.feed(m).await.is_err() {

@@ -1,5 +1,7 @@
 //! The books as an actor: one thread, one writer, group-committed batches.
 
+use std::sync::{Arc, RwLock};
+
 use actix::prelude::*;
 use troop_ledger::fold::{Account, Hold, Schedule};
 use troop_schemas::{AccountId, Event, HoldId};
@@ -9,6 +11,28 @@ use crate::books::{Books, BooksError, Submitted};
 #[derive(Debug)]
 pub struct BooksActor {
     pub books: Books,
+    pub schedule: PublishedSchedule,
+}
+
+/// The price schedule in force, as the books last judged it: read on every
+/// request without a round trip to the books' thread. Requests priced a moment
+/// before a change are what they would be had they come a moment earlier.
+#[derive(Debug, Clone, Default)]
+pub struct PublishedSchedule(Arc<RwLock<Option<Arc<Schedule>>>>);
+
+impl PublishedSchedule {
+    pub fn get(&self) -> Option<Arc<Schedule>> {
+        self.0.read().expect("schedule lock").clone()
+    }
+
+    /// Takes the books' schedule if its version moved.
+    pub fn refresh(&self, books: &Books) {
+        let current = books.ledger().schedule();
+        let held = self.get().map(|s| s.version);
+        if current.map(|s| s.version) != held {
+            *self.0.write().expect("schedule lock") = current.cloned().map(Arc::new);
+        }
+    }
 }
 
 impl Actor for BooksActor {
@@ -24,7 +48,15 @@ pub struct Commit(pub Vec<Event>);
 impl Handler<Commit> for BooksActor {
     type Result = Result<Submitted, BooksError>;
     fn handle(&mut self, msg: Commit, _: &mut Self::Context) -> Self::Result {
-        self.books.submit(&msg.0)
+        let submitted = self.books.submit(&msg.0);
+        if msg
+            .0
+            .iter()
+            .any(|e| matches!(e, Event::PriceSchedulePublished { .. }))
+        {
+            self.schedule.refresh(&self.books);
+        }
+        submitted
     }
 }
 
@@ -76,17 +108,6 @@ impl Handler<GetAccount> for BooksActor {
             .collect();
         holds.sort_by_key(|(id, _)| *id);
         Some(AccountView { account, holds })
-    }
-}
-
-#[derive(Debug, Message)]
-#[rtype(result = "Option<Schedule>")]
-pub struct GetSchedule;
-
-impl Handler<GetSchedule> for BooksActor {
-    type Result = Option<Schedule>;
-    fn handle(&mut self, _: GetSchedule, _: &mut Self::Context) -> Self::Result {
-        self.books.ledger().schedule().cloned()
     }
 }
 

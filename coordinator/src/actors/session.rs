@@ -20,7 +20,6 @@ use troop_schemas::sse::{Meter, Reading};
 use troop_schemas::{AccountId, CreditsMicro, Digest, Event, HoldId, JobId, VoidReason, WorkerId};
 
 use super::account::Admission;
-use super::books::GetSchedule;
 use super::registry::{Finished, Place};
 use super::worker::{Assign, Cancel, JobEnd, JobSlot, Release, WorkerLink};
 use crate::api::openai::{ApiError, Endpoint, Validated};
@@ -236,11 +235,8 @@ async fn open(
     received: Instant,
 ) -> Result<(Opened, OpenJob), ApiError> {
     let schedule = state
-        .books
-        .send(GetSchedule)
-        .await
-        .ok()
-        .flatten()
+        .schedule
+        .get()
         .ok_or_else(|| ApiError::model_not_found(&request.model))?;
     let estimate = billing::prompt_tokens_estimate(request.prompt_bytes, request.messages);
     let reserved = billing::hold_amount(
@@ -267,8 +263,19 @@ async fn open(
         expires_at_ms: now + state.config.hold_ttl_ms,
         at_ms: now,
     };
-    match commit_as(&state, account, placed).await {
-        Ok(_) => {}
+    // The books judge the hold at once; its record becomes durable while the
+    // worker starts, and no output reaches the consumer before it is.
+    let judged =
+        state
+            .accounts
+            .change(account, vec![placed])
+            .await
+            .and_then(|(verdicts, pending)| {
+                let verdict = verdicts.into_iter().next().expect("one verdict");
+                verdict.map(|_| pending)
+            });
+    let mut hold_durable = match judged {
+        Ok(pending) => pending,
         Err(BooksError::Refused(FoldError::InsufficientFunds {
             available, needed, ..
         })) => {
@@ -279,7 +286,7 @@ async fn open(
                 "the books refused the hold: {e}"
             )));
         }
-    }
+    };
 
     let body = request.engine_body.to_string();
     let request_digest = Digest::of(body.as_bytes());
@@ -365,6 +372,22 @@ async fn open(
             exclude.push(link.worker);
             continue;
         };
+        if let Some(pending) = hold_durable.take()
+            && let Err(e) = pending.durable().await
+        {
+            // Nothing more is acknowledged; a restart voids the hold.
+            tracing::error!(error = %e, "event log write failed: nothing more is acknowledged; restart to recover");
+            link.addr.do_send(Cancel(job));
+            link.addr.do_send(Release(job));
+            state.registry.do_send(Finished {
+                worker: link.worker,
+                tokens: 0,
+                duration_ms: 0,
+            });
+            return Err(ApiError::upstream(format!(
+                "the event log could not record the hold: {e}"
+            )));
+        }
         state
             .metrics
             .time_to_first_token
@@ -504,7 +527,7 @@ async fn settle(
         void(&state, account, hold, VoidReason::Empty).await;
         return None;
     }
-    let Some(schedule) = state.books.send(GetSchedule).await.ok().flatten() else {
+    let Some(schedule) = state.schedule.get() else {
         void(&state, account, hold, VoidReason::Failed).await;
         return None;
     };

@@ -241,12 +241,7 @@ pub async fn set_prices(
     if let Err(e) = authorize(&req, &state) {
         return error_response(&e);
     }
-    let current = state
-        .books
-        .send(crate::actors::books::GetSchedule)
-        .await
-        .ok()
-        .flatten();
+    let current = state.schedule.get();
     let mut prices = Vec::new();
     for p in &body.prices {
         let (Some(input), Some(output)) = (

@@ -16,7 +16,7 @@ use troop_schemas::sse::{Meter, Reading};
 use troop_schemas::{AccountId, Event, JobId};
 
 use super::{AppState, error_response, now_ms, random};
-use crate::actors::books::{GetAccount, GetSchedule};
+use crate::actors::books::GetAccount;
 use crate::actors::registry::Models;
 use crate::actors::session::{Deliver, Open, Session};
 use crate::api::openai::{ApiError, Endpoint, Validated, validate};
@@ -52,7 +52,7 @@ pub async fn models(state: web::Data<AppState>) -> HttpResponse {
         .send(Models { now_ms: now_ms() })
         .await
         .unwrap_or_default();
-    let schedule = state.books.send(GetSchedule).await.ok().flatten();
+    let schedule = state.schedule.get();
     let data: Vec<_> = models
         .into_iter()
         .map(|m| {
@@ -311,12 +311,18 @@ async fn whole_response(
 ) -> HttpResponse {
     let mut meter = Meter::collecting();
     let mut failed = meter.feed(&first).err();
-    let deadline = ctx.deadline;
+    let deadline = tokio::time::sleep_until(ctx.deadline.into());
+    tokio::pin!(deadline);
     while failed.is_none() {
-        match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+        let recv = tokio::select! {
+            biased;
+            () = &mut deadline => Err(()),
+            r = rx.recv() => Ok(r),
+        };
+        match recv {
             Ok(Some(piece)) => failed = meter.feed(&piece).err(),
             Ok(None) => break,
-            Err(_) => {
+            Err(()) => {
                 failed = Some(troop_schemas::sse::MeterError::NotJson(
                     "job deadline passed".into(),
                 ));
@@ -393,7 +399,8 @@ fn stream_response(ctx: Delivery, first: Bytes, rx: mpsc::Receiver<Bytes>) -> Ht
         pending: Some(first),
         events: EventSplitter::default(),
         closing: Some(closing),
-        deadline,
+        // One timer for the whole stream, not one per token.
+        deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         loop {
@@ -401,26 +408,34 @@ fn stream_response(ctx: Delivery, first: Bytes, rx: mpsc::Receiver<Bytes>) -> Ht
             s.closing.as_ref()?;
             if let Some(piece) = s.pending.take() {
                 // Whole events only, each metered before it is forwarded, so
-                // that garbage stops the stream exactly where it starts.
-                let mut out = Vec::new();
-                for event in s.events.push(&piece) {
-                    let metered = s.guard.meter.as_mut().map(|m| m.feed(&event));
-                    if let Some(Err(e)) = metered {
+                // that garbage stops the stream exactly where it starts. What
+                // else is already queued goes out in the same write: a busy
+                // coordinator makes fewer, larger writes instead of falling
+                // further behind.
+                let mut out = Forward::default();
+                let mut next = Some(piece);
+                while let Some(piece) = next {
+                    let meter = s.guard.meter.as_mut().expect("metered until it ends");
+                    if let Err(e) = s.events.push(piece, meter, &mut out) {
                         let why = format!(
                             "The worker sent output that is not a valid event stream ({e}); the response ends here and only what was delivered is billed."
                         );
-                        return Some((Ok(s.fail(out, &why).await), s));
+                        return Some((Ok(s.fail(out.into_vec(), &why).await), s));
                     }
-                    if !is_done_or_usage(&event) {
-                        out.extend_from_slice(&event);
-                    }
+                    next = s.rx.try_recv().ok();
                 }
-                if !out.is_empty() {
-                    return Some((Ok::<Bytes, std::io::Error>(Bytes::from(out)), s));
+                match out {
+                    Forward::Nothing => continue,
+                    out => return Some((Ok::<Bytes, std::io::Error>(out.into_bytes()), s)),
                 }
-                continue;
             }
-            match tokio::time::timeout_at(s.deadline.into(), s.rx.recv()).await {
+            // The deadline first: a worker that streams forever is cut too.
+            let recv = tokio::select! {
+                biased;
+                () = s.deadline.as_mut() => Err(()),
+                r = s.rx.recv() => Ok(r),
+            };
+            match recv {
                 Ok(Some(piece)) => s.pending = Some(piece),
                 Ok(None) => {
                     let closing = s.closing.take()?;
@@ -457,7 +472,7 @@ struct StreamState {
     pending: Option<Bytes>,
     events: EventSplitter,
     closing: Option<Closing>,
-    deadline: Instant,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl StreamState {
@@ -500,18 +515,108 @@ impl Closing {
 /// coordinator's closing chunk can come before it.
 #[derive(Default)]
 struct EventSplitter {
+    /// An event begun in an earlier piece.
     buf: Vec<u8>,
 }
 
-impl EventSplitter {
-    /// The events `piece` completes, each with its blank-line terminator.
-    fn push(&mut self, piece: &[u8]) -> Vec<Vec<u8>> {
-        self.buf.extend_from_slice(piece);
-        let mut events = Vec::new();
-        while let Some(end) = find_event_end(&self.buf) {
-            events.push(self.buf.drain(..end).collect());
+/// What goes to the consumer in one write. A piece that is whole events, all
+/// forwarded, is passed on as it came (no copy): the usual case, since agents
+/// send whole events.
+#[derive(Default)]
+enum Forward {
+    #[default]
+    Nothing,
+    Piece(Bytes),
+    Copied(Vec<u8>),
+}
+
+impl Forward {
+    fn extend(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
         }
-        events
+        match self {
+            Forward::Nothing => *self = Forward::Copied(bytes.to_vec()),
+            Forward::Piece(p) => {
+                let mut v = Vec::with_capacity(p.len() + bytes.len());
+                v.extend_from_slice(p);
+                v.extend_from_slice(bytes);
+                *self = Forward::Copied(v);
+            }
+            Forward::Copied(v) => v.extend_from_slice(bytes),
+        }
+    }
+
+    fn into_vec(self) -> Vec<u8> {
+        match self {
+            Forward::Nothing => Vec::new(),
+            Forward::Piece(p) => p.to_vec(),
+            Forward::Copied(v) => v,
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Forward::Nothing => Bytes::new(),
+            Forward::Piece(p) => p,
+            Forward::Copied(v) => Bytes::from(v),
+        }
+    }
+}
+
+impl EventSplitter {
+    /// Meters each event `piece` completes and adds those to forward to `out`.
+    fn push(
+        &mut self,
+        piece: Bytes,
+        meter: &mut Meter,
+        out: &mut Forward,
+    ) -> Result<(), troop_schemas::sse::MeterError> {
+        if self.buf.is_empty() {
+            // While every event so far is forwarded, `piece[..done]` is
+            // owed to `out` and not yet copied.
+            let mut done = 0;
+            let mut owed = true;
+            while let Some(end) = find_event_end(&piece[done..]) {
+                let event = &piece[done..done + end];
+                if let Err(e) = meter.feed(event) {
+                    if owed {
+                        out.extend(&piece[..done]);
+                    }
+                    return Err(e);
+                }
+                if is_done_or_usage(event) {
+                    if owed {
+                        out.extend(&piece[..done]);
+                        owed = false;
+                    }
+                } else if !owed {
+                    out.extend(event);
+                }
+                done += end;
+            }
+            if owed && done == piece.len() && matches!(out, Forward::Nothing) {
+                *out = Forward::Piece(piece);
+                return Ok(());
+            }
+            if owed {
+                out.extend(&piece[..done]);
+            }
+            self.buf.extend_from_slice(&piece[done..]);
+            return Ok(());
+        }
+        self.buf.extend_from_slice(&piece);
+        let mut start = 0;
+        while let Some(end) = find_event_end(&self.buf[start..]) {
+            let event = &self.buf[start..start + end];
+            meter.feed(event)?;
+            if !is_done_or_usage(event) {
+                out.extend(event);
+            }
+            start += end;
+        }
+        self.buf.drain(..start);
+        Ok(())
     }
 
     /// Whatever trails the last complete event.
@@ -569,5 +674,69 @@ impl Drop for Guard {
                 cancelled: true,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C1: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n";
+    const C2: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\n";
+    const USAGE: &[u8] = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n";
+    const DONE: &[u8] = b"data: [DONE]\n\n";
+
+    fn push_all(pieces: &[&[u8]]) -> (Vec<u8>, Meter, Result<(), troop_schemas::sse::MeterError>) {
+        let mut splitter = EventSplitter::default();
+        let mut meter = Meter::new();
+        let mut out = Forward::default();
+        for p in pieces {
+            if let Err(e) = splitter.push(Bytes::copy_from_slice(p), &mut meter, &mut out) {
+                return (out.into_vec(), meter, Err(e));
+            }
+        }
+        (out.into_vec(), meter, Ok(()))
+    }
+
+    #[test]
+    fn whole_events_pass_without_a_copy() {
+        let piece = Bytes::from([C1, C2].concat());
+        let mut out = Forward::default();
+        let mut meter = Meter::new();
+        EventSplitter::default()
+            .push(piece.clone(), &mut meter, &mut out)
+            .expect("valid");
+        let Forward::Piece(forwarded) = out else {
+            panic!("copied")
+        };
+        assert_eq!(forwarded.as_ptr(), piece.as_ptr(), "the same buffer");
+        assert_eq!(meter.finish().deltas, 2);
+    }
+
+    #[test]
+    fn engine_done_and_usage_are_dropped_wherever_they_are() {
+        let (out, meter, r) = push_all(&[&[C1, USAGE, C2, DONE].concat()]);
+        r.expect("valid");
+        assert_eq!(out, [C1, C2].concat());
+        assert_eq!(meter.finish().deltas, 2);
+    }
+
+    #[test]
+    fn events_split_across_pieces_are_forwarded_whole() {
+        let all = [C1, C2].concat();
+        let (first, second) = all.split_at(C1.len() + 7);
+        let (out, meter, r) = push_all(&[first, second]);
+        r.expect("valid");
+        assert_eq!(out, all);
+        assert_eq!(meter.finish().deltas, 2);
+        let (out, _, _) = push_all(&[first]);
+        assert_eq!(out, C1, "only whole events go out");
+    }
+
+    #[test]
+    fn garbage_stops_after_what_came_before_it() {
+        let (out, _, r) = push_all(&[&[C1, b"data: \xff\n\n", C2].concat()]);
+        assert!(r.is_err());
+        assert_eq!(out, C1);
     }
 }

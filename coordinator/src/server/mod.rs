@@ -19,7 +19,7 @@ use troop_ledger::note::NoteSigner;
 use troop_schemas::{CreditsMicro, Event, KeyRole, ModelPrice, PublicKey};
 
 use crate::actors::account::Accounts;
-use crate::actors::books::{BooksActor, Commit, ExpireHolds, Publish};
+use crate::actors::books::{BooksActor, Commit, ExpireHolds, Publish, PublishedSchedule};
 use crate::actors::registry::Registry;
 use crate::api::openai::ApiError;
 use crate::books::Books;
@@ -34,6 +34,8 @@ use crate::snapshot::Snapshot;
 #[derive(Clone)]
 pub struct AppState {
     pub books: Addr<BooksActor>,
+    /// The books' price schedule, readable without asking them.
+    pub schedule: PublishedSchedule,
     pub registry: Addr<Registry>,
     pub keys: Arc<RwLock<ApiKeys>>,
     pub events: Arc<dyn EventLog>,
@@ -261,13 +263,17 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
     }
     books.publish()?;
 
+    let schedule = PublishedSchedule::default();
+    schedule.refresh(&books);
     let cell = Mutex::new(Some(books));
+    let published = schedule.clone();
     let books = SyncArbiter::start(1, move || BooksActor {
         books: cell
             .lock()
             .expect("books cell")
             .take()
             .expect("one books thread"),
+        schedule: published.clone(),
     });
     let worker_events = WorkerEventSink {
         events: Arc::clone(&events),
@@ -283,6 +289,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
     let account_idle_check = Duration::from_millis(config.account_idle_check_ms);
     Ok(AppState {
         books: books.clone(),
+        schedule,
         registry,
         keys: Arc::new(RwLock::new(keys)),
         events,
