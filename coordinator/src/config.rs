@@ -20,6 +20,40 @@ pub struct PriceConfig {
     pub output_micro_per_1k: u64,
 }
 
+/// Where the cluster's shared services are and how its topics are laid out.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Kafka bootstrap servers, `host:port,host:port`.
+    pub kafka_brokers: String,
+    /// A libpq connection string (`host=… user=… dbname=…`).
+    pub postgres: String,
+    /// Topic names start with this (`troop.ledger`, …): several networks, or
+    /// tests, can share one Kafka.
+    pub topic_prefix: String,
+    /// Accounts are spread over this many ledger partitions, each owned by one
+    /// node at a time. Fixed once the topic exists: changing it would move
+    /// accounts between partitions.
+    pub ledger_partitions: u32,
+    /// Partitions of the worker and job topics.
+    pub worker_partitions: u32,
+    /// Copies of each partition (3 in production, with min.insync.replicas=2).
+    pub replication_factor: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            kafka_brokers: "127.0.0.1:9092".into(),
+            postgres: "host=127.0.0.1 user=troop dbname=troop".into(),
+            topic_prefix: "troop".into(),
+            ledger_partitions: 12,
+            worker_partitions: 12,
+            replication_factor: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -58,6 +92,8 @@ pub struct Config {
     pub http_workers: usize,
     /// Heartbeats are logged as one summary per worker per epoch of this length.
     pub heartbeat_epoch_ms: u64,
+    /// Kafka and Postgres, for a cluster of coordinators (see CLUSTER.md).
+    pub cluster: ClusterConfig,
     /// A snapshot of every projection after this many more event-log records
     /// (start-up replays only what follows the newest); 0 turns it off.
     pub snapshot_every_records: u64,
@@ -86,6 +122,7 @@ impl Default for Config {
             account_idle_check_ms: 60_000,
             http_workers: 0,
             heartbeat_epoch_ms: 60_000,
+            cluster: ClusterConfig::default(),
             snapshot_every_records: 100_000,
         }
     }

@@ -4,7 +4,8 @@
 //! - [`server`]: actix-web: the OpenAI-compatible API (`consumer`), the worker
 //!   WebSocket (`worker`), `/admin`, `/ledger`, `/metrics`; [`server::spawn`]
 //!   embeds a coordinator in a thread.
-//! - [`actors`]: the books actor (the one writer of balances) and the registry
+//! - [`actors`]: the books actor (the one writer of balances), one actor per
+//!   active account, per worker connection and per request, and the registry
 //!   of connected workers (placement).
 //! - [`books`]: balances as a projection of the event log, published as the signed ledger.
 //! - [`history`]: worker events (jobs started and failed, heartbeat summaries)
@@ -15,7 +16,9 @@
 //! - [`domain`]: pure decisions — placement, hold sizing, billing, rate limits,
 //!   heartbeat summaries.
 //! - [`eventlog`]: the event log port and its embedded adapter (segment files
-//!   with checksums, group commit, torn-tail recovery). Kafka comes in issue 4.
+//!   with checksums, group commit, torn-tail recovery).
+//! - [`cluster`]: Kafka and Postgres for a cluster of nodes (CLUSTER.md):
+//!   `migrate` so far.
 //! - [`api`]: OpenAI request validation and error shapes; [`config`]; [`metrics`].
 
 #![forbid(unsafe_code)]
@@ -23,6 +26,7 @@
 pub mod actors;
 pub mod api;
 pub mod books;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod eventlog;

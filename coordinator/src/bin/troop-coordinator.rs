@@ -34,6 +34,13 @@ enum Command {
         #[command(subcommand)]
         action: Admin,
     },
+    /// Create or update the cluster's Kafka topics and Postgres schema
+    /// (`[cluster]` settings); safe to run again and from every node.
+    Migrate {
+        /// Print what was done as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the OpenAI API, the worker endpoint and the ledger.
     Serve {
         #[arg(long, default_value = "127.0.0.1:8787")]
@@ -174,6 +181,47 @@ fn admin(url: &str, token: &str, json: bool, action: Admin) -> anyhow::Result<()
     Ok(())
 }
 
+fn migrate(cluster: &troop_coordinator::config::ClusterConfig, json: bool) -> anyhow::Result<()> {
+    use troop_coordinator::cluster::migrate;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (sql, topics) = runtime.block_on(async {
+        let mut client = migrate::connect_postgres(cluster)
+            .await
+            .context("connecting to postgres")?;
+        let sql = migrate::migrate_postgres(&mut client)
+            .await
+            .context("migrating postgres")?;
+        let topics = migrate::migrate_kafka(cluster)
+            .await
+            .context("creating kafka topics")?;
+        anyhow::Ok((sql, topics))
+    })?;
+    if json {
+        let sql: Vec<_> = sql
+            .iter()
+            .map(|(v, o)| serde_json::json!({"version": v, "outcome": o}))
+            .collect();
+        let topics: Vec<_> = topics
+            .iter()
+            .map(|(t, o)| serde_json::json!({"topic": t, "outcome": o}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"migrations": sql, "topics": topics})
+        );
+    } else {
+        for (v, o) in sql {
+            println!("migration {v:04}: {o:?}");
+        }
+        for (t, o) in topics {
+            println!("topic {t}: {o:?}");
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -190,6 +238,7 @@ fn main() -> anyhow::Result<()> {
             json,
             action,
         } => admin(&url, &token, json, action),
+        Command::Migrate { json } => migrate(&config.cluster, json),
         Command::Serve { listen, data_dir } => {
             if let Some(d) = data_dir {
                 config.data_dir = d;

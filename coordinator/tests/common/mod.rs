@@ -1,2 +1,3 @@
 pub mod harness;
 pub mod scripted;
+pub mod services;
