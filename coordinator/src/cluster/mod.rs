@@ -1,4 +1,6 @@
 //! The coordinator cluster on Kafka and Postgres (CLUSTER.md). Built slice by
-//! slice; today: `migrate` (topics and the projections' schema).
+//! slice; today: `migrate` (topics and the projections' schema) and the event
+//! log on a Kafka partition.
 
+pub mod kafka_log;
 pub mod migrate;

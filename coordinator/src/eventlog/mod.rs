@@ -3,7 +3,8 @@
 //! acknowledged only once durable; every projection is rebuilt by reading it.
 //!
 //! Adapters: [`file::FileLog`] (the embedded default: segment files on local
-//! disk) and, later, Kafka. Both must pass [`conformance`].
+//! disk) and [`crate::cluster::kafka_log::KafkaLog`] (one Kafka partition).
+//! Both pass [`conformance`].
 
 pub mod file;
 
@@ -32,6 +33,8 @@ pub enum EventLogError {
     },
     #[error("event log is closed")]
     Closed,
+    #[error("event log broker: {0}")]
+    Broker(String),
 }
 
 /// One stored record and its position.

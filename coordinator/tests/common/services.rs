@@ -59,6 +59,32 @@ impl Broker {
     }
 }
 
+impl Broker {
+    /// One broker of `kind` for the whole test binary, stopped when the
+    /// binary exits (statics are never dropped, so the script watches us).
+    pub fn shared(kind: BrokerKind) -> &'static str {
+        static NOIDA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        static TANSU: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let (cell, name) = match kind {
+            BrokerKind::Noida => (&NOIDA, "noida"),
+            BrokerKind::Tansu => (&TANSU, "tansu"),
+        };
+        cell.get_or_init(|| {
+            let port = free_port();
+            run(
+                "ops/broker.sh",
+                &[
+                    "start",
+                    &port.to_string(),
+                    name,
+                    &std::process::id().to_string(),
+                ],
+            );
+            format!("127.0.0.1:{port}")
+        })
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = Command::new("kill").arg(&self.pid).status();
