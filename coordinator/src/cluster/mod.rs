@@ -4,3 +4,4 @@
 
 pub mod kafka_log;
 pub mod migrate;
+pub mod projection;

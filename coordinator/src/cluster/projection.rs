@@ -1,0 +1,461 @@
+//! The sequencer's projection into Postgres (CLUSTER.md, "The ledger: one
+//! sequencer, fenced"): batches of judged ledger events, read from the ledger
+//! partitions, get their leaf indexes and are applied to the balance tables
+//! in one transaction together with the consumer offsets they came from.
+//!
+//! The balances are computed by the same pure fold as everywhere else (an
+//! in-memory [`Ledger`] that mirrors the tables); Postgres only stores what the
+//! fold says, for every node to read. A second sequencer is fenced by a
+//! compare-and-swap on the tree size; a redelivered event (same id) is skipped.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use troop_ledger::fold::{FoldError, Ledger};
+use troop_schemas::{AccountId, Event, HoldId, decode_entry};
+
+/// The consumer group whose offsets the sequencer keeps in Postgres.
+pub const SEQUENCER_GROUP: &str = "troop-sequencer";
+
+/// The ledger partition an account's events go to. Computed here, never left
+/// to a client's partitioner (librdkafka's and Java's differ).
+pub fn partition_of(account: &AccountId, partitions: u32) -> u32 {
+    assert!(partitions > 0, "a topic has partitions");
+    let digest = blake3::hash(account.to_string().as_bytes());
+    let head = u64::from_be_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"));
+    u32::try_from(head % u64::from(partitions)).expect("below a u32")
+}
+
+/// One judged event as the sequencer read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sourced {
+    /// Unique per event: a redelivered record has the same id.
+    pub event_id: [u8; 16],
+    pub partition: i32,
+    pub offset: i64,
+    /// The canonical ledger entry.
+    pub entry: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(
+        "another sequencer moved the ledger to {found} entries (this one had {expected}); stopping"
+    )]
+    Fenced { expected: u64, found: u64 },
+    #[error("entry at partition {partition} offset {offset}: {why}")]
+    Entry {
+        partition: i32,
+        offset: i64,
+        why: String,
+    },
+    #[error("the fold refused an event its owner accepted ({0}); stopping")]
+    Refused(FoldError),
+    #[error("a batch failed after the fold moved: reopen from postgres")]
+    Poisoned,
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub sequenced: u64,
+    /// Redeliveries of events already in the ledger.
+    pub skipped: u64,
+    pub tree_size: u64,
+}
+
+/// Accounts and holds an event changes, read before it is applied (a
+/// settlement names its hold, and the hold its account).
+fn touched(event: &Event, ledger: &Ledger) -> (Vec<AccountId>, Option<HoldId>) {
+    let hold_account = |hold: &HoldId| ledger.hold(hold).map(|h| h.account);
+    let worker_account = |w| ledger.worker(w).map(|w| w.account);
+    match event {
+        Event::AccountOpened { account, .. } => (vec![*account], None),
+        Event::Grant { account, .. } => (vec![AccountId::TREASURY, *account], None),
+        Event::HoldPlaced { hold, account, .. } => (vec![*account], Some(*hold)),
+        Event::HoldSettled { hold, receipt, .. } => (
+            [
+                hold_account(hold),
+                worker_account(&receipt.receipt.worker),
+                Some(AccountId::TREASURY),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            Some(*hold),
+        ),
+        Event::HoldVoided { hold, .. } | Event::HoldExpired { hold, .. } => {
+            (hold_account(hold).into_iter().collect(), Some(*hold))
+        }
+        Event::Transfer { from, to, .. } => (vec![*from, *to], None),
+        Event::UptimeReward { worker, .. } => (
+            [worker_account(worker), Some(AccountId::TREASURY)]
+                .into_iter()
+                .flatten()
+                .collect(),
+            None,
+        ),
+        Event::WorkerRegistered { .. }
+        | Event::PriceSchedulePublished { .. }
+        | Event::KeyRotated { .. }
+        | Event::BalanceSnapshot { .. } => (Vec::new(), None),
+    }
+}
+
+fn numeric(v: u128) -> String {
+    v.to_string()
+}
+
+/// The one sequencer's state: the fold of every entry in the ledger, and the
+/// tree size it believes Postgres has.
+#[derive(Debug)]
+pub struct Sequencer {
+    ledger: Ledger,
+    tree_size: u64,
+    ledger_partitions: u32,
+    poisoned: bool,
+}
+
+impl Sequencer {
+    /// Rebuilds the fold from the entries in Postgres, in leaf order.
+    pub async fn open(
+        client: &tokio_postgres::Client,
+        ledger_partitions: u32,
+    ) -> Result<Self, ProjectionError> {
+        let size: i64 = client
+            .query_one("select tree_size from ledger_head", &[])
+            .await?
+            .get(0);
+        let mut ledger = Ledger::new();
+        let rows = client
+            .query(
+                "select leaf_index, partition_id, event_offset, entry from ledger_entries order by leaf_index",
+                &[],
+            )
+            .await?;
+        for (i, row) in rows.iter().enumerate() {
+            let index: i64 = row.get(0);
+            let (partition, offset): (i32, i64) = (row.get(1), row.get(2));
+            let entry_error = |why: String| ProjectionError::Entry {
+                partition,
+                offset,
+                why,
+            };
+            if index != i64::try_from(i).unwrap_or(i64::MAX) {
+                return Err(entry_error(format!("leaf {i} is missing")));
+            }
+            let event =
+                decode_entry(row.get::<_, &[u8]>(3)).map_err(|e| entry_error(e.to_string()))?;
+            ledger.apply(&event).map_err(ProjectionError::Refused)?;
+        }
+        let tree_size = u64::try_from(size).unwrap_or(0);
+        if rows.len() as u64 != tree_size {
+            return Err(ProjectionError::Entry {
+                partition: -1,
+                offset: -1,
+                why: format!(
+                    "ledger_head says {tree_size} entries, the table has {}",
+                    rows.len()
+                ),
+            });
+        }
+        Ok(Self {
+            ledger,
+            tree_size,
+            ledger_partitions,
+            poisoned: false,
+        })
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    pub fn tree_size(&self) -> u64 {
+        self.tree_size
+    }
+
+    /// Sequences `batch` (in the order read) and projects it, in one
+    /// transaction with the offsets it consumed.
+    pub async fn apply(
+        &mut self,
+        client: &mut tokio_postgres::Client,
+        topic: &str,
+        batch: &[Sourced],
+    ) -> Result<Applied, ProjectionError> {
+        if self.poisoned {
+            return Err(ProjectionError::Poisoned);
+        }
+        let tx = client.transaction().await?;
+        let found: i64 = tx
+            .query_one("select tree_size from ledger_head for update", &[])
+            .await?
+            .get(0);
+        let found = u64::try_from(found).unwrap_or(0);
+        if found != self.tree_size {
+            return Err(ProjectionError::Fenced {
+                expected: self.tree_size,
+                found,
+            });
+        }
+        let ids: Vec<&[u8]> = batch.iter().map(|s| s.event_id.as_slice()).collect();
+        let seen: BTreeSet<Vec<u8>> = tx
+            .query(
+                "select event_id from applied_events where event_id = any($1)",
+                &[&ids],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get::<_, Vec<u8>>(0))
+            .collect();
+
+        // From here the fold moves ahead of Postgres until the commit.
+        self.poisoned = true;
+        let mut accounts = BTreeSet::new();
+        let mut holds = BTreeSet::new();
+        let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut sequenced = 0u64;
+        let mut skipped = 0u64;
+        let mut in_batch = BTreeSet::new();
+        for s in batch {
+            let next = next_offsets.entry(s.partition).or_insert(s.offset + 1);
+            *next = (*next).max(s.offset + 1);
+            if seen.contains(s.event_id.as_slice()) || !in_batch.insert(s.event_id) {
+                skipped += 1;
+                continue;
+            }
+            let event = decode_entry(&s.entry).map_err(|e| ProjectionError::Entry {
+                partition: s.partition,
+                offset: s.offset,
+                why: e.to_string(),
+            })?;
+            let (changed, hold) = touched(&event, &self.ledger);
+            self.ledger
+                .apply(&event)
+                .map_err(ProjectionError::Refused)?;
+            accounts.extend(changed);
+            holds.extend(hold);
+            let index = i64::try_from(self.tree_size + sequenced).unwrap_or(i64::MAX);
+            tx.execute(
+                "insert into ledger_entries (leaf_index, partition_id, event_offset, entry) values ($1, $2, $3, $4)",
+                &[&index, &s.partition, &s.offset, &s.entry],
+            )
+            .await?;
+            tx.execute(
+                "insert into applied_events (event_id, topic, partition_id, event_offset) values ($1, $2, $3, $4)",
+                &[&s.event_id.as_slice(), &topic, &s.partition, &s.offset],
+            )
+            .await?;
+            if let Event::HoldSettled {
+                receipt,
+                charged_micro,
+                worker_earned_micro,
+                fee_micro,
+                ..
+            } = &event
+            {
+                let r = &receipt.receipt;
+                let amounts = [charged_micro, worker_earned_micro, fee_micro]
+                    .map(|c| i64::try_from(c.get()).unwrap_or(i64::MAX));
+                tx.execute(
+                    "insert into receipts (job, leaf_index, consumer, worker, charged_micro, worker_earned_micro, fee_micro) values ($1, $2, $3, $4, $5, $6, $7)",
+                    &[&r.job.to_string(), &index, &r.consumer.to_string(), &r.worker.to_string(), &amounts[0], &amounts[1], &amounts[2]],
+                )
+                .await?;
+            }
+            sequenced += 1;
+        }
+        for id in &accounts {
+            let Some(a) = self.ledger.account(id) else {
+                continue;
+            };
+            let role = a.role.map(|r| {
+                serde_json::to_value(r)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            });
+            let partition = i32::try_from(partition_of(id, self.ledger_partitions)).unwrap_or(0);
+            tx.execute(
+                "insert into accounts (account, role, ledger_partition, debits_posted, credits_posted, debits_pending)
+                 values ($1, $2, $3, $4::text::numeric, $5::text::numeric, $6::text::numeric)
+                 on conflict (account) do update set role = excluded.role,
+                   debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted,
+                   debits_pending = excluded.debits_pending",
+                &[&id.to_string(), &role, &partition, &numeric(a.debits_posted), &numeric(a.credits_posted), &numeric(a.debits_pending)],
+            )
+            .await?;
+        }
+        for id in &holds {
+            match self.ledger.hold(id) {
+                Some(h) => {
+                    let amount = i64::try_from(h.amount.get()).unwrap_or(i64::MAX);
+                    let expires = i64::try_from(h.expires_at_ms).unwrap_or(i64::MAX);
+                    tx.execute(
+                        "insert into holds (hold, account, job, model, amount_micro, expires_at_ms) values ($1, $2, $3, $4, $5, $6)
+                         on conflict (hold) do nothing",
+                        &[&id.to_string(), &h.account.to_string(), &h.job.to_string(), &h.model, &amount, &expires],
+                    )
+                    .await?;
+                }
+                None => {
+                    tx.execute("delete from holds where hold = $1", &[&id.to_string()])
+                        .await?;
+                }
+            }
+        }
+        for (partition, next) in &next_offsets {
+            tx.execute(
+                "insert into consumer_offsets (consumer_group, topic, partition_id, next_offset) values ($1, $2, $3, $4)
+                 on conflict (consumer_group, topic, partition_id) do update
+                 set next_offset = greatest(consumer_offsets.next_offset, excluded.next_offset)",
+                &[&SEQUENCER_GROUP, &topic, partition, next],
+            )
+            .await?;
+        }
+        let new_size = self.tree_size + sequenced;
+        let moved = tx
+            .execute(
+                "update ledger_head set tree_size = $1 where tree_size = $2",
+                &[
+                    &i64::try_from(new_size).unwrap_or(i64::MAX),
+                    &i64::try_from(self.tree_size).unwrap_or(i64::MAX),
+                ],
+            )
+            .await?;
+        if moved != 1 {
+            return Err(ProjectionError::Fenced {
+                expected: self.tree_size,
+                found: u64::MAX,
+            });
+        }
+        tx.commit().await?;
+        self.tree_size = new_size;
+        self.poisoned = false;
+        Ok(Applied {
+            sequenced,
+            skipped,
+            tree_size: new_size,
+        })
+    }
+
+    /// Where the sequencer goes on reading each partition of `topic`.
+    pub async fn positions(
+        client: &tokio_postgres::Client,
+        topic: &str,
+    ) -> Result<BTreeMap<i32, i64>, ProjectionError> {
+        Ok(client
+            .query(
+                "select partition_id, next_offset from consumer_offsets where consumer_group = $1 and topic = $2",
+                &[&SEQUENCER_GROUP, &topic],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use troop_schemas::event::{AccountRole, ModelPrice, VoidReason};
+    use troop_schemas::{CreditsMicro, JobId};
+
+    use super::*;
+
+    fn micro(n: u64) -> CreditsMicro {
+        CreditsMicro::new(n).expect("small")
+    }
+
+    #[test]
+    fn touched_covers_every_account_and_hold_an_event_changes() {
+        let a = AccountId::derive(b"a");
+        let b = AccountId::derive(b"b");
+        let hold = |n: u8, amount| Event::HoldPlaced {
+            hold: HoldId([n; 16]),
+            job: JobId([n; 16]),
+            account: a,
+            model: "m".into(),
+            amount_micro: micro(amount),
+            expires_at_ms: 10,
+            at_ms: 1,
+        };
+        let events = [
+            Event::PriceSchedulePublished {
+                version: 1,
+                fee_bps: 0,
+                prices: vec![ModelPrice {
+                    model: "m".into(),
+                    input_micro_per_1k: micro(1),
+                    output_micro_per_1k: micro(1),
+                }],
+                at_ms: 1,
+            },
+            Event::AccountOpened {
+                account: a,
+                role: AccountRole::Consumer,
+                at_ms: 1,
+            },
+            Event::AccountOpened {
+                account: b,
+                role: AccountRole::Worker,
+                at_ms: 1,
+            },
+            Event::Grant {
+                account: a,
+                amount_micro: micro(1_000),
+                memo: String::new(),
+                at_ms: 1,
+            },
+            hold(1, 100),
+            hold(2, 200),
+            Event::HoldVoided {
+                hold: HoldId([1; 16]),
+                reason: VoidReason::Failed,
+                at_ms: 2,
+            },
+            Event::HoldExpired {
+                hold: HoldId([2; 16]),
+                at_ms: 11,
+            },
+            Event::Transfer {
+                from: a,
+                to: b,
+                amount_micro: micro(300),
+                memo: String::new(),
+                at_ms: 12,
+            },
+        ];
+        let mut ledger = Ledger::new();
+        for event in &events {
+            let before: BTreeMap<AccountId, _> =
+                ledger.accounts().map(|(id, a)| (*id, a.clone())).collect();
+            let holds_before: BTreeSet<HoldId> = ledger.open_holds().map(|(h, _)| *h).collect();
+            let (accounts, hold) = touched(event, &ledger);
+            ledger.apply(event).expect("valid");
+            for (id, after) in ledger.accounts() {
+                if before.get(id) != Some(after) {
+                    assert!(accounts.contains(id), "{event:?} changed {id}");
+                }
+            }
+            let holds_after: BTreeSet<HoldId> = ledger.open_holds().map(|(h, _)| *h).collect();
+            for changed in holds_before.symmetric_difference(&holds_after) {
+                assert_eq!(hold, Some(*changed), "{event:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn accounts_spread_over_partitions_and_stay_put() {
+        let mut seen = BTreeSet::new();
+        for n in 0..200u32 {
+            let account = AccountId::derive(&n.to_be_bytes());
+            let p = partition_of(&account, 12);
+            assert!(p < 12);
+            assert_eq!(p, partition_of(&account, 12), "deterministic");
+            seen.insert(p);
+        }
+        assert_eq!(seen.len(), 12, "200 accounts reach every partition");
+    }
+}

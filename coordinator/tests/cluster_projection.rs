@@ -1,0 +1,320 @@
+//! The sequencer's projection against a real Postgres: batches get gap-free
+//! leaf indexes and their balances in one transaction with their offsets; a
+//! redelivered event is skipped; the tables say what the fold says; a second
+//! sequencer is fenced; a refused event changes nothing in Postgres.
+
+#[allow(dead_code, reason = "shared test helpers")]
+mod common;
+
+use common::services::Database;
+use troop_coordinator::cluster::migrate::{connect_postgres, migrate_postgres};
+use troop_coordinator::cluster::projection::{
+    Applied, ProjectionError, Sequencer, Sourced, partition_of,
+};
+use troop_coordinator::config::ClusterConfig;
+use troop_schemas::event::{AccountRole, ModelPrice, VoidReason};
+use troop_schemas::{AccountId, CreditsMicro, Event, HoldId, JobId, encode_entry};
+
+const TOPIC: &str = "troop.ledger";
+const PARTITIONS: u32 = 4;
+
+fn micro(n: u64) -> CreditsMicro {
+    CreditsMicro::new(n).expect("small")
+}
+
+/// Each event as the owner of partition 0 produced it, at offsets from `first`.
+fn sourced(first: i64, events: &[(u8, Event)]) -> Vec<Sourced> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, (id, e))| Sourced {
+            event_id: [*id; 16],
+            partition: 0,
+            offset: first + i64::try_from(i).expect("small"),
+            entry: encode_entry(e).expect("encodes"),
+        })
+        .collect()
+}
+
+/// Holds need a price for their model.
+fn prices(at_ms: u64) -> Event {
+    Event::PriceSchedulePublished {
+        version: 1,
+        fee_bps: 500,
+        prices: vec![ModelPrice {
+            model: "m".into(),
+            input_micro_per_1k: micro(1_000),
+            output_micro_per_1k: micro(3_000),
+        }],
+        at_ms,
+    }
+}
+
+async fn setup() -> (Database, tokio_postgres::Client) {
+    let db = Database::create();
+    let config = ClusterConfig {
+        postgres: db.url.clone(),
+        ..ClusterConfig::default()
+    };
+    let mut client = connect_postgres(&config).await.expect("postgres");
+    migrate_postgres(&mut client).await.expect("migrate");
+    (db, client)
+}
+
+/// (credits, debits, pending) of an account as Postgres has it.
+async fn row(client: &tokio_postgres::Client, account: &AccountId) -> (String, String, String) {
+    let r = client
+        .query_one(
+            "select credits_posted::text, debits_posted::text, debits_pending::text from accounts where account = $1",
+            &[&account.to_string()],
+        )
+        .await
+        .expect("account row");
+    (r.get(0), r.get(1), r.get(2))
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.expect("count").get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
+    let (_db, mut client) = setup().await;
+    let consumer = AccountId::derive(b"consumer");
+    let worker = AccountId::derive(b"worker");
+    let (h1, h2) = (HoldId([1; 16]), HoldId([2; 16]));
+    let at_ms = 1_790_000_000_000;
+    let opened = |account, role| Event::AccountOpened {
+        account,
+        role,
+        at_ms,
+    };
+    let hold = |hold, job: u8, amount| Event::HoldPlaced {
+        hold,
+        job: JobId([job; 16]),
+        account: consumer,
+        model: "m".into(),
+        amount_micro: micro(amount),
+        expires_at_ms: at_ms + 60_000,
+        at_ms,
+    };
+    let first = sourced(
+        0,
+        &[
+            (10, prices(at_ms)),
+            (1, opened(consumer, AccountRole::Consumer)),
+            (2, opened(worker, AccountRole::Worker)),
+            (
+                3,
+                Event::Grant {
+                    account: consumer,
+                    amount_micro: micro(1_000_000),
+                    memo: "welcome".into(),
+                    at_ms,
+                },
+            ),
+            (4, hold(h1, 1, 300_000)),
+        ],
+    );
+    let mut sequencer = Sequencer::open(&client, PARTITIONS).await.expect("open");
+    let applied = sequencer
+        .apply(&mut client, TOPIC, &first)
+        .await
+        .expect("apply");
+    assert_eq!(
+        applied,
+        Applied {
+            sequenced: 5,
+            skipped: 0,
+            tree_size: 5
+        }
+    );
+    assert_eq!(
+        row(&client, &consumer).await,
+        ("1000000".into(), "0".into(), "300000".into())
+    );
+    assert_eq!(
+        row(&client, &AccountId::TREASURY).await,
+        ("0".into(), "1000000".into(), "0".into())
+    );
+    assert_eq!(count(&client, "select count(*) from holds").await, 1);
+
+    // The next batch, with the hold redelivered in the middle of it.
+    let mut second = sourced(
+        5,
+        &[
+            (
+                5,
+                Event::HoldVoided {
+                    hold: h1,
+                    reason: VoidReason::Failed,
+                    at_ms,
+                },
+            ),
+            (
+                6,
+                Event::Transfer {
+                    from: consumer,
+                    to: worker,
+                    amount_micro: micro(100_000),
+                    memo: "tip".into(),
+                    at_ms,
+                },
+            ),
+            (7, hold(h2, 2, 200_000)),
+        ],
+    );
+    second.insert(1, first[4].clone());
+    let applied = sequencer
+        .apply(&mut client, TOPIC, &second)
+        .await
+        .expect("apply");
+    assert_eq!(
+        applied,
+        Applied {
+            sequenced: 3,
+            skipped: 1,
+            tree_size: 8
+        }
+    );
+    assert_eq!(
+        row(&client, &consumer).await,
+        ("1000000".into(), "100000".into(), "200000".into())
+    );
+    assert_eq!(
+        row(&client, &worker).await,
+        ("100000".into(), "0".into(), "0".into())
+    );
+    let holds: Vec<String> = client
+        .query("select hold from holds", &[])
+        .await
+        .expect("holds")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(holds, [h2.to_string()], "the voided hold is gone");
+    assert_eq!(
+        count(&client, "select count(*) from ledger_entries").await,
+        8
+    );
+    assert_eq!(
+        count(
+            &client,
+            "select max(leaf_index) - min(leaf_index) + 1 from ledger_entries"
+        )
+        .await,
+        8,
+        "gap-free"
+    );
+    let positions = Sequencer::positions(&client, TOPIC)
+        .await
+        .expect("positions");
+    assert_eq!(positions.get(&0), Some(&8), "offsets 0..=7 consumed");
+    let partition: i32 = client
+        .query_one(
+            "select ledger_partition from accounts where account = $1",
+            &[&consumer.to_string()],
+        )
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(
+        u32::try_from(partition).expect("positive"),
+        partition_of(&consumer, PARTITIONS)
+    );
+
+    // Every account row is what the fold says.
+    for (id, a) in sequencer.ledger().accounts() {
+        assert_eq!(
+            row(&client, id).await,
+            (
+                a.credits_posted.to_string(),
+                a.debits_posted.to_string(),
+                a.debits_pending.to_string()
+            ),
+            "{id}"
+        );
+    }
+    // A sequencer opened from Postgres has the same fold.
+    let reopened = Sequencer::open(&client, PARTITIONS).await.expect("reopen");
+    assert_eq!(reopened.tree_size(), 8);
+    assert_eq!(
+        reopened.ledger().balances_digest(),
+        sequencer.ledger().balances_digest()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
+    let (_db, mut client) = setup().await;
+    let consumer = AccountId::derive(b"consumer");
+    let at_ms = 1_790_000_000_000;
+    let mut stale = Sequencer::open(&client, PARTITIONS).await.expect("open");
+    let mut live = Sequencer::open(&client, PARTITIONS).await.expect("open");
+    let opened = sourced(
+        0,
+        &[
+            (10, prices(at_ms)),
+            (
+                1,
+                Event::AccountOpened {
+                    account: consumer,
+                    role: AccountRole::Consumer,
+                    at_ms,
+                },
+            ),
+        ],
+    );
+    live.apply(&mut client, TOPIC, &opened)
+        .await
+        .expect("apply");
+    let fenced = stale.apply(&mut client, TOPIC, &opened).await;
+    assert!(
+        matches!(
+            fenced,
+            Err(ProjectionError::Fenced {
+                expected: 0,
+                found: 2
+            })
+        ),
+        "{fenced:?}"
+    );
+
+    // A hold the balance cannot cover: the fold refuses it, Postgres keeps
+    // what it had, and the sequencer stops until it is reopened.
+    let overdraw = sourced(
+        2,
+        &[(
+            2,
+            Event::HoldPlaced {
+                hold: HoldId([9; 16]),
+                job: JobId([9; 16]),
+                account: consumer,
+                model: "m".into(),
+                amount_micro: micro(1),
+                expires_at_ms: at_ms + 60_000,
+                at_ms,
+            },
+        )],
+    );
+    let refused = live.apply(&mut client, TOPIC, &overdraw).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ProjectionError::Refused(
+                troop_coordinator::ledger::fold::FoldError::InsufficientFunds { .. }
+            ))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(count(&client, "select tree_size from ledger_head").await, 2);
+    assert_eq!(count(&client, "select count(*) from holds").await, 0);
+    assert_eq!(
+        count(&client, "select count(*) from applied_events").await,
+        2
+    );
+    assert!(matches!(
+        live.apply(&mut client, TOPIC, &opened).await,
+        Err(ProjectionError::Poisoned)
+    ));
+}
