@@ -6,6 +6,8 @@
 #[allow(dead_code, reason = "shared test helpers")]
 mod common;
 
+use std::collections::BTreeMap;
+
 use common::services::Database;
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_postgres};
 use troop_coordinator::cluster::projection::{
@@ -48,6 +50,16 @@ fn prices(at_ms: u64) -> Event {
         }],
         at_ms,
     }
+}
+
+/// How far a batch read each partition: one past its last record.
+fn read_to(batch: &[Sourced]) -> BTreeMap<i32, i64> {
+    let mut to = BTreeMap::new();
+    for s in batch {
+        let next = to.entry(s.partition).or_insert(0);
+        *next = (*next).max(s.offset + 1);
+    }
+    to
 }
 
 async fn setup() -> (Database, tokio_postgres::Client) {
@@ -118,7 +130,7 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
     );
     let mut sequencer = Sequencer::open(&client, PARTITIONS).await.expect("open");
     let applied = sequencer
-        .apply(&mut client, TOPIC, &first)
+        .apply(&mut client, TOPIC, &first, &read_to(&first))
         .await
         .expect("apply");
     assert_eq!(
@@ -166,7 +178,7 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
     );
     second.insert(1, first[4].clone());
     let applied = sequencer
-        .apply(&mut client, TOPIC, &second)
+        .apply(&mut client, TOPIC, &second, &read_to(&second))
         .await
         .expect("apply");
     assert_eq!(
@@ -265,10 +277,12 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
             ),
         ],
     );
-    live.apply(&mut client, TOPIC, &opened)
+    live.apply(&mut client, TOPIC, &opened, &read_to(&opened))
         .await
         .expect("apply");
-    let fenced = stale.apply(&mut client, TOPIC, &opened).await;
+    let fenced = stale
+        .apply(&mut client, TOPIC, &opened, &read_to(&opened))
+        .await;
     assert!(
         matches!(
             fenced,
@@ -297,7 +311,9 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
             },
         )],
     );
-    let refused = live.apply(&mut client, TOPIC, &overdraw).await;
+    let refused = live
+        .apply(&mut client, TOPIC, &overdraw, &read_to(&overdraw))
+        .await;
     assert!(
         matches!(
             refused,
@@ -314,7 +330,8 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
         2
     );
     assert!(matches!(
-        live.apply(&mut client, TOPIC, &opened).await,
+        live.apply(&mut client, TOPIC, &opened, &read_to(&opened))
+            .await,
         Err(ProjectionError::Poisoned)
     ));
 }

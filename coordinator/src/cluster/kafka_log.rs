@@ -75,7 +75,7 @@ pub struct KafkaLog {
     queue: Mutex<Queue>,
     shared: Arc<Shared>,
     writer: Option<std::thread::JoinHandle<()>>,
-    reader: Mutex<(BaseConsumer, Option<Cursor>)>,
+    reader: Mutex<PartitionReader>,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -124,19 +124,8 @@ impl KafkaLog {
             .create()
             .map_err(broker)?;
         producer.init_transactions(BROKER_TIMEOUT).map_err(broker)?;
-        let reader: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("group.id", format!("{}-reader", config.transactional_id))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .set(
-                "fetch.message.max.bytes",
-                (2 * MAX_RECORD_BYTES).to_string(),
-            )
-            .create()
-            .map_err(broker)?;
-        let end = last_record(&reader, &config)?.map_or(0, |(seq, _)| seq + 1);
+        let mut reader = PartitionReader::open(&config.brokers, &config.topic, config.partition)?;
+        let end = reader.end()?;
         let shared = Arc::new(Shared::default());
         shared.durable.store(end, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel();
@@ -156,38 +145,161 @@ impl KafkaLog {
             }),
             shared,
             writer: Some(writer),
-            reader: Mutex::new((reader, None)),
+            reader: Mutex::new(reader),
+        })
+    }
+}
+
+/// Reads one partition's committed records by record number, without
+/// writing (the sequencer reads every owner's partition this way).
+pub struct PartitionReader {
+    topic: String,
+    partition: i32,
+    consumer: BaseConsumer,
+    cursor: Option<Cursor>,
+}
+
+impl std::fmt::Debug for PartitionReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionReader")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .finish()
+    }
+}
+
+impl PartitionReader {
+    pub fn open(brokers: &str, topic: &str, partition: i32) -> Result<Self, EventLogError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("troop-reader-{topic}-{partition}"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set(
+                "fetch.message.max.bytes",
+                (2 * MAX_RECORD_BYTES).to_string(),
+            )
+            .create()
+            .map_err(broker)?;
+        Ok(Self {
+            topic: topic.to_owned(),
+            partition,
+            consumer,
+            cursor: None,
         })
     }
 
+    /// The number the next committed record will have.
+    pub fn end(&mut self) -> Result<u64, EventLogError> {
+        Ok(self.last_record()?.map_or(0, |(seq, _)| seq + 1))
+    }
+
+    /// Up to `max_records` committed records from number `from` on. With
+    /// `until`, records below it are known committed and are waited for;
+    /// without, the read stops at the end of what is visible now.
+    pub fn read(
+        &mut self,
+        from: u64,
+        max_records: usize,
+        until: Option<u64>,
+    ) -> Result<Vec<Record>, EventLogError> {
+        if until.is_some_and(|u| from >= u) || max_records == 0 {
+            return Ok(Vec::new());
+        }
+        let at = match self.cursor {
+            Some(c) if c.seq == from => c.kafka,
+            _ => self.locate(from)?,
+        };
+        self.assign(at)?;
+        let want = until.map_or(max_records, |u| {
+            usize::try_from(u - from)
+                .unwrap_or(usize::MAX)
+                .min(max_records)
+        });
+        let mut out = Vec::with_capacity(want.min(4096));
+        // Committed records may take a moment to become visible to a reader
+        // (the commit marker goes out after the commit returns).
+        let deadline = std::time::Instant::now() + BROKER_TIMEOUT;
+        while out.len() < want {
+            let m = match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => m.detach(),
+                Some(Err(KafkaError::PartitionEOF(_))) | None => {
+                    if until.is_none() {
+                        break;
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return Err(broker(format!(
+                            "records {from}..{} are committed but not readable",
+                            from + want as u64
+                        )));
+                    }
+                    continue;
+                }
+                Some(Err(e)) => return Err(broker(e)),
+            };
+            let seq = seq_of(&m)?;
+            let expected = from + out.len() as u64;
+            if seq < expected {
+                continue;
+            }
+            if seq != expected {
+                return Err(EventLogError::Corrupt {
+                    path: self.topic.clone(),
+                    at: expected,
+                    why: "record numbers skip: a record is missing",
+                });
+            }
+            self.cursor = Some(Cursor {
+                seq: seq + 1,
+                kafka: m.offset() + 1,
+            });
+            out.push(Record {
+                offset: seq,
+                payload: m.payload().unwrap_or_default().to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn assign(&self, at: i64) -> Result<(), EventLogError> {
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(&self.topic, self.partition, Offset::Offset(at))
+            .map_err(broker)?;
+        self.consumer.assign(&list).map_err(broker)
+    }
+
+    /// The next committed record, or `None` at the end of the partition.
+    fn poll_one(&self) -> Result<Option<rdkafka::message::OwnedMessage>, EventLogError> {
+        match self.consumer.poll(BROKER_TIMEOUT) {
+            None => Err(broker("no answer from the broker")),
+            Some(Err(KafkaError::PartitionEOF(_))) => Ok(None),
+            Some(Err(e)) => Err(broker(e)),
+            Some(Ok(m)) => Ok(Some(m.detach())),
+        }
+    }
+
     /// Reads the first committed record at Kafka offset `at` or after it.
-    fn probe(
-        consumer: &BaseConsumer,
-        config: &KafkaLogConfig,
-        at: i64,
-    ) -> Result<Option<(u64, i64)>, EventLogError> {
-        assign(consumer, config, at)?;
-        match poll_one(consumer)? {
+    fn probe(&self, at: i64) -> Result<Option<(u64, i64)>, EventLogError> {
+        self.assign(at)?;
+        match self.poll_one()? {
             Some(m) => Ok(Some((seq_of(&m)?, m.offset()))),
             None => Ok(None),
         }
     }
 
-    /// The Kafka offset of record `seq` (which exists: `seq` < durable).
-    fn locate(
-        consumer: &BaseConsumer,
-        config: &KafkaLogConfig,
-        seq: u64,
-    ) -> Result<i64, EventLogError> {
-        let (_, high) = consumer
-            .fetch_watermarks(&config.topic, config.partition, BROKER_TIMEOUT)
+    /// The Kafka offset of record `seq`, or where it will be.
+    fn locate(&self, seq: u64) -> Result<i64, EventLogError> {
+        let (_, high) = self
+            .consumer
+            .fetch_watermarks(&self.topic, self.partition, BROKER_TIMEOUT)
             .map_err(broker)?;
         // Kafka offsets only add markers to record numbers: offset ≥ number.
         let mut lo = i64::try_from(seq).map_err(broker)?;
         let mut hi = high;
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match Self::probe(consumer, config, mid)? {
+            match self.probe(mid)? {
                 Some((s, kafka)) if s == seq => return Ok(kafka),
                 Some((s, kafka)) if s < seq => lo = kafka + 1,
                 _ => hi = mid,
@@ -195,58 +307,32 @@ impl KafkaLog {
         }
         Ok(lo)
     }
-}
 
-fn assign(consumer: &BaseConsumer, config: &KafkaLogConfig, at: i64) -> Result<(), EventLogError> {
-    let mut list = TopicPartitionList::new();
-    list.add_partition_offset(&config.topic, config.partition, Offset::Offset(at))
-        .map_err(broker)?;
-    consumer.assign(&list).map_err(broker)
-}
-
-/// The next committed record, or `None` at the end of the partition.
-fn poll_one(
-    consumer: &BaseConsumer,
-) -> Result<Option<rdkafka::message::OwnedMessage>, EventLogError> {
-    match consumer.poll(BROKER_TIMEOUT) {
-        None => Err(broker("no answer from the broker")),
-        Some(Err(KafkaError::PartitionEOF(_))) => Ok(None),
-        Some(Err(e)) => Err(broker(e)),
-        Some(Ok(m)) => Ok(Some(m.detach())),
-    }
-}
-
-/// The last committed record's number and Kafka offset, if any.
-fn last_record(
-    consumer: &BaseConsumer,
-    config: &KafkaLogConfig,
-) -> Result<Option<(u64, i64)>, EventLogError> {
-    let (low, high) = consumer
-        .fetch_watermarks(&config.topic, config.partition, BROKER_TIMEOUT)
-        .map_err(broker)?;
-    // Step back past commit and abort markers until a record shows up.
-    let mut back = 1;
-    while high - back >= low {
-        assign(consumer, config, high - back)?;
-        let mut last = None;
-        while let Some(m) = poll_one(consumer)? {
-            last = Some((seq_of(&m)?, m.offset()));
+    /// The last committed record's number and Kafka offset, if any.
+    fn last_record(&mut self) -> Result<Option<(u64, i64)>, EventLogError> {
+        let (low, high) = self
+            .consumer
+            .fetch_watermarks(&self.topic, self.partition, BROKER_TIMEOUT)
+            .map_err(broker)?;
+        // Step back past commit and abort markers until a record shows up;
+        // failing that, read from the start.
+        let mut back = 1;
+        loop {
+            let at = (high - back).max(low);
+            if at >= high {
+                return Ok(None);
+            }
+            self.assign(at)?;
+            let mut last = None;
+            while let Some(m) = self.poll_one()? {
+                last = Some((seq_of(&m)?, m.offset()));
+            }
+            if last.is_some() || at == low {
+                return Ok(last);
+            }
+            back *= 4;
         }
-        if last.is_some() {
-            return Ok(last);
-        }
-        back *= 4;
     }
-    // Nothing found in the last steps: read from the start.
-    if high > low {
-        assign(consumer, config, low)?;
-        let mut last = None;
-        while let Some(m) = poll_one(consumer)? {
-            last = Some((seq_of(&m)?, m.offset()));
-        }
-        return Ok(last);
-    }
-    Ok(None)
 }
 
 fn writer_loop(
@@ -365,58 +451,10 @@ impl EventLog for KafkaLog {
 
     fn read(&self, from: u64, max_records: usize) -> Result<Vec<Record>, EventLogError> {
         let durable = self.shared.durable.load(Ordering::SeqCst);
-        if from >= durable || max_records == 0 {
-            return Ok(Vec::new());
-        }
-        let mut reader = self.reader.lock().expect("reader lock");
-        let (consumer, cursor) = &mut *reader;
-        let at = match *cursor {
-            Some(c) if c.seq == from => c.kafka,
-            _ => KafkaLog::locate(consumer, &self.config, from)?,
-        };
-        assign(consumer, &self.config, at)?;
-        let want = usize::try_from(durable - from)
-            .unwrap_or(usize::MAX)
-            .min(max_records);
-        let mut out = Vec::with_capacity(want.min(4096));
-        // Committed records may take a moment to become visible to a reader
-        // (the commit marker goes out after the commit returns).
-        let deadline = std::time::Instant::now() + BROKER_TIMEOUT;
-        while out.len() < want {
-            let m = match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => m.detach(),
-                Some(Err(KafkaError::PartitionEOF(_))) | None => {
-                    if std::time::Instant::now() > deadline {
-                        return Err(broker(format!(
-                            "records {from}..{durable} are committed but not readable"
-                        )));
-                    }
-                    continue;
-                }
-                Some(Err(e)) => return Err(broker(e)),
-            };
-            let seq = seq_of(&m)?;
-            let expected = from + out.len() as u64;
-            if seq < expected {
-                continue;
-            }
-            if seq != expected {
-                return Err(EventLogError::Corrupt {
-                    path: self.config.topic.clone(),
-                    at: expected,
-                    why: "record numbers skip: a record is missing",
-                });
-            }
-            *cursor = Some(Cursor {
-                seq: seq + 1,
-                kafka: m.offset() + 1,
-            });
-            out.push(Record {
-                offset: seq,
-                payload: m.payload().unwrap_or_default().to_vec(),
-            });
-        }
-        Ok(out)
+        self.reader
+            .lock()
+            .expect("reader lock")
+            .read(from, max_records, Some(durable))
     }
 
     fn next_offset(&self) -> u64 {

@@ -25,6 +25,84 @@ pub fn partition_of(account: &AccountId, partitions: u32) -> u32 {
     u32::try_from(head % u64::from(partitions)).expect("below a u32")
 }
 
+/// The id of the record numbered `seq` in `partition` of `topic`: a partition
+/// has one writer at a time (fenced) and numbers its records without gaps, so
+/// a redelivered record has the same number, hence the same id.
+pub fn event_id(topic: &str, partition: i32, seq: u64) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"troop-event-id/v1\n");
+    h.update(topic.as_bytes());
+    h.update(&partition.to_be_bytes());
+    h.update(&seq.to_be_bytes());
+    h.finalize().as_bytes()[..16].try_into().expect("16 bytes")
+}
+
+/// Reads every ledger partition from where the sequencer stopped.
+#[derive(Debug)]
+pub struct LedgerFeed {
+    topic: String,
+    readers: Vec<crate::cluster::kafka_log::PartitionReader>,
+}
+
+impl LedgerFeed {
+    pub fn open(
+        brokers: &str,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<Self, crate::eventlog::EventLogError> {
+        let readers = (0..partitions)
+            .map(|p| {
+                crate::cluster::kafka_log::PartitionReader::open(
+                    brokers,
+                    topic,
+                    i32::try_from(p).unwrap_or(i32::MAX),
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            topic: topic.to_owned(),
+            readers,
+        })
+    }
+
+    /// Up to `max_per_partition` committed records of each partition after
+    /// `positions` (next record numbers; absent means from the start):
+    /// the ledger entries among them, and how far each partition was read.
+    /// Blocks on the broker: call it off the async runtime.
+    pub fn poll(
+        &mut self,
+        positions: &BTreeMap<i32, i64>,
+        max_per_partition: usize,
+    ) -> Result<(Vec<Sourced>, BTreeMap<i32, i64>), crate::eventlog::EventLogError> {
+        let mut batch = Vec::new();
+        let mut read_to = BTreeMap::new();
+        for (p, reader) in self.readers.iter_mut().enumerate() {
+            let partition = i32::try_from(p).unwrap_or(i32::MAX);
+            let from = positions.get(&partition).copied().unwrap_or(0);
+            let from = u64::try_from(from).unwrap_or(0);
+            let records = reader.read(from, max_per_partition, None)?;
+            let Some(last) = records.last() else { continue };
+            read_to.insert(
+                partition,
+                i64::try_from(last.offset + 1).unwrap_or(i64::MAX),
+            );
+            for r in records {
+                // Ledger entries only; keys and other records just move the position.
+                if r.payload.first() != Some(&crate::books::TAG_LEDGER_ENTRY) {
+                    continue;
+                }
+                batch.push(Sourced {
+                    event_id: event_id(&self.topic, partition, r.offset),
+                    partition,
+                    offset: i64::try_from(r.offset).unwrap_or(i64::MAX),
+                    entry: r.payload[1..].to_vec(),
+                });
+            }
+        }
+        Ok((batch, read_to))
+    }
+}
+
 /// One judged event as the sequencer read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sourced {
@@ -177,12 +255,15 @@ impl Sequencer {
     }
 
     /// Sequences `batch` (in the order read) and projects it, in one
-    /// transaction with the offsets it consumed.
+    /// transaction with how far each partition was read (`read_to`: the next
+    /// record number per partition; records that are not ledger entries count
+    /// there without being in the batch).
     pub async fn apply(
         &mut self,
         client: &mut tokio_postgres::Client,
         topic: &str,
         batch: &[Sourced],
+        read_to: &BTreeMap<i32, i64>,
     ) -> Result<Applied, ProjectionError> {
         if self.poisoned {
             return Err(ProjectionError::Poisoned);
@@ -214,13 +295,10 @@ impl Sequencer {
         self.poisoned = true;
         let mut accounts = BTreeSet::new();
         let mut holds = BTreeSet::new();
-        let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
         let mut sequenced = 0u64;
         let mut skipped = 0u64;
         let mut in_batch = BTreeSet::new();
         for s in batch {
-            let next = next_offsets.entry(s.partition).or_insert(s.offset + 1);
-            *next = (*next).max(s.offset + 1);
             if seen.contains(s.event_id.as_slice()) || !in_batch.insert(s.event_id) {
                 skipped += 1;
                 continue;
@@ -305,7 +383,7 @@ impl Sequencer {
                 }
             }
         }
-        for (partition, next) in &next_offsets {
+        for (partition, next) in read_to {
             tx.execute(
                 "insert into consumer_offsets (consumer_group, topic, partition_id, next_offset) values ($1, $2, $3, $4)
                  on conflict (consumer_group, topic, partition_id) do update
