@@ -145,13 +145,7 @@ async fn nodes_migrating_at_once_apply_each_migration_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_applied_migration_that_changed_is_refused() {
-    let db = Database::create();
-    let config = ClusterConfig {
-        postgres: db.url.clone(),
-        ..ClusterConfig::default()
-    };
-    let mut client = connect_postgres(&config).await.expect("postgres");
-    migrate_postgres(&mut client).await.expect("migrate");
+    let (_db, mut client) = common::cluster::migrated_database().await;
     client
         .execute(
             "update troop_migrations set checksum = '\\x00' where version = 1",

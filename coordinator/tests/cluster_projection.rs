@@ -8,21 +8,15 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::services::Database;
-use troop_coordinator::cluster::migrate::{connect_postgres, migrate_postgres};
+use common::cluster::{micro, migrated_database, prices};
 use troop_coordinator::cluster::projection::{
     Applied, ProjectionError, Sequencer, Sourced, partition_of,
 };
-use troop_coordinator::config::ClusterConfig;
-use troop_schemas::event::{AccountRole, ModelPrice, VoidReason};
-use troop_schemas::{AccountId, CreditsMicro, Event, HoldId, JobId, encode_entry};
+use troop_schemas::event::{AccountRole, VoidReason};
+use troop_schemas::{AccountId, Event, HoldId, JobId, encode_entry};
 
 const TOPIC: &str = "troop.ledger";
 const PARTITIONS: u32 = 4;
-
-fn micro(n: u64) -> CreditsMicro {
-    CreditsMicro::new(n).expect("small")
-}
 
 /// Each event as the owner of partition 0 produced it, at offsets from `first`.
 fn sourced(first: i64, events: &[(u8, Event)]) -> Vec<Sourced> {
@@ -38,20 +32,6 @@ fn sourced(first: i64, events: &[(u8, Event)]) -> Vec<Sourced> {
         .collect()
 }
 
-/// Holds need a price for their model.
-fn prices(at_ms: u64) -> Event {
-    Event::PriceSchedulePublished {
-        version: 1,
-        fee_bps: 500,
-        prices: vec![ModelPrice {
-            model: "m".into(),
-            input_micro_per_1k: micro(1_000),
-            output_micro_per_1k: micro(3_000),
-        }],
-        at_ms,
-    }
-}
-
 /// How far a batch read each partition: one past its last record.
 fn read_to(batch: &[Sourced]) -> BTreeMap<i32, i64> {
     let mut to = BTreeMap::new();
@@ -60,17 +40,6 @@ fn read_to(batch: &[Sourced]) -> BTreeMap<i32, i64> {
         *next = (*next).max(s.offset + 1);
     }
     to
-}
-
-async fn setup() -> (Database, tokio_postgres::Client) {
-    let db = Database::create();
-    let config = ClusterConfig {
-        postgres: db.url.clone(),
-        ..ClusterConfig::default()
-    };
-    let mut client = connect_postgres(&config).await.expect("postgres");
-    migrate_postgres(&mut client).await.expect("migrate");
-    (db, client)
 }
 
 /// (credits, debits, pending) of an account as Postgres has it.
@@ -91,7 +60,7 @@ async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
-    let (_db, mut client) = setup().await;
+    let (_db, mut client) = migrated_database().await;
     let consumer = AccountId::derive(b"consumer");
     let worker = AccountId::derive(b"worker");
     let (h1, h2) = (HoldId([1; 16]), HoldId([2; 16]));
@@ -258,7 +227,7 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
-    let (_db, mut client) = setup().await;
+    let (_db, mut client) = migrated_database().await;
     let consumer = AccountId::derive(b"consumer");
     let at_ms = 1_790_000_000_000;
     let mut stale = Sequencer::open(&client, PARTITIONS).await.expect("open");

@@ -8,20 +8,17 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use common::cluster::{micro, prices};
 use common::services::{Broker, BrokerKind, Database};
 use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
 use troop_coordinator::cluster::projection::{LedgerFeed, Sequencer};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::eventlog::EventLog;
-use troop_schemas::event::{AccountRole, ModelPrice};
-use troop_schemas::{AccountId, CreditsMicro, Event, encode_entry};
+use troop_schemas::event::AccountRole;
+use troop_schemas::{AccountId, Event, encode_entry};
 
 const PARTITIONS: u32 = 2;
-
-fn micro(n: u64) -> CreditsMicro {
-    CreditsMicro::new(n).expect("small")
-}
 
 /// A judged ledger event as an owner writes it (tag 0x01, then the entry).
 fn ledger_record(event: &Event) -> Vec<u8> {
@@ -97,16 +94,7 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
         at_ms,
     };
     let (p0, p1) = (owner(&config, 0), owner(&config, 1));
-    let prices = Event::PriceSchedulePublished {
-        version: 1,
-        fee_bps: 0,
-        prices: vec![ModelPrice {
-            model: "m".into(),
-            input_micro_per_1k: micro(1),
-            output_micro_per_1k: micro(1),
-        }],
-        at_ms,
-    };
+    let prices = prices(at_ms);
     p0.append(vec![
         ledger_record(&prices),
         ledger_record(&opened(a)),

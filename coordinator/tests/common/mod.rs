@@ -1,3 +1,4 @@
+pub mod cluster;
 pub mod harness;
 pub mod scripted;
 pub mod services;

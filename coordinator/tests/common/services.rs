@@ -44,44 +44,43 @@ pub struct Broker {
     pub brokers: String,
 }
 
-impl Broker {
-    pub fn start(kind: BrokerKind) -> Self {
-        let port = free_port();
-        let name = match kind {
+impl BrokerKind {
+    fn name(self) -> &'static str {
+        match self {
             BrokerKind::Noida => "noida",
             BrokerKind::Tansu => "tansu",
-        };
-        let pid = run("ops/broker.sh", &["start", &port.to_string(), name]);
-        Self {
-            pid,
-            brokers: format!("127.0.0.1:{port}"),
         }
     }
 }
 
+/// Starts a broker on a free port; with `parent`, it stops when that
+/// process ends. Returns its PID and bootstrap address.
+fn launch(kind: BrokerKind, parent: Option<u32>) -> (String, String) {
+    let port = free_port().to_string();
+    let parent = parent.map(|p| p.to_string());
+    let mut args = vec!["start", &port, kind.name()];
+    args.extend(parent.as_deref());
+    let pid = run("ops/broker.sh", &args);
+    (pid, format!("127.0.0.1:{port}"))
+}
+
 impl Broker {
+    /// A broker for one test, stopped on drop.
+    pub fn start(kind: BrokerKind) -> Self {
+        let (pid, brokers) = launch(kind, None);
+        Self { pid, brokers }
+    }
+
     /// One broker of `kind` for the whole test binary, stopped when the
     /// binary exits (statics are never dropped, so the script watches us).
     pub fn shared(kind: BrokerKind) -> &'static str {
         static NOIDA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         static TANSU: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let (cell, name) = match kind {
-            BrokerKind::Noida => (&NOIDA, "noida"),
-            BrokerKind::Tansu => (&TANSU, "tansu"),
+        let cell = match kind {
+            BrokerKind::Noida => &NOIDA,
+            BrokerKind::Tansu => &TANSU,
         };
-        cell.get_or_init(|| {
-            let port = free_port();
-            run(
-                "ops/broker.sh",
-                &[
-                    "start",
-                    &port.to_string(),
-                    name,
-                    &std::process::id().to_string(),
-                ],
-            );
-            format!("127.0.0.1:{port}")
-        })
+        cell.get_or_init(|| launch(kind, Some(std::process::id())).1)
     }
 }
 

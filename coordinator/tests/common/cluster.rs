@@ -1,0 +1,40 @@
+//! What the cluster tests share: a migrated database of their own, and the
+//! ledger events they build on.
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use troop_coordinator::cluster::migrate::{connect_postgres, migrate_postgres};
+use troop_coordinator::config::ClusterConfig;
+use troop_schemas::event::ModelPrice;
+use troop_schemas::{CreditsMicro, Event};
+
+use super::services::Database;
+
+pub fn micro(n: u64) -> CreditsMicro {
+    CreditsMicro::new(n).expect("small")
+}
+
+/// A price schedule for model "m": holds need one.
+pub fn prices(at_ms: u64) -> Event {
+    Event::PriceSchedulePublished {
+        version: 1,
+        fee_bps: 500,
+        prices: vec![ModelPrice {
+            model: "m".into(),
+            input_micro_per_1k: micro(1_000),
+            output_micro_per_1k: micro(3_000),
+        }],
+        at_ms,
+    }
+}
+
+/// A fresh database with every migration applied, and a client on it.
+pub async fn migrated_database() -> (Database, tokio_postgres::Client) {
+    let db = Database::create();
+    let config = ClusterConfig {
+        postgres: db.url.clone(),
+        ..ClusterConfig::default()
+    };
+    let mut client = connect_postgres(&config).await.expect("postgres");
+    migrate_postgres(&mut client).await.expect("migrate");
+    (db, client)
+}
