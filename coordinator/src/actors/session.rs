@@ -226,6 +226,18 @@ async fn void(state: &AppState, account: AccountId, hold: HoldId, reason: VoidRe
     }
 }
 
+/// Takes a job back from a worker before any of its output was used:
+/// cancelled there, its slot freed, its place in the scheduler given back.
+fn abandon(state: &AppState, link: &WorkerLink, job: JobId) {
+    link.addr.do_send(Cancel(job));
+    link.addr.do_send(Release(job));
+    state.registry.do_send(Finished {
+        worker: link.worker,
+        tokens: 0,
+        duration_ms: 0,
+    });
+}
+
 async fn open(
     state: AppState,
     endpoint: Endpoint,
@@ -362,13 +374,7 @@ async fn open(
                 &reason,
                 now_ms(),
             ));
-            link.addr.do_send(Cancel(job));
-            link.addr.do_send(Release(job));
-            state.registry.do_send(Finished {
-                worker: link.worker,
-                tokens: 0,
-                duration_ms: 0,
-            });
+            abandon(&state, &link, job);
             exclude.push(link.worker);
             continue;
         };
@@ -377,13 +383,7 @@ async fn open(
         {
             // Nothing more is acknowledged; a restart voids the hold.
             tracing::error!(error = %e, "event log write failed: nothing more is acknowledged; restart to recover");
-            link.addr.do_send(Cancel(job));
-            link.addr.do_send(Release(job));
-            state.registry.do_send(Finished {
-                worker: link.worker,
-                tokens: 0,
-                duration_ms: 0,
-            });
+            abandon(&state, &link, job);
             return Err(ApiError::upstream(format!(
                 "the event log could not record the hold: {e}"
             )));
