@@ -11,6 +11,8 @@
 //! - [`receipt`]: worker receipts, coordinator countersignatures, batch verification.
 //! - [`fold`]: the double-entry fold from events to balances, with its invariants.
 //! - [`store`]: the narrow [`store::LogStore`] port, in memory and on disk.
+//! - [`store_conformance`]: the suite every `LogStore` adapter passes (memory,
+//!   directory, and the cluster's Postgres store in the coordinator).
 //! - [`writer`]: append → integrate → publish a signed checkpoint.
 
 #![forbid(unsafe_code)]
@@ -22,6 +24,7 @@ pub mod note;
 pub mod proof;
 pub mod receipt;
 pub mod store;
+pub mod store_conformance;
 pub mod tile;
 pub mod writer;
 

@@ -20,6 +20,41 @@ pub enum StoreError {
     },
     #[error("path {0:?} is not a log path")]
     BadPath(String),
+    /// A writer that fell behind (a sequencer that lost its lease) offered a
+    /// checkpoint of a smaller tree than the stored one: published
+    /// checkpoints only move forward.
+    #[error("the stored checkpoint covers {stored} entries; refusing one of {offered}")]
+    Stale { stored: u64, offered: u64 },
+    #[error("checkpoint note: {0}")]
+    BadCheckpoint(String),
+    /// A store that is not a filesystem (a database) failed.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// The tree size a signed checkpoint note states (its second line), without
+/// checking the signature: stores use it to refuse moving backwards.
+pub fn checkpoint_size(note: &[u8]) -> Result<u64, StoreError> {
+    let text =
+        std::str::from_utf8(note).map_err(|_| StoreError::BadCheckpoint("not UTF-8".into()))?;
+    let body = text
+        .split_once("\n\n")
+        .map_or(text, |(body, _signatures)| body);
+    crate::note::Checkpoint::parse(&format!("{body}\n"))
+        .map(|c| c.size)
+        .map_err(|e| StoreError::BadCheckpoint(e.to_string()))
+}
+
+/// Refuses `note` if `stored` (the current checkpoint, if any) covers more.
+pub fn check_forward(stored: Option<&[u8]>, note: &[u8]) -> Result<(), StoreError> {
+    let offered = checkpoint_size(note)?;
+    if let Some(stored) = stored {
+        let stored = checkpoint_size(stored)?;
+        if stored > offered {
+            return Err(StoreError::Stale { stored, offered });
+        }
+    }
+    Ok(())
 }
 
 /// A writable log layout. Writes may be buffered until [`LogStore::sync`];
@@ -29,6 +64,18 @@ pub trait LogStore: TileSource {
     fn write(&self, path: &str, bytes: &[u8]) -> Result<(), StoreError>;
     fn sync(&self) -> Result<(), StoreError>;
     fn publish_checkpoint(&self, note: &[u8]) -> Result<(), StoreError>;
+}
+
+impl<S: LogStore + Send + ?Sized> LogStore for std::sync::Arc<S> {
+    fn write(&self, path: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        (**self).write(path, bytes)
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        (**self).sync()
+    }
+    fn publish_checkpoint(&self, note: &[u8]) -> Result<(), StoreError> {
+        (**self).publish_checkpoint(note)
+    }
 }
 
 impl<S: LogStore + ?Sized> LogStore for &S {
@@ -44,7 +91,7 @@ impl<S: LogStore + ?Sized> LogStore for &S {
 }
 
 /// Only the shapes the log writes: no `..`, no absolute paths, no surprises.
-fn check_path(path: &str) -> Result<(), StoreError> {
+pub fn check_path(path: &str) -> Result<(), StoreError> {
     let ok = !path.is_empty()
         && path.len() < 256
         && !path.starts_with('/')
@@ -104,7 +151,9 @@ impl LogStore for MemStore {
     }
 
     fn publish_checkpoint(&self, note: &[u8]) -> Result<(), StoreError> {
-        self.put(CHECKPOINT_PATH, note.to_vec());
+        let mut files = self.files.lock().expect("lock");
+        check_forward(files.get(CHECKPOINT_PATH).map(Vec::as_slice), note)?;
+        files.insert(CHECKPOINT_PATH.to_owned(), note.to_vec());
         Ok(())
     }
 }
@@ -199,6 +248,9 @@ impl LogStore for DirStore {
     }
 
     fn publish_checkpoint(&self, note: &[u8]) -> Result<(), StoreError> {
+        // One writer per directory (the embedded coordinator): read, check, replace.
+        let stored = self.read(CHECKPOINT_PATH).map_err(StoreError::Backend)?;
+        check_forward(stored.as_deref(), note)?;
         self.write_atomic(CHECKPOINT_PATH, note, true)
     }
 }

@@ -325,6 +325,12 @@ pub trait TileSource: Sync {
     fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String>;
 }
 
+impl<S: TileSource + Send + ?Sized> TileSource for std::sync::Arc<S> {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
+        (**self).read(path)
+    }
+}
+
 impl<S: TileSource + ?Sized> TileSource for &S {
     fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
         (**self).read(path)

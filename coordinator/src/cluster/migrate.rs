@@ -13,11 +13,18 @@ use crate::config::ClusterConfig;
 
 /// Versioned SQL, applied in order, each in its own transaction. A migration
 /// is never edited once released: add the next one.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "projections",
-    include_str!("../../migrations/0001_projections.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "projections",
+        include_str!("../../migrations/0001_projections.sql"),
+    ),
+    (
+        2,
+        "ledger_publication",
+        include_str!("../../migrations/0002_ledger_publication.sql"),
+    ),
+];
 
 /// Held while migrating so that nodes starting together do not race.
 const MIGRATION_LOCK: i64 = 0x7472_6f6f_705f_6d67; // "troop_mg"

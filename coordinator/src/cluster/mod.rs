@@ -3,5 +3,6 @@
 //! log on a Kafka partition.
 
 pub mod kafka_log;
+pub mod ledger_store;
 pub mod migrate;
 pub mod projection;

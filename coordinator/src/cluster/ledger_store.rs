@@ -1,0 +1,149 @@
+//! The ledger's tiles, bundles and signed checkpoint in Postgres: the cluster's
+//! [`LogStore`], so that every node serves `/ledger/` from the same place.
+//!
+//! The writer ([`troop_ledger::LogWriter`]) is synchronous log arithmetic; this
+//! store answers it from a blocking thread by driving its own connection on
+//! the runtime it was opened on. Writes wait in memory until `sync` (one
+//! statement for all of them); the checkpoint is the commit point and only
+//! moves forward, so a sequencer that lost its lease cannot publish an older
+//! tree over a newer one.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use troop_ledger::store::{CHECKPOINT_PATH, LogStore, StoreError, check_path, checkpoint_size};
+use troop_ledger::tile::TileSource;
+
+/// Reads one published file (`checkpoint` or a tile path) for `/ledger/`.
+pub async fn read_file(
+    client: &tokio_postgres::Client,
+    path: &str,
+) -> Result<Option<Vec<u8>>, tokio_postgres::Error> {
+    let row = if path == CHECKPOINT_PATH {
+        client
+            .query_opt("select note from ledger_checkpoint", &[])
+            .await?
+    } else {
+        client
+            .query_opt("select body from ledger_files where path = $1", &[&path])
+            .await?
+    };
+    Ok(row.map(|r| r.get(0)))
+}
+
+pub struct PgLogStore {
+    client: tokio_postgres::Client,
+    runtime: tokio::runtime::Handle,
+    /// Written, not yet synced: the writer reads its own writes from here.
+    pending: Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+impl std::fmt::Debug for PgLogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgLogStore").finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("postgres: {e}"))
+}
+
+impl PgLogStore {
+    /// Opens a connection of its own (libpq string), driven on the current
+    /// runtime. Use the store from blocking threads only (`spawn_blocking`,
+    /// rayon, a plain thread): every call waits for Postgres.
+    pub async fn connect(postgres: &str) -> Result<Self, tokio_postgres::Error> {
+        let (client, connection) = tokio_postgres::connect(postgres, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "ledger store connection ended");
+            }
+        });
+        Ok(Self {
+            client,
+            runtime: tokio::runtime::Handle::current(),
+            pending: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.runtime.block_on(f)
+    }
+}
+
+impl TileSource for PgLogStore {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
+        check_path(path).map_err(|e| e.to_string())?;
+        if let Some(bytes) = self.pending.lock().map_err(|e| e.to_string())?.get(path) {
+            return Ok(Some(bytes.clone()));
+        }
+        self.block_on(read_file(&self.client, path))
+            .map_err(|e| format!("{path}: postgres: {e}"))
+    }
+}
+
+impl LogStore for PgLogStore {
+    fn write(&self, path: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        check_path(path)?;
+        if path == CHECKPOINT_PATH {
+            return Err(StoreError::BadPath(path.to_owned()));
+        }
+        self.pending
+            .lock()
+            .map_err(backend)?
+            .insert(path.to_owned(), bytes.to_vec());
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        let (paths, bodies): (Vec<String>, Vec<Vec<u8>>) = self
+            .pending
+            .lock()
+            .map_err(backend)?
+            .iter()
+            .map(|(p, b)| (p.clone(), b.clone()))
+            .unzip();
+        if paths.is_empty() {
+            return Ok(());
+        }
+        // Kept pending until written: a failed sync loses nothing.
+        self.block_on(self.client.execute(
+            "insert into ledger_files (path, body) select * from unnest($1::text[], $2::bytea[])
+             on conflict (path) do update set body = excluded.body",
+            &[&paths, &bodies],
+        ))
+        .map_err(backend)?;
+        let mut pending = self.pending.lock().map_err(backend)?;
+        for p in &paths {
+            pending.remove(p);
+        }
+        Ok(())
+    }
+
+    fn publish_checkpoint(&self, note: &[u8]) -> Result<(), StoreError> {
+        let offered = checkpoint_size(note)?;
+        let size = i64::try_from(offered).map_err(backend)?;
+        let moved = self
+            .block_on(self.client.execute(
+                "insert into ledger_checkpoint (tree_size, note) values ($1, $2)
+                 on conflict (singleton) do update set tree_size = excluded.tree_size, note = excluded.note
+                 where ledger_checkpoint.tree_size <= excluded.tree_size",
+                &[&size, &note],
+            ))
+            .map_err(backend)?;
+        if moved == 1 {
+            return Ok(());
+        }
+        let stored: i64 = self
+            .block_on(
+                self.client
+                    .query_one("select tree_size from ledger_checkpoint", &[]),
+            )
+            .map_err(backend)?
+            .get(0);
+        Err(StoreError::Stale {
+            stored: u64::try_from(stored).unwrap_or(0),
+            offered,
+        })
+    }
+}
