@@ -304,3 +304,69 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
         Err(ProjectionError::Poisoned)
     ));
 }
+
+/// Opening folds the newest snapshot and only the entries after it; the
+/// newest two are kept; a damaged one is passed over for an older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_starts_from_the_newest_sound_snapshot() {
+    let (_db, mut client) = migrated_database().await;
+    let at_ms = 1_790_000_000_000;
+    let mut sequencer = Sequencer::open(&client, PARTITIONS)
+        .await
+        .expect("open")
+        .snapshot_every(4);
+    let mut events = vec![(100, prices(at_ms))];
+    for n in 0..20u8 {
+        events.push((
+            n,
+            Event::AccountOpened {
+                account: AccountId::derive(&[n]),
+                role: AccountRole::Consumer,
+                at_ms,
+            },
+        ));
+    }
+    // Batches of 3: snapshots land where a batch crosses a multiple of 4.
+    let all = sourced(0, &events);
+    for batch in all.chunks(3) {
+        sequencer
+            .apply(&mut client, TOPIC, batch, &read_to(batch))
+            .await
+            .expect("apply");
+    }
+    assert_eq!(sequencer.tree_size(), 21);
+    let sizes: Vec<i64> = client
+        .query(
+            "select tree_size from sequencer_snapshots order by tree_size",
+            &[],
+        )
+        .await
+        .expect("snapshots")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(sizes, [18, 21], "the newest two, each at a batch's end");
+
+    let reopened = Sequencer::open(&client, PARTITIONS).await.expect("reopen");
+    assert_eq!(reopened.tree_size(), 21);
+    assert_eq!(reopened.ledger(), sequencer.ledger());
+
+    // The newest snapshot damaged, and entries after the older one must be
+    // folded: the result is the same.
+    client
+        .execute(
+            "update sequencer_snapshots set fold = fold || '\\x00'::bytea where tree_size = 21",
+            &[],
+        )
+        .await
+        .expect("damage");
+    let reopened = Sequencer::open(&client, PARTITIONS).await.expect("reopen");
+    assert_eq!(reopened.ledger(), sequencer.ledger());
+    // Without snapshots at all: a full fold, the same again.
+    client
+        .execute("delete from sequencer_snapshots", &[])
+        .await
+        .expect("delete");
+    let reopened = Sequencer::open(&client, PARTITIONS).await.expect("reopen");
+    assert_eq!(reopened.ledger(), sequencer.ledger());
+}

@@ -185,6 +185,70 @@ fn numeric(v: u128) -> String {
     v.to_string()
 }
 
+/// One batch's new rows, column by column, written with one statement per table.
+#[derive(Default)]
+struct Rows<'a> {
+    leaf: Vec<i64>,
+    partition: Vec<i32>,
+    offset: Vec<i64>,
+    entry: Vec<&'a [u8]>,
+    event_id: Vec<&'a [u8]>,
+    receipt_job: Vec<String>,
+    receipt_leaf: Vec<i64>,
+    receipt_consumer: Vec<String>,
+    receipt_worker: Vec<String>,
+    /// Charged, worker earned, fee.
+    receipt_amounts: Vec<[i64; 3]>,
+}
+
+impl<'a> Rows<'a> {
+    fn entry(&mut self, index: i64, s: &'a Sourced) {
+        self.leaf.push(index);
+        self.partition.push(s.partition);
+        self.offset.push(s.offset);
+        self.entry.push(&s.entry);
+        self.event_id.push(&s.event_id);
+    }
+
+    async fn write(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        topic: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        if self.leaf.is_empty() {
+            return Ok(());
+        }
+        tx.execute(
+            "insert into ledger_entries (leaf_index, partition_id, event_offset, entry)
+             select * from unnest($1::bigint[], $2::int[], $3::bigint[], $4::bytea[])",
+            &[&self.leaf, &self.partition, &self.offset, &self.entry],
+        )
+        .await?;
+        tx.execute(
+            "insert into applied_events (event_id, topic, partition_id, event_offset)
+             select id, $1, p, o from unnest($2::bytea[], $3::int[], $4::bigint[]) as t(id, p, o)",
+            &[&topic, &self.event_id, &self.partition, &self.offset],
+        )
+        .await?;
+        if !self.receipt_job.is_empty() {
+            let column = |i: usize| self.receipt_amounts.iter().map(|a| a[i]).collect::<Vec<_>>();
+            tx.execute(
+                "insert into receipts (job, leaf_index, consumer, worker, charged_micro, worker_earned_micro, fee_micro)
+                 select * from unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])",
+                &[&self.receipt_job, &self.receipt_leaf, &self.receipt_consumer, &self.receipt_worker, &column(0), &column(1), &column(2)],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot of the fold every this many entries (and the newest two kept),
+/// so that a new sequencer folds at most this many entries from Postgres.
+pub const SNAPSHOT_EVERY_ENTRIES: u64 = 65_536;
+/// Entries read from Postgres per query when folding from a snapshot.
+const OPEN_BATCH_ENTRIES: i64 = 8_192;
+
 /// The one sequencer's state: the fold of every entry in the ledger, and the
 /// tree size it believes Postgres has.
 #[derive(Debug)]
@@ -192,58 +256,103 @@ pub struct Sequencer {
     ledger: Ledger,
     tree_size: u64,
     ledger_partitions: u32,
+    snapshot_every_entries: u64,
     poisoned: bool,
 }
 
+/// The newest snapshot at or below `head` whose digest checks, with its size.
+async fn newest_snapshot(
+    client: &tokio_postgres::Client,
+    head: i64,
+) -> Result<Option<(u64, Ledger)>, ProjectionError> {
+    let rows = client
+        .query(
+            "select tree_size, fold, digest from sequencer_snapshots where tree_size <= $1 order by tree_size desc",
+            &[&head],
+        )
+        .await?;
+    for row in rows {
+        let size: i64 = row.get(0);
+        let (fold, digest): (&[u8], &[u8]) = (row.get(1), row.get(2));
+        if blake3::hash(fold).as_bytes().as_slice() != digest {
+            tracing::warn!(tree_size = size, "sequencer snapshot is damaged; trying an older one");
+            continue;
+        }
+        match serde_json::from_slice::<Ledger>(fold) {
+            Ok(ledger) => return Ok(Some((u64::try_from(size).unwrap_or(0), ledger))),
+            Err(e) => {
+                tracing::warn!(tree_size = size, error = %e, "sequencer snapshot does not parse; trying an older one");
+            }
+        }
+    }
+    Ok(None)
+}
+
 impl Sequencer {
-    /// Rebuilds the fold from the entries in Postgres, in leaf order.
+    /// Rebuilds the fold: the newest snapshot, then the entries after it in
+    /// leaf order (all of them if there is no usable snapshot).
     pub async fn open(
         client: &tokio_postgres::Client,
         ledger_partitions: u32,
     ) -> Result<Self, ProjectionError> {
-        let size: i64 = client
+        let head: i64 = client
             .query_one("select tree_size from ledger_head", &[])
             .await?
             .get(0);
-        let mut ledger = Ledger::new();
-        let rows = client
-            .query(
-                "select leaf_index, partition_id, event_offset, entry from ledger_entries order by leaf_index",
-                &[],
-            )
-            .await?;
-        for (i, row) in rows.iter().enumerate() {
-            let index: i64 = row.get(0);
-            let (partition, offset): (i32, i64) = (row.get(1), row.get(2));
-            let entry_error = |why: String| ProjectionError::Entry {
-                partition,
-                offset,
-                why,
-            };
-            if index != i64::try_from(i).unwrap_or(i64::MAX) {
-                return Err(entry_error(format!("leaf {i} is missing")));
+        let tree_size = u64::try_from(head).unwrap_or(0);
+        let (mut next, mut ledger) = newest_snapshot(client, head)
+            .await?
+            .unwrap_or((0, Ledger::new()));
+        while next < tree_size {
+            let from = i64::try_from(next).unwrap_or(i64::MAX);
+            let rows = client
+                .query(
+                    "select leaf_index, partition_id, event_offset, entry from ledger_entries
+                     where leaf_index >= $1 and leaf_index < $2 order by leaf_index",
+                    &[&from, &(from + OPEN_BATCH_ENTRIES).min(head)],
+                )
+                .await?;
+            if rows.is_empty() {
+                break;
             }
-            let event =
-                decode_entry(row.get::<_, &[u8]>(3)).map_err(|e| entry_error(e.to_string()))?;
-            ledger.apply(&event).map_err(ProjectionError::Refused)?;
+            for row in &rows {
+                let index: i64 = row.get(0);
+                let (partition, offset): (i32, i64) = (row.get(1), row.get(2));
+                let entry_error = |why: String| ProjectionError::Entry {
+                    partition,
+                    offset,
+                    why,
+                };
+                if index != i64::try_from(next).unwrap_or(i64::MAX) {
+                    return Err(entry_error(format!("leaf {next} is missing")));
+                }
+                let event =
+                    decode_entry(row.get::<_, &[u8]>(3)).map_err(|e| entry_error(e.to_string()))?;
+                ledger.apply(&event).map_err(ProjectionError::Refused)?;
+                next += 1;
+            }
         }
-        let tree_size = u64::try_from(size).unwrap_or(0);
-        if rows.len() as u64 != tree_size {
+        if next != tree_size {
             return Err(ProjectionError::Entry {
                 partition: -1,
                 offset: -1,
-                why: format!(
-                    "ledger_head says {tree_size} entries, the table has {}",
-                    rows.len()
-                ),
+                why: format!("ledger_head says {tree_size} entries, the table has {next}"),
             });
         }
         Ok(Self {
             ledger,
             tree_size,
             ledger_partitions,
+            snapshot_every_entries: SNAPSHOT_EVERY_ENTRIES,
             poisoned: false,
         })
+    }
+
+    /// Snapshots every `entries` entries instead of [`SNAPSHOT_EVERY_ENTRIES`].
+    pub fn snapshot_every(mut self, entries: u64) -> Self {
+        assert!(entries > 0, "a snapshot interval is at least one entry");
+        self.snapshot_every_entries = entries;
+        self
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -257,7 +366,8 @@ impl Sequencer {
     /// Sequences `batch` (in the order read) and projects it, in one
     /// transaction with how far each partition was read (`read_to`: the next
     /// record number per partition; records that are not ledger entries count
-    /// there without being in the batch).
+    /// there without being in the batch). A handful of statements per batch,
+    /// whatever its size: rows go in as arrays.
     pub async fn apply(
         &mut self,
         client: &mut tokio_postgres::Client,
@@ -295,7 +405,7 @@ impl Sequencer {
         self.poisoned = true;
         let mut accounts = BTreeSet::new();
         let mut holds = BTreeSet::new();
-        let mut sequenced = 0u64;
+        let mut rows = Rows::default();
         let mut skipped = 0u64;
         let mut in_batch = BTreeSet::new();
         for s in batch {
@@ -314,17 +424,8 @@ impl Sequencer {
                 .map_err(ProjectionError::Refused)?;
             accounts.extend(changed);
             holds.extend(hold);
-            let index = i64::try_from(self.tree_size + sequenced).unwrap_or(i64::MAX);
-            tx.execute(
-                "insert into ledger_entries (leaf_index, partition_id, event_offset, entry) values ($1, $2, $3, $4)",
-                &[&index, &s.partition, &s.offset, &s.entry],
-            )
-            .await?;
-            tx.execute(
-                "insert into applied_events (event_id, topic, partition_id, event_offset) values ($1, $2, $3, $4)",
-                &[&s.event_id.as_slice(), &topic, &s.partition, &s.offset],
-            )
-            .await?;
+            let index = i64::try_from(self.tree_size + rows.leaf.len() as u64).unwrap_or(i64::MAX);
+            rows.entry(index, s);
             if let Event::HoldSettled {
                 receipt,
                 charged_micro,
@@ -334,65 +435,32 @@ impl Sequencer {
             } = &event
             {
                 let r = &receipt.receipt;
-                let amounts = [charged_micro, worker_earned_micro, fee_micro]
+                let [charged, earned, fee] = [charged_micro, worker_earned_micro, fee_micro]
                     .map(|c| i64::try_from(c.get()).unwrap_or(i64::MAX));
-                tx.execute(
-                    "insert into receipts (job, leaf_index, consumer, worker, charged_micro, worker_earned_micro, fee_micro) values ($1, $2, $3, $4, $5, $6, $7)",
-                    &[&r.job.to_string(), &index, &r.consumer.to_string(), &r.worker.to_string(), &amounts[0], &amounts[1], &amounts[2]],
-                )
-                .await?;
-            }
-            sequenced += 1;
-        }
-        for id in &accounts {
-            let Some(a) = self.ledger.account(id) else {
-                continue;
-            };
-            let role = a.role.map(|r| {
-                serde_json::to_value(r)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
-            });
-            let partition = i32::try_from(partition_of(id, self.ledger_partitions)).unwrap_or(0);
-            tx.execute(
-                "insert into accounts (account, role, ledger_partition, debits_posted, credits_posted, debits_pending)
-                 values ($1, $2, $3, $4::text::numeric, $5::text::numeric, $6::text::numeric)
-                 on conflict (account) do update set role = excluded.role,
-                   debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted,
-                   debits_pending = excluded.debits_pending",
-                &[&id.to_string(), &role, &partition, &numeric(a.debits_posted), &numeric(a.credits_posted), &numeric(a.debits_pending)],
-            )
-            .await?;
-        }
-        for id in &holds {
-            match self.ledger.hold(id) {
-                Some(h) => {
-                    let amount = i64::try_from(h.amount.get()).unwrap_or(i64::MAX);
-                    let expires = i64::try_from(h.expires_at_ms).unwrap_or(i64::MAX);
-                    tx.execute(
-                        "insert into holds (hold, account, job, model, amount_micro, expires_at_ms) values ($1, $2, $3, $4, $5, $6)
-                         on conflict (hold) do nothing",
-                        &[&id.to_string(), &h.account.to_string(), &h.job.to_string(), &h.model, &amount, &expires],
-                    )
-                    .await?;
-                }
-                None => {
-                    tx.execute("delete from holds where hold = $1", &[&id.to_string()])
-                        .await?;
-                }
+                rows.receipt_job.push(r.job.to_string());
+                rows.receipt_leaf.push(index);
+                rows.receipt_consumer.push(r.consumer.to_string());
+                rows.receipt_worker.push(r.worker.to_string());
+                rows.receipt_amounts.push([charged, earned, fee]);
             }
         }
-        for (partition, next) in read_to {
-            tx.execute(
-                "insert into consumer_offsets (consumer_group, topic, partition_id, next_offset) values ($1, $2, $3, $4)
-                 on conflict (consumer_group, topic, partition_id) do update
-                 set next_offset = greatest(consumer_offsets.next_offset, excluded.next_offset)",
-                &[&SEQUENCER_GROUP, &topic, partition, next],
-            )
-            .await?;
-        }
+        let sequenced = rows.leaf.len() as u64;
+        rows.write(&tx, topic).await?;
+        self.write_accounts(&tx, &accounts).await?;
+        self.write_holds(&tx, &holds).await?;
+        let (parts, nexts): (Vec<i32>, Vec<i64>) = read_to.iter().map(|(p, n)| (*p, *n)).unzip();
+        tx.execute(
+            "insert into consumer_offsets (consumer_group, topic, partition_id, next_offset)
+             select $1, $2, p, n from unnest($3::int[], $4::bigint[]) as t(p, n)
+             on conflict (consumer_group, topic, partition_id) do update
+             set next_offset = greatest(consumer_offsets.next_offset, excluded.next_offset)",
+            &[&SEQUENCER_GROUP, &topic, &parts, &nexts],
+        )
+        .await?;
         let new_size = self.tree_size + sequenced;
+        if new_size / self.snapshot_every_entries > self.tree_size / self.snapshot_every_entries {
+            self.write_snapshot(&tx, new_size).await?;
+        }
         let moved = tx
             .execute(
                 "update ledger_head set tree_size = $1 where tree_size = $2",
@@ -416,6 +484,117 @@ impl Sequencer {
             skipped,
             tree_size: new_size,
         })
+    }
+
+    async fn write_accounts(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        accounts: &BTreeSet<AccountId>,
+    ) -> Result<(), ProjectionError> {
+        let mut ids = Vec::new();
+        let mut roles: Vec<Option<String>> = Vec::new();
+        let mut partitions = Vec::new();
+        let mut amounts: [Vec<String>; 3] = Default::default();
+        for id in accounts {
+            let Some(a) = self.ledger.account(id) else {
+                continue;
+            };
+            ids.push(id.to_string());
+            roles.push(a.role.map(|r| {
+                serde_json::to_value(r)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            }));
+            partitions.push(i32::try_from(partition_of(id, self.ledger_partitions)).unwrap_or(0));
+            for (column, v) in amounts
+                .iter_mut()
+                .zip([a.debits_posted, a.credits_posted, a.debits_pending])
+            {
+                column.push(numeric(v));
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let [debits_posted, credits_posted, debits_pending] = &amounts;
+        tx.execute(
+            "insert into accounts (account, role, ledger_partition, debits_posted, credits_posted, debits_pending)
+             select a, r, p, dp::numeric, cp::numeric, dq::numeric
+             from unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[]) as t(a, r, p, dp, cp, dq)
+             on conflict (account) do update set role = excluded.role,
+               debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted,
+               debits_pending = excluded.debits_pending",
+            &[&ids, &roles, &partitions, debits_posted, credits_posted, debits_pending],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn write_holds(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        holds: &BTreeSet<HoldId>,
+    ) -> Result<(), ProjectionError> {
+        let mut open = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut amounts = (Vec::new(), Vec::new());
+        let mut closed = Vec::new();
+        for id in holds {
+            match self.ledger.hold(id) {
+                Some(h) => {
+                    open.0.push(id.to_string());
+                    open.1.push(h.account.to_string());
+                    open.2.push(h.job.to_string());
+                    open.3.push(h.model.clone());
+                    amounts.0.push(i64::try_from(h.amount.get()).unwrap_or(i64::MAX));
+                    amounts.1.push(i64::try_from(h.expires_at_ms).unwrap_or(i64::MAX));
+                }
+                None => closed.push(id.to_string()),
+            }
+        }
+        if !open.0.is_empty() {
+            tx.execute(
+                "insert into holds (hold, account, job, model, amount_micro, expires_at_ms)
+                 select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[])
+                 on conflict (hold) do nothing",
+                &[&open.0, &open.1, &open.2, &open.3, &amounts.0, &amounts.1],
+            )
+            .await?;
+        }
+        if !closed.is_empty() {
+            tx.execute("delete from holds where hold = any($1)", &[&closed])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The fold at `tree_size`, in the batch's transaction; the newest two kept.
+    async fn write_snapshot(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        tree_size: u64,
+    ) -> Result<(), ProjectionError> {
+        assert_eq!(
+            self.ledger.applied(),
+            tree_size,
+            "the fold has applied every sequenced entry"
+        );
+        let fold = serde_json::to_vec(&self.ledger).expect("the fold serializes");
+        let digest = blake3::hash(&fold);
+        let size = i64::try_from(tree_size).unwrap_or(i64::MAX);
+        tx.execute(
+            "insert into sequencer_snapshots (tree_size, fold, digest) values ($1, $2, $3)
+             on conflict (tree_size) do nothing",
+            &[&size, &fold, &digest.as_bytes().as_slice()],
+        )
+        .await?;
+        tx.execute(
+            "delete from sequencer_snapshots where tree_size not in
+             (select tree_size from sequencer_snapshots order by tree_size desc limit 2)",
+            &[],
+        )
+        .await?;
+        Ok(())
     }
 
     /// Where the sequencer goes on reading each partition of `topic`.
