@@ -1,18 +1,24 @@
 //! Owners write judged events to their ledger partitions on a real broker; the
 //! sequencer reads every partition from its stored positions and projects into
 //! a real Postgres: every entry once, in per-partition order, across restarts
-//! and redeliveries.
+//! and redeliveries. Run as a task on two nodes, one leads, publishes the
+//! ledger into Postgres for troop-audit, and the other takes over.
 
 #[allow(dead_code, reason = "shared test helpers")]
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use common::cluster::{micro, prices};
 use common::services::{Broker, BrokerKind, Database};
 use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
+use troop_coordinator::cluster::ledger_store::PgLogStore;
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
 use troop_coordinator::cluster::projection::{LedgerFeed, Sequencer};
+use troop_coordinator::cluster::sequencer::{self, SequencerProgress, SequencerSettings};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::eventlog::EventLog;
 use troop_schemas::event::AccountRole;
@@ -187,4 +193,172 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
             .collect();
         assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{order:?}");
     }
+}
+
+fn signer() -> troop_ledger::note::NoteSigner {
+    troop_ledger::note::NoteSigner::new(
+        "cluster.example/ledger",
+        ed25519_dalek::SigningKey::from_bytes(&[5; 32]),
+    )
+    .expect("signer")
+}
+
+/// A sequencer task on its own "node", stopped by `stop`.
+struct Node {
+    progress: Arc<SequencerProgress>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    fn start(config: &ClusterConfig) -> Self {
+        let mut settings = SequencerSettings::new(config.clone());
+        settings.standby_retry = Duration::from_millis(100);
+        settings.checkpoint_interval = Duration::from_millis(200);
+        let progress = Arc::new(SequencerProgress::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(sequencer::run(
+            settings,
+            signer(),
+            Arc::clone(&progress),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            progress,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn leading(&self) -> bool {
+        self.progress.leading.load(Ordering::SeqCst)
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().expect("running").send(());
+        self.task.await.expect("the task ends");
+    }
+}
+
+/// Waits (bounded) until `ready` holds.
+async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// troop-audit over what Postgres serves as /ledger/, optionally since an
+/// older checkpoint; returns the checkpoint it verified.
+async fn audit(url: &str, since: Option<String>) -> (troop_audit::Report, String) {
+    let store = PgLogStore::connect(url).await.expect("store");
+    tokio::task::spawn_blocking(move || {
+        let note = troop_ledger::tile::TileSource::read(&store, "checkpoint")
+            .expect("read")
+            .expect("a checkpoint");
+        let report = troop_audit::verify(&store, &signer().verifier(), since.as_deref(), &|_| {})
+            .expect("troop-audit accepts the ledger in Postgres");
+        (report, String::from_utf8(note).expect("utf-8"))
+    })
+    .await
+    .expect("audit")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_leads_publishes_an_audited_ledger_and_another_takes_over() {
+    let db = Database::create();
+    let broker = Broker::start(BrokerKind::Noida);
+    let config = ClusterConfig {
+        kafka_brokers: broker.brokers.clone(),
+        postgres: db.url.clone(),
+        topic_prefix: "lead".into(),
+        ledger_partitions: PARTITIONS,
+        worker_partitions: 1,
+        replication_factor: 1,
+    };
+    let mut client = connect_postgres(&config).await.expect("postgres");
+    migrate_postgres(&mut client).await.expect("migrate");
+    migrate_kafka(&config).await.expect("topics");
+
+    let first = Node::start(&config);
+    let second = Node::start(&config);
+    until("a leader", || first.leading() || second.leading()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        first.leading() != second.leading(),
+        "exactly one node leads"
+    );
+    let (leader, standby) = if first.leading() {
+        (first, second)
+    } else {
+        (second, first)
+    };
+
+    let at_ms = 1_790_000_000_000;
+    let accounts: Vec<AccountId> = (0..40u8).map(|n| AccountId::derive(&[n])).collect();
+    let (p0, p1) = (owner(&config, 0), owner(&config, 1));
+    p0.append(vec![ledger_record(&prices(at_ms))])
+        .expect("append");
+    // Each account's events in one partition, in rounds that the leader
+    // picks up while they are written.
+    for (n, account) in accounts.iter().enumerate() {
+        let log = if n % 2 == 0 { &p0 } else { &p1 };
+        log.append(vec![
+            ledger_record(&Event::AccountOpened {
+                account: *account,
+                role: AccountRole::Consumer,
+                at_ms,
+            }),
+            ledger_record(&Event::Grant {
+                account: *account,
+                amount_micro: micro(1_000 + n as u64),
+                memo: String::new(),
+                at_ms,
+            }),
+        ])
+        .expect("append");
+    }
+    let first_size = 1 + 2 * accounts.len() as u64;
+    until("the first entries published", || {
+        leader.progress.published.load(Ordering::SeqCst) == first_size
+    })
+    .await;
+    let (report, first_note) = audit(&db.url, None).await;
+    assert_eq!(report.entries, first_size);
+
+    // The leader goes away; the standby takes over and goes on.
+    leader.stop().await;
+    until("the standby leads", || standby.leading()).await;
+    for account in &accounts[..10] {
+        p0.append(vec![ledger_record(&Event::Grant {
+            account: *account,
+            amount_micro: micro(5),
+            memo: "more".into(),
+            at_ms,
+        })])
+        .expect("append");
+    }
+    let size = first_size + 10;
+    until("the rest published by the new leader", || {
+        standby.progress.published.load(Ordering::SeqCst) == size
+    })
+    .await;
+    let (report, _) = audit(&db.url, Some(first_note)).await;
+    assert_eq!(report.entries, size);
+    assert_eq!(
+        report.since_size,
+        Some(first_size),
+        "the new leader's tree extends the old leader's checkpoint"
+    );
+    assert_eq!(standby.progress.terms.load(Ordering::SeqCst), 1);
+    let rows: i64 = client
+        .query_one("select count(*) from ledger_entries", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(u64::try_from(rows).expect("count"), size, "each entry once");
+    standby.stop().await;
 }

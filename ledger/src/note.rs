@@ -47,7 +47,9 @@ pub fn key_id(name: &str, public: &[u8; 32]) -> [u8; 4] {
     [d[0], d[1], d[2], d[3]]
 }
 
-/// Signs notes as one named key.
+/// Signs notes as one named key. Cloned for each term of a cluster's
+/// sequencer (the key stays in this process).
+#[derive(Clone)]
 pub struct NoteSigner {
     name: String,
     id: [u8; 4],

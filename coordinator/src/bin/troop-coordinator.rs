@@ -41,6 +41,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the cluster's ledger sequencer until interrupted: it leads when no
+    /// other node does, and publishes the ledger into Postgres. Needs the
+    /// network's ledger key at `<data_dir>/ledger.key`, the same on every node.
+    Sequence,
     /// Serve the OpenAI API, the worker endpoint and the ledger.
     Serve {
         #[arg(long, default_value = "127.0.0.1:8787")]
@@ -222,6 +226,48 @@ fn migrate(cluster: &troop_coordinator::config::ClusterConfig, json: bool) -> an
     Ok(())
 }
 
+fn sequence(config: &Config) -> anyhow::Result<()> {
+    use troop_coordinator::cluster::sequencer::{self, SequencerProgress, SequencerSettings};
+    let path = config.data_dir.join("ledger.key");
+    // Never created here: a node with a key of its own would sign checkpoints
+    // no auditor can follow across a change of leader.
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading the ledger key {} (every node signs with the network's one key: copy it there)",
+            path.display()
+        )
+    })?;
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut seed)
+        .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+    let signer = troop_ledger::note::NoteSigner::new(
+        &config.ledger_name,
+        ed25519_dalek::SigningKey::from_bytes(&seed),
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let stop = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        let progress = std::sync::Arc::new(SequencerProgress::default());
+        tracing::info!(log = %config.ledger_name, "sequencer standing by");
+        sequencer::run(
+            SequencerSettings::new(config.cluster.clone()),
+            signer,
+            progress,
+            stop,
+        )
+        .await;
+        anyhow::Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -239,6 +285,7 @@ fn main() -> anyhow::Result<()> {
             action,
         } => admin(&url, &token, json, action),
         Command::Migrate { json } => migrate(&config.cluster, json),
+        Command::Sequence => sequence(&config),
         Command::Serve { listen, data_dir } => {
             if let Some(d) = data_dir {
                 config.data_dir = d;

@@ -155,9 +155,29 @@ impl KafkaLog {
 pub struct PartitionReader {
     topic: String,
     partition: i32,
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ReaderContext>,
     cursor: Option<Cursor>,
 }
+
+/// The reader asks for end-of-partition events (that is how it knows it read
+/// everything visible); librdkafka also reports each one as a "global error",
+/// which the default context would log at error level on every idle poll.
+#[derive(Debug, Clone, Copy)]
+pub struct ReaderContext;
+
+impl rdkafka::client::ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
+            return;
+        }
+        tracing::error!(%error, reason, "kafka reader");
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
 
 impl std::fmt::Debug for PartitionReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -170,7 +190,7 @@ impl std::fmt::Debug for PartitionReader {
 
 impl PartitionReader {
     pub fn open(brokers: &str, topic: &str, partition: i32) -> Result<Self, EventLogError> {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let consumer: BaseConsumer<ReaderContext> = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", format!("troop-reader-{topic}-{partition}"))
             .set("enable.auto.commit", "false")
@@ -180,7 +200,7 @@ impl PartitionReader {
                 "fetch.message.max.bytes",
                 (2 * MAX_RECORD_BYTES).to_string(),
             )
-            .create()
+            .create_with_context(ReaderContext)
             .map_err(broker)?;
         Ok(Self {
             topic: topic.to_owned(),

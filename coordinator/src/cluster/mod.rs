@@ -6,3 +6,4 @@ pub mod kafka_log;
 pub mod ledger_store;
 pub mod migrate;
 pub mod projection;
+pub mod sequencer;

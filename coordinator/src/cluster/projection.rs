@@ -231,7 +231,12 @@ impl<'a> Rows<'a> {
         )
         .await?;
         if !self.receipt_job.is_empty() {
-            let column = |i: usize| self.receipt_amounts.iter().map(|a| a[i]).collect::<Vec<_>>();
+            let column = |i: usize| {
+                self.receipt_amounts
+                    .iter()
+                    .map(|a| a[i])
+                    .collect::<Vec<_>>()
+            };
             tx.execute(
                 "insert into receipts (job, leaf_index, consumer, worker, charged_micro, worker_earned_micro, fee_micro)
                  select * from unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])",
@@ -275,7 +280,10 @@ async fn newest_snapshot(
         let size: i64 = row.get(0);
         let (fold, digest): (&[u8], &[u8]) = (row.get(1), row.get(2));
         if blake3::hash(fold).as_bytes().as_slice() != digest {
-            tracing::warn!(tree_size = size, "sequencer snapshot is damaged; trying an older one");
+            tracing::warn!(
+                tree_size = size,
+                "sequencer snapshot is damaged; trying an older one"
+            );
             continue;
         }
         match serde_json::from_slice::<Ledger>(fold) {
@@ -507,9 +515,10 @@ impl Sequencer {
                     .unwrap_or_default()
             }));
             partitions.push(i32::try_from(partition_of(id, self.ledger_partitions)).unwrap_or(0));
-            for (column, v) in amounts
-                .iter_mut()
-                .zip([a.debits_posted, a.credits_posted, a.debits_pending])
+            for (column, v) in
+                amounts
+                    .iter_mut()
+                    .zip([a.debits_posted, a.credits_posted, a.debits_pending])
             {
                 column.push(numeric(v));
             }
@@ -546,8 +555,12 @@ impl Sequencer {
                     open.1.push(h.account.to_string());
                     open.2.push(h.job.to_string());
                     open.3.push(h.model.clone());
-                    amounts.0.push(i64::try_from(h.amount.get()).unwrap_or(i64::MAX));
-                    amounts.1.push(i64::try_from(h.expires_at_ms).unwrap_or(i64::MAX));
+                    amounts
+                        .0
+                        .push(i64::try_from(h.amount.get()).unwrap_or(i64::MAX));
+                    amounts
+                        .1
+                        .push(i64::try_from(h.expires_at_ms).unwrap_or(i64::MAX));
                 }
                 None => closed.push(id.to_string()),
             }

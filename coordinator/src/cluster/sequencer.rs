@@ -1,0 +1,257 @@
+//! The sequencer as a running task (CLUSTER.md, "The ledger: one sequencer,
+//! fenced"). Every node may run it; one leads at a time, holding a Postgres
+//! advisory lock on its connection (a node that dies or loses the connection
+//! loses the lock; a paused one that comes back is fenced by the
+//! compare-and-swap on the tree size and by the forward-only checkpoint).
+//!
+//! The leader's rounds: read every ledger partition from the stored positions
+//! (off the runtime), sequence and project the batch in one transaction
+//! ([`Sequencer::apply`]), then integrate: append what Postgres holds past the
+//! published tree to the log writer and publish tiles and a signed checkpoint
+//! into Postgres ([`PgLogStore`]) at least every `checkpoint_interval` while
+//! there is traffic, and as soon as it is caught up. Integration reads the
+//! entries back from Postgres, so what it publishes is always committed, and
+//! a new leader picks up exactly where the last published checkpoint ended.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use troop_ledger::note::NoteSigner;
+use troop_ledger::writer::{LogWriter, WriterError};
+
+use crate::cluster::ledger_store::PgLogStore;
+use crate::cluster::projection::{LedgerFeed, ProjectionError, Sequencer};
+use crate::config::ClusterConfig;
+use crate::eventlog::EventLogError;
+
+/// Held by the leading sequencer for as long as its connection lives.
+pub const SEQUENCER_LOCK: i64 = 0x7472_6f6f_705f_7371; // "troop_sq"
+/// Entries read back from Postgres per query when integrating.
+const INTEGRATE_BATCH_ENTRIES: i64 = 8_192;
+
+#[derive(Debug, Clone)]
+pub struct SequencerSettings {
+    pub cluster: ClusterConfig,
+    /// Records read per partition per round: a batch is at most
+    /// `ledger_partitions` × this.
+    pub batch_per_partition: usize,
+    /// A fresh checkpoint at least this often while there is traffic.
+    pub checkpoint_interval: Duration,
+    /// Pause after a round that found nothing new.
+    pub idle: Duration,
+    /// How often a node that does not lead tries to take the lead, and the
+    /// pause after a leader failed.
+    pub standby_retry: Duration,
+}
+
+impl SequencerSettings {
+    pub fn new(cluster: ClusterConfig) -> Self {
+        Self {
+            cluster,
+            batch_per_partition: 1_024,
+            checkpoint_interval: Duration::from_secs(1),
+            idle: Duration::from_millis(20),
+            standby_retry: Duration::from_secs(1),
+        }
+    }
+
+    fn topic(&self) -> String {
+        format!("{}.ledger", self.cluster.topic_prefix)
+    }
+}
+
+/// What the task has done, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct SequencerProgress {
+    pub leading: AtomicBool,
+    /// Entries in the ledger (sequenced and projected).
+    pub tree_size: AtomicU64,
+    /// Entries covered by the newest published checkpoint.
+    pub published: AtomicU64,
+    /// Times this node took the lead.
+    pub terms: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SequencerError {
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    #[error("ledger log: {0}")]
+    Writer(#[from] WriterError),
+    #[error(transparent)]
+    EventLog(#[from] EventLogError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("a blocking task failed: {0}")]
+    Blocking(String),
+}
+
+/// Runs `f` on the blocking pool: the Kafka reader and the log writer wait on
+/// the network and must not hold a runtime thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, SequencerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SequencerError::Blocking(e.to_string()))
+}
+
+/// Leads whenever it can until `shutdown` completes: a node that does not hold
+/// the lock waits as a standby; a leader that fails lets go and tries again.
+pub async fn run(
+    settings: SequencerSettings,
+    signer: NoteSigner,
+    progress: Arc<SequencerProgress>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let outcome = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            r = lead(&settings, &signer, &progress) => r,
+        };
+        progress.leading.store(false, Ordering::SeqCst);
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e, "sequencer stopped leading; will try again");
+        }
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            () = tokio::time::sleep(settings.standby_retry) => {}
+        }
+    }
+    progress.leading.store(false, Ordering::SeqCst);
+}
+
+/// One term: returns `Ok` at once if another node leads, otherwise runs until
+/// something fails (a lost connection, a fence, a broker error).
+async fn lead(
+    settings: &SequencerSettings,
+    signer: &NoteSigner,
+    progress: &SequencerProgress,
+) -> Result<(), SequencerError> {
+    let (mut client, connection) =
+        tokio_postgres::connect(&settings.cluster.postgres, tokio_postgres::NoTls).await?;
+    // The lock lives as long as this connection: when it ends, the term ends.
+    let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "sequencer connection ended");
+        }
+        let _ = lost_tx.send(());
+    });
+    let leads: bool = client
+        .query_one("select pg_try_advisory_lock($1)", &[&SEQUENCER_LOCK])
+        .await?
+        .get(0);
+    if !leads {
+        return Ok(());
+    }
+    let epoch: i64 = client
+        .query_one(
+            "update ledger_head set sequencer_epoch = sequencer_epoch + 1 returning sequencer_epoch",
+            &[],
+        )
+        .await?
+        .get(0);
+    progress.terms.fetch_add(1, Ordering::SeqCst);
+    progress.leading.store(true, Ordering::SeqCst);
+    tracing::info!(epoch, "leading the ledger's sequencer");
+
+    let topic = settings.topic();
+    let partitions = settings.cluster.ledger_partitions;
+    let mut sequencer = Sequencer::open(&client, partitions).await?;
+    let store = PgLogStore::connect(&settings.cluster.postgres).await?;
+    let signer = signer.clone();
+    let mut writer = blocking(move || LogWriter::open(store, signer)).await??;
+    let (brokers, feed_topic) = (settings.cluster.kafka_brokers.clone(), topic.clone());
+    let mut feed =
+        Some(blocking(move || LedgerFeed::open(&brokers, &feed_topic, partitions)).await??);
+    let mut positions = Sequencer::positions(&client, &topic).await?;
+    let mut last_publish = Instant::now();
+    progress
+        .tree_size
+        .store(sequencer.tree_size(), Ordering::SeqCst);
+    progress
+        .published
+        .store(writer.published().size, Ordering::SeqCst);
+
+    loop {
+        if lost.try_recv().is_ok() {
+            return Err(SequencerError::Blocking(
+                "the connection holding the lock ended".into(),
+            ));
+        }
+        let mut reader = feed.take().expect("the feed is back after every poll");
+        let (from, max) = (positions.clone(), settings.batch_per_partition);
+        let (reader, polled) = blocking(move || {
+            let r = reader.poll(&from, max);
+            (reader, r)
+        })
+        .await?;
+        feed = Some(reader);
+        let (batch, read_to) = polled?;
+        let caught_up = read_to.is_empty();
+        if !caught_up {
+            sequencer
+                .apply(&mut client, &topic, &batch, &read_to)
+                .await?;
+            positions.extend(read_to);
+            progress
+                .tree_size
+                .store(sequencer.tree_size(), Ordering::SeqCst);
+        }
+        append_sequenced(&client, &mut writer, sequencer.tree_size()).await?;
+        let unpublished = writer.size() > writer.published().size;
+        if unpublished && (caught_up || last_publish.elapsed() >= settings.checkpoint_interval) {
+            let (w, published) = blocking(move || {
+                let r = writer.publish().map(|c| c.size);
+                (writer, r)
+            })
+            .await?;
+            writer = w;
+            progress.published.store(published?, Ordering::SeqCst);
+            last_publish = Instant::now();
+        }
+        if caught_up {
+            tokio::time::sleep(settings.idle).await;
+        }
+    }
+}
+
+/// Appends to the writer every entry Postgres holds past what it has.
+async fn append_sequenced(
+    client: &tokio_postgres::Client,
+    writer: &mut LogWriter<PgLogStore>,
+    tree_size: u64,
+) -> Result<(), SequencerError> {
+    while writer.size() < tree_size {
+        let from = i64::try_from(writer.size()).unwrap_or(i64::MAX);
+        let to = (from + INTEGRATE_BATCH_ENTRIES).min(i64::try_from(tree_size).unwrap_or(i64::MAX));
+        let rows = client
+            .query(
+                "select leaf_index, entry from ledger_entries where leaf_index >= $1 and leaf_index < $2 order by leaf_index",
+                &[&from, &to],
+            )
+            .await?;
+        for row in rows {
+            let index: i64 = row.get(0);
+            assert_eq!(
+                u64::try_from(index).ok(),
+                Some(writer.size()),
+                "ledger entries are gap-free"
+            );
+            writer.append(row.get(1))?;
+        }
+        if writer.size() < u64::try_from(to).unwrap_or(u64::MAX) {
+            return Err(SequencerError::Projection(ProjectionError::Entry {
+                partition: -1,
+                offset: -1,
+                why: format!("leaf {} is missing", writer.size()),
+            }));
+        }
+    }
+    Ok(())
+}
