@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod cluster;
 mod engine;
 mod gateway;
 mod ledger;
@@ -25,6 +26,9 @@ enum Command {
     Engine(engine::EngineArgs),
     /// N simulated workers (the real agent protocol, synthetic tokens).
     Workers(workers::WorkersArgs),
+    /// Settled receipts per second through Kafka and the cluster's sequencer
+    /// into Postgres, against a plain Postgres insert of the same entries.
+    Sequencer(cluster::SequencerArgs),
 }
 
 fn main() -> Result<()> {
@@ -36,6 +40,10 @@ fn main() -> Result<()> {
         }
         Command::Engine(args) => engine::run(&args)?,
         Command::Workers(args) => println!("{}", workers::run(args)?),
+        Command::Sequencer(args) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            println!("{}", rt.block_on(cluster::run(args))?);
+        }
     }
     Ok(())
 }

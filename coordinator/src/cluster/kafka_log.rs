@@ -212,7 +212,9 @@ impl PartitionReader {
 
     /// The number the next committed record will have.
     pub fn end(&mut self) -> Result<u64, EventLogError> {
-        Ok(self.last_record()?.map_or(0, |(seq, _)| seq + 1))
+        let last = self.last_record();
+        self.consumer.unassign().map_err(broker)?;
+        Ok(last?.map_or(0, |(seq, _)| seq + 1))
     }
 
     /// Up to `max_records` committed records from number `from` on. With
@@ -232,6 +234,22 @@ impl PartitionReader {
             _ => self.locate(from)?,
         };
         self.assign(at)?;
+        let read = self.read_assigned(from, max_records, until);
+        // Assigned only while reading: librdkafka keeps fetching an assigned
+        // partition, and against a broker that answers an empty fetch at once
+        // (noida-db does) that is a busy loop on both sides between reads.
+        let released = self.consumer.unassign().map_err(broker);
+        let records = read?;
+        released?;
+        Ok(records)
+    }
+
+    fn read_assigned(
+        &mut self,
+        from: u64,
+        max_records: usize,
+        until: Option<u64>,
+    ) -> Result<Vec<Record>, EventLogError> {
         let want = until.map_or(max_records, |u| {
             usize::try_from(u - from)
                 .unwrap_or(usize::MAX)

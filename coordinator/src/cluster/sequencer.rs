@@ -13,6 +13,7 @@
 //! entries back from Postgres, so what it publishes is always committed, and
 //! a new leader picks up exactly where the last published checkpoint ended.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use troop_ledger::note::NoteSigner;
 use troop_ledger::writer::{LogWriter, WriterError};
 
 use crate::cluster::ledger_store::PgLogStore;
-use crate::cluster::projection::{LedgerFeed, ProjectionError, Sequencer};
+use crate::cluster::projection::{LedgerFeed, ProjectionError, Sequencer, Sourced};
 use crate::config::ClusterConfig;
 use crate::eventlog::EventLogError;
 
@@ -167,8 +168,7 @@ async fn lead(
     let signer = signer.clone();
     let mut writer = blocking(move || LogWriter::open(store, signer)).await??;
     let (brokers, feed_topic) = (settings.cluster.kafka_brokers.clone(), topic.clone());
-    let mut feed =
-        Some(blocking(move || LedgerFeed::open(&brokers, &feed_topic, partitions)).await??);
+    let feed = blocking(move || LedgerFeed::open(&brokers, &feed_topic, partitions)).await??;
     let mut positions = Sequencer::positions(&client, &topic).await?;
     let mut last_publish = Instant::now();
     progress
@@ -178,27 +178,35 @@ async fn lead(
         .published
         .store(writer.published().size, Ordering::SeqCst);
 
+    // The next round's read runs while this round's batch is applied: it
+    // starts from where this read ended, whatever the apply does (a failed
+    // apply ends the term, and the next term reads the stored positions).
+    let max = settings.batch_per_partition;
+    let mut reading = tokio::task::spawn_blocking({
+        let from = positions.clone();
+        move || poll(feed, &from, max)
+    });
     loop {
         if lost.try_recv().is_ok() {
             return Err(SequencerError::Blocking(
                 "the connection holding the lock ended".into(),
             ));
         }
-        let mut reader = feed.take().expect("the feed is back after every poll");
-        let (from, max) = (positions.clone(), settings.batch_per_partition);
-        let (reader, polled) = blocking(move || {
-            let r = reader.poll(&from, max);
-            (reader, r)
-        })
-        .await?;
-        feed = Some(reader);
+        let (feed, polled) = reading
+            .await
+            .map_err(|e| SequencerError::Blocking(e.to_string()))?;
         let (batch, read_to) = polled?;
         let caught_up = read_to.is_empty();
+        positions.extend(read_to.iter().map(|(p, n)| (*p, *n)));
+        let from = positions.clone();
+        if caught_up {
+            tokio::time::sleep(settings.idle).await;
+        }
+        reading = tokio::task::spawn_blocking(move || poll(feed, &from, max));
         if !caught_up {
             sequencer
                 .apply(&mut client, &topic, &batch, &read_to)
                 .await?;
-            positions.extend(read_to);
             progress
                 .tree_size
                 .store(sequencer.tree_size(), Ordering::SeqCst);
@@ -215,10 +223,15 @@ async fn lead(
             progress.published.store(published?, Ordering::SeqCst);
             last_publish = Instant::now();
         }
-        if caught_up {
-            tokio::time::sleep(settings.idle).await;
-        }
     }
+}
+
+type Polled = Result<(Vec<Sourced>, BTreeMap<i32, i64>), EventLogError>;
+
+/// One read of every partition, handing the feed back for the next one.
+fn poll(mut feed: LedgerFeed, from: &BTreeMap<i32, i64>, max: usize) -> (LedgerFeed, Polled) {
+    let polled = feed.poll(from, max);
+    (feed, polled)
 }
 
 /// Appends to the writer every entry Postgres holds past what it has.

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 4's throughput benchmark: settled receipts per second through the
+# cluster's ledger path (owners' transactional writes to the Kafka ledger
+# partitions, then the sequencer: fold, Postgres projection, tiles and signed
+# checkpoints in Postgres), against a plain Postgres insert of the same
+# entries measured in the same run. Real noida-db broker and Postgres, both on
+# this machine. Usage: ops/bench-sequencer.sh ; RECEIPTS, ROUNDS, PARTITIONS
+# tune it. Prints one JSON line per round.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+receipts="${RECEIPTS:-50000}"
+rounds="${ROUNDS:-2}"
+partitions="${PARTITIONS:-12}"
+# shellcheck source=ops/lib.sh
+. ops/lib.sh
+
+echo "== building (release)" >&2
+cargo build --release --locked -q -p troop-loadtest
+lt="${CARGO_TARGET_DIR:-target}/release/troop-loadtest"
+admin="$(ops/postgres.sh ensure)"
+port="$(free_port)"
+pids+=("$(ops/broker.sh start "$port" noida $$)")
+work="$(mktemp -d "${TMPDIR:-/tmp}/troop-bench-seq-XXXXXX")"
+for round in $(seq 1 "$rounds"); do
+    db="troop_bench_seq_$round"
+    psql "$admin" -qc "drop database if exists $db with (force)" -c "create database $db" >/dev/null 2>&1
+    rm -rf "$work/traffic"
+    "$lt" sequencer --brokers "127.0.0.1:$port" \
+        --postgres "$(echo "$admin" | sed "s/dbname=[^ ]*/dbname=$db/")" \
+        --receipts "$receipts" --partitions "$partitions" \
+        --topic-prefix "bench$round" --work-dir "$work/traffic"
+    psql "$admin" -qc "drop database if exists $db with (force)" >/dev/null 2>&1
+done
+rm -rf "$work"
