@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use troop_coordinator::cluster::ledger_store::PgLogStore;
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
 use troop_coordinator::cluster::projection::{LedgerFeed, Sequencer};
-use troop_coordinator::cluster::sequencer::{self, SequencerProgress, SequencerSettings};
+use troop_coordinator::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::eventlog::EventLog;
 use troop_schemas::event::AccountRole;
@@ -34,13 +33,26 @@ fn ledger_record(event: &Event) -> Vec<u8> {
 }
 
 fn owner(config: &ClusterConfig, partition: i32) -> KafkaLog {
-    KafkaLog::open(KafkaLogConfig {
-        brokers: config.kafka_brokers.clone(),
-        topic: format!("{}.ledger", config.topic_prefix),
-        partition,
-        transactional_id: format!("{}-ledger-{partition}", config.topic_prefix),
-    })
-    .expect("owner")
+    KafkaLog::open(KafkaLogConfig::ledger_owner(config, partition)).expect("owner")
+}
+
+/// A database and a noida-db broker of their own, migrated, with topics
+/// named from `prefix` and a client on the database.
+async fn cluster(prefix: &str) -> (Database, Broker, ClusterConfig, tokio_postgres::Client) {
+    let db = Database::create();
+    let broker = Broker::start(BrokerKind::Noida);
+    let config = ClusterConfig {
+        kafka_brokers: broker.brokers.clone(),
+        postgres: db.url.clone(),
+        topic_prefix: prefix.into(),
+        ledger_partitions: PARTITIONS,
+        worker_partitions: 1,
+        replication_factor: 1,
+    };
+    let mut client = connect_postgres(&config).await.expect("postgres");
+    migrate_postgres(&mut client).await.expect("migrate");
+    migrate_kafka(&config).await.expect("topics");
+    (db, broker, config, client)
 }
 
 /// Runs the sequencer until a round finds nothing new; returns the entries
@@ -71,20 +83,8 @@ async fn drain(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
-    let db = Database::create();
-    let broker = Broker::start(BrokerKind::Noida);
-    let config = ClusterConfig {
-        kafka_brokers: broker.brokers.clone(),
-        postgres: db.url.clone(),
-        topic_prefix: "seq".into(),
-        ledger_partitions: PARTITIONS,
-        worker_partitions: 1,
-        replication_factor: 1,
-    };
+    let (_db, _broker, config, mut client) = cluster("seq").await;
     let topic = "seq.ledger";
-    let mut client = connect_postgres(&config).await.expect("postgres");
-    migrate_postgres(&mut client).await.expect("migrate");
-    migrate_kafka(&config).await.expect("topics");
 
     let (a, b) = (AccountId::derive(b"a"), AccountId::derive(b"b"));
     let at_ms = 1_790_000_000_000;
@@ -203,42 +203,27 @@ fn signer() -> troop_ledger::note::NoteSigner {
     .expect("signer")
 }
 
-/// A sequencer task on its own "node", stopped by `stop`.
-struct Node {
-    progress: Arc<SequencerProgress>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
+/// A sequencer task on its own "node".
+struct Node(SequencerTask);
 
 impl Node {
     fn start(config: &ClusterConfig) -> Self {
         let mut settings = SequencerSettings::new(config.clone());
         settings.standby_retry = Duration::from_millis(100);
         settings.checkpoint_interval = Duration::from_millis(200);
-        let progress = Arc::new(SequencerProgress::default());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(sequencer::run(
-            settings,
-            signer(),
-            Arc::clone(&progress),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Self {
-            progress,
-            stop: Some(stop),
-            task,
-        }
+        Self(SequencerTask::spawn(settings, signer()))
+    }
+
+    fn progress(&self) -> &SequencerProgress {
+        &self.0.progress
     }
 
     fn leading(&self) -> bool {
-        self.progress.leading.load(Ordering::SeqCst)
+        self.progress().leading.load(Ordering::SeqCst)
     }
 
-    async fn stop(mut self) {
-        let _ = self.stop.take().expect("running").send(());
-        self.task.await.expect("the task ends");
+    async fn stop(self) {
+        self.0.stop().await.expect("the task ends");
     }
 }
 
@@ -269,19 +254,7 @@ async fn audit(url: &str, since: Option<String>) -> (troop_audit::Report, String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_leads_publishes_an_audited_ledger_and_another_takes_over() {
-    let db = Database::create();
-    let broker = Broker::start(BrokerKind::Noida);
-    let config = ClusterConfig {
-        kafka_brokers: broker.brokers.clone(),
-        postgres: db.url.clone(),
-        topic_prefix: "lead".into(),
-        ledger_partitions: PARTITIONS,
-        worker_partitions: 1,
-        replication_factor: 1,
-    };
-    let mut client = connect_postgres(&config).await.expect("postgres");
-    migrate_postgres(&mut client).await.expect("migrate");
-    migrate_kafka(&config).await.expect("topics");
+    let (db, _broker, config, client) = cluster("lead").await;
 
     let first = Node::start(&config);
     let second = Node::start(&config);
@@ -323,7 +296,7 @@ async fn one_node_leads_publishes_an_audited_ledger_and_another_takes_over() {
     }
     let first_size = 1 + 2 * accounts.len() as u64;
     until("the first entries published", || {
-        leader.progress.published.load(Ordering::SeqCst) == first_size
+        leader.progress().published.load(Ordering::SeqCst) == first_size
     })
     .await;
     let (report, first_note) = audit(&db.url, None).await;
@@ -343,7 +316,7 @@ async fn one_node_leads_publishes_an_audited_ledger_and_another_takes_over() {
     }
     let size = first_size + 10;
     until("the rest published by the new leader", || {
-        standby.progress.published.load(Ordering::SeqCst) == size
+        standby.progress().published.load(Ordering::SeqCst) == size
     })
     .await;
     let (report, _) = audit(&db.url, Some(first_note)).await;
@@ -353,7 +326,7 @@ async fn one_node_leads_publishes_an_audited_ledger_and_another_takes_over() {
         Some(first_size),
         "the new leader's tree extends the old leader's checkpoint"
     );
-    assert_eq!(standby.progress.terms.load(Ordering::SeqCst), 1);
+    assert_eq!(standby.progress().terms.load(Ordering::SeqCst), 1);
     let rows: i64 = client
         .query_one("select count(*) from ledger_entries", &[])
         .await

@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use troop_coordinator::books::TAG_LEDGER_ENTRY;
 use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
 use troop_coordinator::cluster::projection::partition_of;
-use troop_coordinator::cluster::sequencer::{self, SequencerProgress, SequencerSettings};
+use troop_coordinator::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::eventlog::EventLog as _;
 use troop_ledger::note::NoteSigner;
@@ -132,36 +131,9 @@ fn record(entry: &[u8]) -> Vec<u8> {
 }
 
 fn owner(config: &ClusterConfig, partition: i32) -> Result<KafkaLog> {
-    Ok(KafkaLog::open(KafkaLogConfig {
-        brokers: config.kafka_brokers.clone(),
-        topic: format!("{}.ledger", config.topic_prefix),
-        partition,
-        transactional_id: format!("{}-ledger-{partition}", config.topic_prefix),
-    })?)
-}
-
-struct Running {
-    progress: Arc<SequencerProgress>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-fn start_sequencer(settings: &SequencerSettings, signer: &NoteSigner) -> Running {
-    let progress = Arc::new(SequencerProgress::default());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(sequencer::run(
-        settings.clone(),
-        signer.clone(),
-        Arc::clone(&progress),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    Running {
-        progress,
-        stop,
-        task,
-    }
+    Ok(KafkaLog::open(KafkaLogConfig::ledger_owner(
+        config, partition,
+    ))?)
 }
 
 async fn published(progress: &SequencerProgress, size: u64, limit: Duration) -> Result<()> {
@@ -275,10 +247,9 @@ pub async fn run(args: SequencerArgs) -> Result<serde_json::Value> {
         Ok(())
     })
     .await??;
-    let first = start_sequencer(&settings, &signer);
+    let first = SequencerTask::spawn(settings.clone(), signer.clone());
     published(&first.progress, setup_len, Duration::from_secs(120)).await?;
-    let _ = first.stop.send(());
-    first.task.await?;
+    first.stop().await?;
 
     // The owners write the traffic, one thread per partition.
     let produce_started = Instant::now();
@@ -307,11 +278,10 @@ pub async fn run(args: SequencerArgs) -> Result<serde_json::Value> {
     // The sequencer drains the backlog: fold, projection, tiles, checkpoint.
     let total = setup_len + traffic_entries as u64;
     let sequence_started = Instant::now();
-    let second = start_sequencer(&settings, &signer);
+    let second = SequencerTask::spawn(settings, signer);
     published(&second.progress, total, Duration::from_secs(1_800)).await?;
     let sequence_s = sequence_started.elapsed().as_secs_f64();
-    let _ = second.stop.send(());
-    second.task.await?;
+    second.stop().await?;
     let rows: i64 = client
         .query_one("select count(*) from ledger_entries", &[])
         .await?

@@ -41,6 +41,19 @@ pub struct KafkaLogConfig {
     pub transactional_id: String,
 }
 
+impl KafkaLogConfig {
+    /// The owner's log of ledger partition `partition` (CLUSTER.md, "Who
+    /// judges an account's money"): one fenced writer per partition.
+    pub fn ledger_owner(cluster: &crate::config::ClusterConfig, partition: i32) -> Self {
+        Self {
+            brokers: cluster.kafka_brokers.clone(),
+            topic: format!("{}.ledger", cluster.topic_prefix),
+            partition,
+            transactional_id: format!("{}-ledger-{partition}", cluster.topic_prefix),
+        }
+    }
+}
+
 struct Request {
     first: u64,
     records: Vec<Vec<u8>>,

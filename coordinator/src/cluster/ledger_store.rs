@@ -96,26 +96,26 @@ impl LogStore for PgLogStore {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        let (paths, bodies): (Vec<String>, Vec<Vec<u8>>) = self
-            .pending
-            .lock()
-            .map_err(backend)?
-            .iter()
-            .map(|(p, b)| (p.clone(), b.clone()))
-            .unzip();
-        if paths.is_empty() {
+        let pending = std::mem::take(&mut *self.pending.lock().map_err(backend)?);
+        if pending.is_empty() {
             return Ok(());
         }
-        // Kept pending until written: a failed sync loses nothing.
-        self.block_on(self.client.execute(
+        let (paths, bodies): (Vec<&str>, Vec<&[u8]>) = pending
+            .iter()
+            .map(|(p, b)| (p.as_str(), b.as_slice()))
+            .unzip();
+        let written = self.block_on(self.client.execute(
             "insert into ledger_files (path, body) select * from unnest($1::text[], $2::bytea[])
              on conflict (path) do update set body = excluded.body",
             &[&paths, &bodies],
-        ))
-        .map_err(backend)?;
-        let mut pending = self.pending.lock().map_err(backend)?;
-        for p in &paths {
-            pending.remove(p);
+        ));
+        if let Err(e) = written {
+            // Put back under anything written since: a failed sync loses nothing.
+            let mut now = self.pending.lock().map_err(backend)?;
+            for (path, body) in pending {
+                now.entry(path).or_insert(body);
+            }
+            return Err(backend(e));
         }
         Ok(())
     }

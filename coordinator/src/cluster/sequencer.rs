@@ -86,6 +86,8 @@ pub enum SequencerError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("a blocking task failed: {0}")]
     Blocking(String),
+    #[error("the connection holding the sequencer's lock ended")]
+    LockLost,
 }
 
 /// Runs `f` on the blocking pool: the Kafka reader and the log writer wait on
@@ -96,6 +98,38 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| SequencerError::Blocking(e.to_string()))
+}
+
+/// [`run`] on the current runtime, stopped by [`SequencerTask::stop`]: how a
+/// node (and the benchmark) keeps one.
+#[derive(Debug)]
+pub struct SequencerTask {
+    pub progress: Arc<SequencerProgress>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SequencerTask {
+    pub fn spawn(settings: SequencerSettings, signer: NoteSigner) -> Self {
+        let progress = Arc::new(SequencerProgress::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(settings, signer, Arc::clone(&progress), async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            progress,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops it (releasing the lead if it had it) and waits until it has.
+    pub async fn stop(self) -> Result<(), SequencerError> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .map_err(|e| SequencerError::Blocking(e.to_string()))
+    }
 }
 
 /// Leads whenever it can until `shutdown` completes: a node that does not hold
@@ -188,9 +222,7 @@ async fn lead(
     });
     loop {
         if lost.try_recv().is_ok() {
-            return Err(SequencerError::Blocking(
-                "the connection holding the lock ended".into(),
-            ));
+            return Err(SequencerError::LockLost);
         }
         let (feed, polled) = reading
             .await
