@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use common::cluster::{micro, migrated_database, prices};
 use troop_coordinator::cluster::projection::{
-    Applied, ProjectionError, Sequencer, Sourced, partition_of,
+    Applied, Checked, ProjectionError, Sequencer, Sourced, partition_of,
 };
 use troop_schemas::event::{AccountRole, VoidReason};
 use troop_schemas::{AccountId, Event, HoldId, JobId, encode_entry};
@@ -19,17 +19,21 @@ const TOPIC: &str = "troop.ledger";
 const PARTITIONS: u32 = 4;
 
 /// Each event as the owner of partition 0 produced it, at offsets from `first`.
-fn sourced(first: i64, events: &[(u8, Event)]) -> Vec<Sourced> {
+fn sourced(first: i64, events: &[Event]) -> Vec<Sourced> {
     events
         .iter()
         .enumerate()
-        .map(|(i, (id, e))| Sourced {
-            event_id: [*id; 16],
+        .map(|(i, e)| Sourced {
             partition: 0,
             offset: first + i64::try_from(i).expect("small"),
             entry: encode_entry(e).expect("encodes"),
         })
         .collect()
+}
+
+/// `batch` decoded and its receipts' signatures checked, as the sequencer reads it.
+fn checked(batch: &[Sourced]) -> Checked {
+    Checked::check(batch.to_vec()).expect("checks")
 }
 
 /// How far a batch read each partition: one past its last record.
@@ -82,24 +86,21 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
     let first = sourced(
         0,
         &[
-            (10, prices(at_ms)),
-            (1, opened(consumer, AccountRole::Consumer)),
-            (2, opened(worker, AccountRole::Worker)),
-            (
-                3,
-                Event::Grant {
-                    account: consumer,
-                    amount_micro: micro(1_000_000),
-                    memo: "welcome".into(),
-                    at_ms,
-                },
-            ),
-            (4, hold(h1, 1, 300_000)),
+            prices(at_ms),
+            opened(consumer, AccountRole::Consumer),
+            opened(worker, AccountRole::Worker),
+            Event::Grant {
+                account: consumer,
+                amount_micro: micro(1_000_000),
+                memo: "welcome".into(),
+                at_ms,
+            },
+            hold(h1, 1, 300_000),
         ],
     );
     let mut sequencer = Sequencer::open(&client, PARTITIONS).await.expect("open");
     let applied = sequencer
-        .apply(&mut client, TOPIC, &first, &read_to(&first))
+        .apply(&mut client, TOPIC, &checked(&first), &read_to(&first))
         .await
         .expect("apply");
     assert_eq!(
@@ -124,30 +125,24 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
     let mut second = sourced(
         5,
         &[
-            (
-                5,
-                Event::HoldVoided {
-                    hold: h1,
-                    reason: VoidReason::Failed,
-                    at_ms,
-                },
-            ),
-            (
-                6,
-                Event::Transfer {
-                    from: consumer,
-                    to: worker,
-                    amount_micro: micro(100_000),
-                    memo: "tip".into(),
-                    at_ms,
-                },
-            ),
-            (7, hold(h2, 2, 200_000)),
+            Event::HoldVoided {
+                hold: h1,
+                reason: VoidReason::Failed,
+                at_ms,
+            },
+            Event::Transfer {
+                from: consumer,
+                to: worker,
+                amount_micro: micro(100_000),
+                memo: "tip".into(),
+                at_ms,
+            },
+            hold(h2, 2, 200_000),
         ],
     );
     second.insert(1, first[4].clone());
     let applied = sequencer
-        .apply(&mut client, TOPIC, &second, &read_to(&second))
+        .apply(&mut client, TOPIC, &checked(&second), &read_to(&second))
         .await
         .expect("apply");
     assert_eq!(
@@ -235,22 +230,19 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
     let opened = sourced(
         0,
         &[
-            (10, prices(at_ms)),
-            (
-                1,
-                Event::AccountOpened {
-                    account: consumer,
-                    role: AccountRole::Consumer,
-                    at_ms,
-                },
-            ),
+            prices(at_ms),
+            Event::AccountOpened {
+                account: consumer,
+                role: AccountRole::Consumer,
+                at_ms,
+            },
         ],
     );
-    live.apply(&mut client, TOPIC, &opened, &read_to(&opened))
+    live.apply(&mut client, TOPIC, &checked(&opened), &read_to(&opened))
         .await
         .expect("apply");
     let fenced = stale
-        .apply(&mut client, TOPIC, &opened, &read_to(&opened))
+        .apply(&mut client, TOPIC, &checked(&opened), &read_to(&opened))
         .await;
     assert!(
         matches!(
@@ -267,21 +259,18 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
     // what it had, and the sequencer stops until it is reopened.
     let overdraw = sourced(
         2,
-        &[(
-            2,
-            Event::HoldPlaced {
-                hold: HoldId([9; 16]),
-                job: JobId([9; 16]),
-                account: consumer,
-                model: "m".into(),
-                amount_micro: micro(1),
-                expires_at_ms: at_ms + 60_000,
-                at_ms,
-            },
-        )],
+        &[Event::HoldPlaced {
+            hold: HoldId([9; 16]),
+            job: JobId([9; 16]),
+            account: consumer,
+            model: "m".into(),
+            amount_micro: micro(1),
+            expires_at_ms: at_ms + 60_000,
+            at_ms,
+        }],
     );
     let refused = live
-        .apply(&mut client, TOPIC, &overdraw, &read_to(&overdraw))
+        .apply(&mut client, TOPIC, &checked(&overdraw), &read_to(&overdraw))
         .await;
     assert!(
         matches!(
@@ -295,11 +284,11 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
     assert_eq!(count(&client, "select tree_size from ledger_head").await, 2);
     assert_eq!(count(&client, "select count(*) from holds").await, 0);
     assert_eq!(
-        count(&client, "select count(*) from applied_events").await,
+        count(&client, "select count(*) from ledger_entries").await,
         2
     );
     assert!(matches!(
-        live.apply(&mut client, TOPIC, &opened, &read_to(&opened))
+        live.apply(&mut client, TOPIC, &checked(&opened), &read_to(&opened))
             .await,
         Err(ProjectionError::Poisoned)
     ));
@@ -315,22 +304,19 @@ async fn opening_starts_from_the_newest_sound_snapshot() {
         .await
         .expect("open")
         .snapshot_every(4);
-    let mut events = vec![(100, prices(at_ms))];
+    let mut events = vec![prices(at_ms)];
     for n in 0..20u8 {
-        events.push((
-            n,
-            Event::AccountOpened {
-                account: AccountId::derive(&[n]),
-                role: AccountRole::Consumer,
-                at_ms,
-            },
-        ));
+        events.push(Event::AccountOpened {
+            account: AccountId::derive(&[n]),
+            role: AccountRole::Consumer,
+            at_ms,
+        });
     }
     // Batches of 3: snapshots land where a batch crosses a multiple of 4.
     let all = sourced(0, &events);
     for batch in all.chunks(3) {
         sequencer
-            .apply(&mut client, TOPIC, batch, &read_to(batch))
+            .apply(&mut client, TOPIC, &checked(batch), &read_to(batch))
             .await
             .expect("apply");
     }

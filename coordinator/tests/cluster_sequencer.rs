@@ -16,7 +16,7 @@ use common::services::{Broker, BrokerKind, Database};
 use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use troop_coordinator::cluster::ledger_store::PgLogStore;
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
-use troop_coordinator::cluster::projection::{LedgerFeed, Sequencer};
+use troop_coordinator::cluster::projection::{Checked, LedgerFeed, Sequencer};
 use troop_coordinator::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::eventlog::EventLog;
@@ -73,6 +73,7 @@ async fn drain(
         if read_to.is_empty() {
             return total;
         }
+        let batch = Checked::check(batch).expect("checks");
         total += sequencer
             .apply(client, topic, &batch, &read_to)
             .await
@@ -162,6 +163,7 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     let (again, read_to) =
         tokio::task::block_in_place(|| feed.poll(&BTreeMap::new(), 100)).expect("poll");
     assert_eq!(again.len(), 7);
+    let again = Checked::check(again).expect("checks");
     let applied = restarted
         .apply(&mut client, topic, &again, &read_to)
         .await

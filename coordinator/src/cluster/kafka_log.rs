@@ -11,6 +11,7 @@
 //! (each commit leaves a marker), so every record carries its number in the
 //! `troop-seq` header; reads map numbers to Kafka offsets (CLUSTER.md).
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
@@ -88,7 +89,7 @@ pub struct KafkaLog {
     queue: Mutex<Queue>,
     shared: Arc<Shared>,
     writer: Option<std::thread::JoinHandle<()>>,
-    reader: Mutex<PartitionReader>,
+    reader: Mutex<TopicReader>,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -137,8 +138,8 @@ impl KafkaLog {
             .create()
             .map_err(broker)?;
         producer.init_transactions(BROKER_TIMEOUT).map_err(broker)?;
-        let mut reader = PartitionReader::open(&config.brokers, &config.topic, config.partition)?;
-        let end = reader.end()?;
+        let mut reader = TopicReader::open(&config.brokers, &config.topic)?;
+        let end = reader.end(config.partition)?;
         let shared = Arc::new(Shared::default());
         shared.durable.store(end, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel();
@@ -163,13 +164,14 @@ impl KafkaLog {
     }
 }
 
-/// Reads one partition's committed records by record number, without
-/// writing (the sequencer reads every owner's partition this way).
-pub struct PartitionReader {
+/// Reads committed records of a topic's partitions by record number, without
+/// writing: one consumer for any number of partitions (the sequencer reads
+/// every ledger partition with one, so the broker is asked for all of them in
+/// each fetch), assigned only while reading.
+pub struct TopicReader {
     topic: String,
-    partition: i32,
     consumer: BaseConsumer<ReaderContext>,
-    cursor: Option<Cursor>,
+    cursors: HashMap<i32, Cursor>,
 }
 
 /// The reader asks for end-of-partition events (that is how it knows it read
@@ -192,20 +194,29 @@ impl rdkafka::client::ClientContext for ReaderContext {
 
 impl rdkafka::consumer::ConsumerContext for ReaderContext {}
 
-impl std::fmt::Debug for PartitionReader {
+impl std::fmt::Debug for TopicReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PartitionReader")
+        f.debug_struct("TopicReader")
             .field("topic", &self.topic)
-            .field("partition", &self.partition)
             .finish()
     }
 }
 
-impl PartitionReader {
-    pub fn open(brokers: &str, topic: &str, partition: i32) -> Result<Self, EventLogError> {
+/// One partition's part of a read.
+struct Wanted {
+    from: u64,
+    /// Records to read at most.
+    want: usize,
+    /// The records are known committed: an end of partition means they are
+    /// not visible yet, not that there are no more.
+    committed: bool,
+}
+
+impl TopicReader {
+    pub fn open(brokers: &str, topic: &str) -> Result<Self, EventLogError> {
         let consumer: BaseConsumer<ReaderContext> = ClientConfig::new()
             .set("bootstrap.servers", brokers)
-            .set("group.id", format!("troop-reader-{topic}-{partition}"))
+            .set("group.id", format!("troop-reader-{topic}"))
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
@@ -217,105 +228,159 @@ impl PartitionReader {
             .map_err(broker)?;
         Ok(Self {
             topic: topic.to_owned(),
-            partition,
             consumer,
-            cursor: None,
+            cursors: HashMap::new(),
         })
     }
 
-    /// The number the next committed record will have.
-    pub fn end(&mut self) -> Result<u64, EventLogError> {
-        let last = self.last_record();
+    /// The number the next committed record of `partition` will have.
+    pub fn end(&mut self, partition: i32) -> Result<u64, EventLogError> {
+        let last = self.last_record(partition);
         self.consumer.unassign().map_err(broker)?;
         Ok(last?.map_or(0, |(seq, _)| seq + 1))
     }
 
-    /// Up to `max_records` committed records from number `from` on. With
-    /// `until`, records below it are known committed and are waited for;
-    /// without, the read stops at the end of what is visible now.
+    /// Up to `max_records` records of `partition` from number `from` on;
+    /// records below `until` are known committed and are waited for.
     pub fn read(
         &mut self,
+        partition: i32,
         from: u64,
         max_records: usize,
-        until: Option<u64>,
+        until: u64,
     ) -> Result<Vec<Record>, EventLogError> {
-        if until.is_some_and(|u| from >= u) || max_records == 0 {
-            return Ok(Vec::new());
+        let want = usize::try_from(until.saturating_sub(from))
+            .unwrap_or(usize::MAX)
+            .min(max_records);
+        let plan = BTreeMap::from([(
+            partition,
+            Wanted {
+                from,
+                want,
+                committed: true,
+            },
+        )]);
+        Ok(self.fetch(&plan)?.remove(&partition).unwrap_or_default())
+    }
+
+    /// Up to `max_per_partition` records of each partition in `from` (its
+    /// next record number), up to what is visible now.
+    pub fn read_visible(
+        &mut self,
+        from: &BTreeMap<i32, u64>,
+        max_per_partition: usize,
+    ) -> Result<BTreeMap<i32, Vec<Record>>, EventLogError> {
+        let plan = from
+            .iter()
+            .map(|(p, from)| {
+                let wanted = Wanted {
+                    from: *from,
+                    want: max_per_partition,
+                    committed: false,
+                };
+                (*p, wanted)
+            })
+            .collect();
+        self.fetch(&plan)
+    }
+
+    fn fetch(
+        &mut self,
+        plan: &BTreeMap<i32, Wanted>,
+    ) -> Result<BTreeMap<i32, Vec<Record>>, EventLogError> {
+        let mut out: BTreeMap<i32, Vec<Record>> = BTreeMap::new();
+        let mut list = TopicPartitionList::new();
+        for (p, w) in plan.iter().filter(|(_, w)| w.want > 0) {
+            let at = match self.cursors.get(p) {
+                Some(c) if c.seq == w.from => c.kafka,
+                _ => self.locate(*p, w.from)?,
+            };
+            list.add_partition_offset(&self.topic, *p, Offset::Offset(at))
+                .map_err(broker)?;
+            out.insert(*p, Vec::with_capacity(w.want.min(4096)));
         }
-        let at = match self.cursor {
-            Some(c) if c.seq == from => c.kafka,
-            _ => self.locate(from)?,
-        };
-        self.assign(at)?;
-        let read = self.read_assigned(from, max_records, until);
+        if out.is_empty() {
+            return Ok(out);
+        }
+        self.consumer.assign(&list).map_err(broker)?;
+        let read = self.fetch_assigned(plan, &mut out);
         // Assigned only while reading: librdkafka keeps fetching an assigned
         // partition, and against a broker that answers an empty fetch at once
         // (noida-db does) that is a busy loop on both sides between reads.
         let released = self.consumer.unassign().map_err(broker);
-        let records = read?;
+        read?;
         released?;
-        Ok(records)
+        Ok(out)
     }
 
-    fn read_assigned(
+    fn fetch_assigned(
         &mut self,
-        from: u64,
-        max_records: usize,
-        until: Option<u64>,
-    ) -> Result<Vec<Record>, EventLogError> {
-        let want = until.map_or(max_records, |u| {
-            usize::try_from(u - from)
-                .unwrap_or(usize::MAX)
-                .min(max_records)
-        });
-        let mut out = Vec::with_capacity(want.min(4096));
+        plan: &BTreeMap<i32, Wanted>,
+        out: &mut BTreeMap<i32, Vec<Record>>,
+    ) -> Result<(), EventLogError> {
+        let mut open: BTreeSet<i32> = out.keys().copied().collect();
         // Committed records may take a moment to become visible to a reader
-        // (the commit marker goes out after the commit returns).
+        // (the commit marker goes out after the commit returns), and a new
+        // consumer's first fetch waits for its connection.
         let deadline = std::time::Instant::now() + BROKER_TIMEOUT;
-        while out.len() < want {
+        while !open.is_empty() {
+            if std::time::Instant::now() > deadline {
+                return Err(broker(format!(
+                    "partitions {open:?} of {} did not answer in {BROKER_TIMEOUT:?}",
+                    self.topic
+                )));
+            }
             let m = match self.consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => m.detach(),
-                Some(Err(KafkaError::PartitionEOF(_))) | None => {
-                    if until.is_none() {
-                        break;
-                    }
-                    if std::time::Instant::now() > deadline {
-                        return Err(broker(format!(
-                            "records {from}..{} are committed but not readable",
-                            from + want as u64
-                        )));
+                None => continue,
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    if plan.get(&p).is_some_and(|w| !w.committed) {
+                        open.remove(&p);
                     }
                     continue;
                 }
                 Some(Err(e)) => return Err(broker(e)),
+                Some(Ok(m)) => m,
             };
+            let p = m.partition();
+            let (Some(w), Some(records)) = (plan.get(&p), out.get_mut(&p)) else {
+                continue;
+            };
+            if !open.contains(&p) {
+                continue;
+            }
             let seq = seq_of(&m)?;
-            let expected = from + out.len() as u64;
+            let expected = w.from + records.len() as u64;
             if seq < expected {
                 continue;
             }
             if seq != expected {
                 return Err(EventLogError::Corrupt {
-                    path: self.topic.clone(),
+                    path: format!("{}/{p}", self.topic),
                     at: expected,
                     why: "record numbers skip: a record is missing",
                 });
             }
-            self.cursor = Some(Cursor {
-                seq: seq + 1,
-                kafka: m.offset() + 1,
-            });
-            out.push(Record {
+            self.cursors.insert(
+                p,
+                Cursor {
+                    seq: seq + 1,
+                    kafka: m.offset() + 1,
+                },
+            );
+            records.push(Record {
                 offset: seq,
                 payload: m.payload().unwrap_or_default().to_vec(),
             });
+            if records.len() >= w.want {
+                open.remove(&p);
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
-    fn assign(&self, at: i64) -> Result<(), EventLogError> {
+    fn assign_one(&self, partition: i32, at: i64) -> Result<(), EventLogError> {
         let mut list = TopicPartitionList::new();
-        list.add_partition_offset(&self.topic, self.partition, Offset::Offset(at))
+        list.add_partition_offset(&self.topic, partition, Offset::Offset(at))
             .map_err(broker)?;
         self.consumer.assign(&list).map_err(broker)
     }
@@ -331,8 +396,8 @@ impl PartitionReader {
     }
 
     /// Reads the first committed record at Kafka offset `at` or after it.
-    fn probe(&self, at: i64) -> Result<Option<(u64, i64)>, EventLogError> {
-        self.assign(at)?;
+    fn probe(&self, partition: i32, at: i64) -> Result<Option<(u64, i64)>, EventLogError> {
+        self.assign_one(partition, at)?;
         match self.poll_one()? {
             Some(m) => Ok(Some((seq_of(&m)?, m.offset()))),
             None => Ok(None),
@@ -340,30 +405,33 @@ impl PartitionReader {
     }
 
     /// The Kafka offset of record `seq`, or where it will be.
-    fn locate(&self, seq: u64) -> Result<i64, EventLogError> {
+    fn locate(&self, partition: i32, seq: u64) -> Result<i64, EventLogError> {
         let (_, high) = self
             .consumer
-            .fetch_watermarks(&self.topic, self.partition, BROKER_TIMEOUT)
+            .fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT)
             .map_err(broker)?;
         // Kafka offsets only add markers to record numbers: offset ≥ number.
         let mut lo = i64::try_from(seq).map_err(broker)?;
         let mut hi = high;
+        // First at the lowest place it can be: exact when no marker precedes
+        // it (a partition read from its start), one probe of many otherwise.
+        let mut mid = lo;
         while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match self.probe(mid)? {
+            match self.probe(partition, mid)? {
                 Some((s, kafka)) if s == seq => return Ok(kafka),
                 Some((s, kafka)) if s < seq => lo = kafka + 1,
                 _ => hi = mid,
             }
+            mid = lo + (hi - lo) / 2;
         }
         Ok(lo)
     }
 
     /// The last committed record's number and Kafka offset, if any.
-    fn last_record(&mut self) -> Result<Option<(u64, i64)>, EventLogError> {
+    fn last_record(&mut self, partition: i32) -> Result<Option<(u64, i64)>, EventLogError> {
         let (low, high) = self
             .consumer
-            .fetch_watermarks(&self.topic, self.partition, BROKER_TIMEOUT)
+            .fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT)
             .map_err(broker)?;
         // Step back past commit and abort markers until a record shows up;
         // failing that, read from the start.
@@ -373,7 +441,7 @@ impl PartitionReader {
             if at >= high {
                 return Ok(None);
             }
-            self.assign(at)?;
+            self.assign_one(partition, at)?;
             let mut last = None;
             while let Some(m) = self.poll_one()? {
                 last = Some((seq_of(&m)?, m.offset()));
@@ -502,10 +570,12 @@ impl EventLog for KafkaLog {
 
     fn read(&self, from: u64, max_records: usize) -> Result<Vec<Record>, EventLogError> {
         let durable = self.shared.durable.load(Ordering::SeqCst);
-        self.reader
-            .lock()
-            .expect("reader lock")
-            .read(from, max_records, Some(durable))
+        self.reader.lock().expect("reader lock").read(
+            self.config.partition,
+            from,
+            max_records,
+            durable,
+        )
     }
 
     fn next_offset(&self) -> u64 {

@@ -11,7 +11,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use troop_ledger::fold::{FoldError, Ledger};
-use troop_schemas::{AccountId, Event, HoldId, decode_entry};
+use troop_ledger::receipt::{self, KeyCache, ReceiptError};
+use troop_schemas::{AccountId, Event, HoldId, decode_entry, decode_entry_spans};
 
 /// The consumer group whose offsets the sequencer keeps in Postgres.
 pub const SEQUENCER_GROUP: &str = "troop-sequencer";
@@ -25,23 +26,12 @@ pub fn partition_of(account: &AccountId, partitions: u32) -> u32 {
     u32::try_from(head % u64::from(partitions)).expect("below a u32")
 }
 
-/// The id of the record numbered `seq` in `partition` of `topic`: a partition
-/// has one writer at a time (fenced) and numbers its records without gaps, so
-/// a redelivered record has the same number, hence the same id.
-pub fn event_id(topic: &str, partition: i32, seq: u64) -> [u8; 16] {
-    let mut h = blake3::Hasher::new();
-    h.update(b"troop-event-id/v1\n");
-    h.update(topic.as_bytes());
-    h.update(&partition.to_be_bytes());
-    h.update(&seq.to_be_bytes());
-    h.finalize().as_bytes()[..16].try_into().expect("16 bytes")
-}
-
-/// Reads every ledger partition from where the sequencer stopped.
+/// Reads every ledger partition from where the sequencer stopped, with one
+/// consumer (one fetch asks for every partition).
 #[derive(Debug)]
 pub struct LedgerFeed {
-    topic: String,
-    readers: Vec<crate::cluster::kafka_log::PartitionReader>,
+    partitions: u32,
+    reader: crate::cluster::kafka_log::TopicReader,
 }
 
 impl LedgerFeed {
@@ -50,18 +40,9 @@ impl LedgerFeed {
         topic: &str,
         partitions: u32,
     ) -> Result<Self, crate::eventlog::EventLogError> {
-        let readers = (0..partitions)
-            .map(|p| {
-                crate::cluster::kafka_log::PartitionReader::open(
-                    brokers,
-                    topic,
-                    i32::try_from(p).unwrap_or(i32::MAX),
-                )
-            })
-            .collect::<Result<_, _>>()?;
         Ok(Self {
-            topic: topic.to_owned(),
-            readers,
+            partitions,
+            reader: crate::cluster::kafka_log::TopicReader::open(brokers, topic)?,
         })
     }
 
@@ -74,13 +55,17 @@ impl LedgerFeed {
         positions: &BTreeMap<i32, i64>,
         max_per_partition: usize,
     ) -> Result<(Vec<Sourced>, BTreeMap<i32, i64>), crate::eventlog::EventLogError> {
+        let from: BTreeMap<i32, u64> = (0..self.partitions)
+            .map(|p| {
+                let partition = i32::try_from(p).unwrap_or(i32::MAX);
+                let from = positions.get(&partition).copied().unwrap_or(0);
+                (partition, u64::try_from(from).unwrap_or(0))
+            })
+            .collect();
         let mut batch = Vec::new();
         let mut read_to = BTreeMap::new();
-        for (p, reader) in self.readers.iter_mut().enumerate() {
-            let partition = i32::try_from(p).unwrap_or(i32::MAX);
-            let from = positions.get(&partition).copied().unwrap_or(0);
-            let from = u64::try_from(from).unwrap_or(0);
-            let records = reader.read(from, max_per_partition, None)?;
+        // Partition by partition, in order: the batch's order is deterministic.
+        for (partition, records) in self.reader.read_visible(&from, max_per_partition)? {
             let Some(last) = records.last() else { continue };
             read_to.insert(
                 partition,
@@ -92,7 +77,6 @@ impl LedgerFeed {
                     continue;
                 }
                 batch.push(Sourced {
-                    event_id: event_id(&self.topic, partition, r.offset),
                     partition,
                     offset: i64::try_from(r.offset).unwrap_or(i64::MAX),
                     entry: r.payload[1..].to_vec(),
@@ -106,12 +90,74 @@ impl LedgerFeed {
 /// One judged event as the sequencer read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sourced {
-    /// Unique per event: a redelivered record has the same id.
-    pub event_id: [u8; 16],
+    /// With `offset`, the event's id: a partition has one writer at a time
+    /// (fenced) and numbers its records without gaps, so a redelivered record
+    /// has the same (partition, offset), and the ledger holds each once.
     pub partition: i32,
     pub offset: i64,
     /// The canonical ledger entry.
     pub entry: Vec<u8>,
+}
+
+/// A batch whose every entry decodes and whose every receipt's two signatures
+/// verify over the bytes as logged. Only [`Checked::check`] makes one, so the
+/// sequencer never sequences an entry an auditor would refuse: the ledger is
+/// append-only, and one bad signature in it would fail every audit for good.
+#[derive(Debug, Default)]
+pub struct Checked {
+    items: Vec<(Sourced, Event)>,
+}
+
+impl Checked {
+    /// Decodes `batch` and verifies its receipts' signatures in batches on all
+    /// cores. CPU-bound (two Ed25519 checks per settlement): call it off the
+    /// async runtime.
+    pub fn check(batch: Vec<Sourced>) -> Result<Self, ProjectionError> {
+        let mut keys = KeyCache::default();
+        let mut signatures = Vec::new();
+        // The item each signature belongs to, to name a bad one.
+        let mut signed_by = Vec::new();
+        let mut items = Vec::with_capacity(batch.len());
+        for s in batch {
+            let (event, pair) = {
+                let (event, members) =
+                    decode_entry_spans(&s.entry).map_err(|e| ProjectionError::Entry {
+                        partition: s.partition,
+                        offset: s.offset,
+                        why: e.to_string(),
+                    })?;
+                let pair = receipt::entry_receipt_signatures(&s.entry, &members, &event, &mut keys)
+                    .map_err(|source| ProjectionError::Receipt {
+                        partition: s.partition,
+                        offset: s.offset,
+                        source,
+                    })?;
+                (event, pair)
+            };
+            if let Some(pair) = pair {
+                signed_by.extend([items.len(); 2]);
+                signatures.extend(pair);
+            }
+            items.push((s, event));
+        }
+        receipt::verify_all(&signatures).map_err(|(pos, source)| {
+            let (s, _) = &items[signed_by[pos]];
+            ProjectionError::Receipt {
+                partition: s.partition,
+                offset: s.offset,
+                source,
+            }
+        })?;
+        Ok(Self { items })
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +173,12 @@ pub enum ProjectionError {
         partition: i32,
         offset: i64,
         why: String,
+    },
+    #[error("receipt at partition {partition} offset {offset}: {source}; stopping")]
+    Receipt {
+        partition: i32,
+        offset: i64,
+        source: ReceiptError,
     },
     #[error("the fold refused an event its owner accepted ({0}); stopping")]
     Refused(FoldError),
@@ -192,7 +244,6 @@ struct Rows<'a> {
     partition: Vec<i32>,
     offset: Vec<i64>,
     entry: Vec<&'a [u8]>,
-    event_id: Vec<&'a [u8]>,
     receipt_job: Vec<String>,
     receipt_leaf: Vec<i64>,
     receipt_consumer: Vec<String>,
@@ -207,13 +258,11 @@ impl<'a> Rows<'a> {
         self.partition.push(s.partition);
         self.offset.push(s.offset);
         self.entry.push(&s.entry);
-        self.event_id.push(&s.event_id);
     }
 
     async fn write(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
-        topic: &str,
     ) -> Result<(), tokio_postgres::Error> {
         if self.leaf.is_empty() {
             return Ok(());
@@ -222,12 +271,6 @@ impl<'a> Rows<'a> {
             "insert into ledger_entries (leaf_index, partition_id, event_offset, entry)
              select * from unnest($1::bigint[], $2::int[], $3::bigint[], $4::bytea[])",
             &[&self.leaf, &self.partition, &self.offset, &self.entry],
-        )
-        .await?;
-        tx.execute(
-            "insert into applied_events (event_id, topic, partition_id, event_offset)
-             select id, $1, p, o from unnest($2::bytea[], $3::int[], $4::bigint[]) as t(id, p, o)",
-            &[&topic, &self.event_id, &self.partition, &self.offset],
         )
         .await?;
         if !self.receipt_job.is_empty() {
@@ -380,7 +423,7 @@ impl Sequencer {
         &mut self,
         client: &mut tokio_postgres::Client,
         topic: &str,
-        batch: &[Sourced],
+        batch: &Checked,
         read_to: &BTreeMap<i32, i64>,
     ) -> Result<Applied, ProjectionError> {
         if self.poisoned {
@@ -398,17 +441,24 @@ impl Sequencer {
                 found,
             });
         }
-        let ids: Vec<&[u8]> = batch.iter().map(|s| s.event_id.as_slice()).collect();
-        let seen: BTreeSet<Vec<u8>> = tx
+        // A redelivered record is one already in the ledger: its (partition,
+        // offset) is unique there, which is what its event id names.
+        let (parts, offsets): (Vec<i32>, Vec<i64>) = batch
+            .items
+            .iter()
+            .map(|(s, _)| (s.partition, s.offset))
+            .unzip();
+        let seen: BTreeSet<(i32, i64)> = tx
             .query(
-                "select event_id from applied_events where event_id = any($1)",
-                &[&ids],
+                "select partition_id, event_offset from ledger_entries
+                 join unnest($1::int[], $2::bigint[]) as t(p, o)
+                 on partition_id = p and event_offset = o",
+                &[&parts, &offsets],
             )
             .await?
             .iter()
-            .map(|r| r.get::<_, Vec<u8>>(0))
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
-
         // From here the fold moves ahead of Postgres until the commit.
         self.poisoned = true;
         let mut accounts = BTreeSet::new();
@@ -416,20 +466,14 @@ impl Sequencer {
         let mut rows = Rows::default();
         let mut skipped = 0u64;
         let mut in_batch = BTreeSet::new();
-        for s in batch {
-            if seen.contains(s.event_id.as_slice()) || !in_batch.insert(s.event_id) {
+        for (s, event) in &batch.items {
+            let id = (s.partition, s.offset);
+            if seen.contains(&id) || !in_batch.insert(id) {
                 skipped += 1;
                 continue;
             }
-            let event = decode_entry(&s.entry).map_err(|e| ProjectionError::Entry {
-                partition: s.partition,
-                offset: s.offset,
-                why: e.to_string(),
-            })?;
-            let (changed, hold) = touched(&event, &self.ledger);
-            self.ledger
-                .apply(&event)
-                .map_err(ProjectionError::Refused)?;
+            let (changed, hold) = touched(event, &self.ledger);
+            self.ledger.apply(event).map_err(ProjectionError::Refused)?;
             accounts.extend(changed);
             holds.extend(hold);
             let index = i64::try_from(self.tree_size + rows.leaf.len() as u64).unwrap_or(i64::MAX);
@@ -440,7 +484,7 @@ impl Sequencer {
                 worker_earned_micro,
                 fee_micro,
                 ..
-            } = &event
+            } = event
             {
                 let r = &receipt.receipt;
                 let [charged, earned, fee] = [charged_micro, worker_earned_micro, fee_micro]
@@ -453,7 +497,7 @@ impl Sequencer {
             }
         }
         let sequenced = rows.leaf.len() as u64;
-        rows.write(&tx, topic).await?;
+        rows.write(&tx).await?;
         self.write_accounts(&tx, &accounts).await?;
         self.write_holds(&tx, &holds).await?;
         let (parts, nexts): (Vec<i32>, Vec<i64>) = read_to.iter().map(|(p, n)| (*p, *n)).unzip();
@@ -714,6 +758,92 @@ mod tests {
                 assert_eq!(hold, Some(*changed), "{event:?}");
             }
         }
+    }
+
+    /// A settlement entry with a real worker-signed, countersigned receipt;
+    /// `tamper` changes the receipt after signing.
+    fn settlement(n: u8, tamper: impl FnOnce(&mut troop_schemas::CountersignedReceipt)) -> Vec<u8> {
+        use ed25519_dalek::SigningKey;
+        use troop_ledger::receipt::{countersign, public_key, sign_receipt};
+        let (worker, coordinator) = (
+            SigningKey::from_bytes(&[7; 32]),
+            SigningKey::from_bytes(&[9; 32]),
+        );
+        let worker_key = public_key(&worker);
+        let body = troop_schemas::Receipt {
+            job: JobId::derive(&[n]),
+            hold: HoldId::derive(&[n]),
+            consumer: AccountId::derive(b"c"),
+            worker: troop_schemas::WorkerId::from_key(&worker_key),
+            worker_key,
+            model: "m".into(),
+            input_tokens: 3,
+            output_tokens: 5,
+            request_digest: troop_schemas::Digest::of(b"req"),
+            response_digest: troop_schemas::Digest::of(b"resp"),
+            started_at_ms: 1,
+            finished_at_ms: 2,
+        };
+        let sig = sign_receipt(&worker, &body).expect("signs");
+        let mut receipt = countersign(&coordinator, body, sig, 3, 5).expect("countersigns");
+        tamper(&mut receipt);
+        troop_schemas::encode_entry(&Event::HoldSettled {
+            hold: HoldId::derive(&[n]),
+            receipt,
+            charged_micro: micro(8),
+            worker_earned_micro: micro(7),
+            fee_micro: micro(1),
+            at_ms: 3,
+        })
+        .expect("encodes")
+    }
+
+    fn sourced(offset: i64, entry: Vec<u8>) -> Sourced {
+        Sourced {
+            partition: 2,
+            offset,
+            entry,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_sequenced_only_if_every_receipt_signature_verifies() {
+        let grant = troop_schemas::encode_entry(&Event::Grant {
+            account: AccountId::derive(b"c"),
+            amount_micro: micro(10),
+            memo: String::new(),
+            at_ms: 1,
+        })
+        .expect("encodes");
+        let good: Vec<Sourced> = (0..4)
+            .map(|i| sourced(i64::from(i), settlement(i, |_| {})))
+            .chain([sourced(4, grant)])
+            .collect();
+        assert_eq!(Checked::check(good.clone()).expect("all sound").len(), 5);
+
+        // More output billed than the coordinator signed for: its signature fails.
+        let mut billed_more = good.clone();
+        billed_more[2] = sourced(2, settlement(2, |r| r.billed_output_tokens += 1));
+        // A worker's count changed after it signed: the worker's signature fails
+        // (and the countersignature, which covers it).
+        let mut worker_lied = good.clone();
+        worker_lied[1] = sourced(1, settlement(1, |r| r.receipt.output_tokens += 1));
+        for (batch, offset, who) in [(billed_more, 2, "coordinator"), (worker_lied, 1, "worker")] {
+            match Checked::check(batch) {
+                Err(ProjectionError::Receipt {
+                    partition: 2,
+                    offset: o,
+                    source: ReceiptError::BadSignature { who: w },
+                }) => assert_eq!((o, w), (offset, who)),
+                other => panic!("expected a bad {who} signature at {offset}, got {other:?}"),
+            }
+        }
+        let mut garbage = good;
+        garbage[3].entry = b"{not an entry".to_vec();
+        assert!(matches!(
+            Checked::check(garbage),
+            Err(ProjectionError::Entry { offset: 3, .. })
+        ));
     }
 
     #[test]

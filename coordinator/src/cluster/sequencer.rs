@@ -12,6 +12,8 @@
 //! there is traffic, and as soon as it is caught up. Integration reads the
 //! entries back from Postgres, so what it publishes is always committed, and
 //! a new leader picks up exactly where the last published checkpoint ended.
+//! Three things overlap, each on its own thread: the next round's read and
+//! signature checks, this round's transaction, and the last publish.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use troop_ledger::note::NoteSigner;
 use troop_ledger::writer::{LogWriter, WriterError};
 
 use crate::cluster::ledger_store::PgLogStore;
-use crate::cluster::projection::{LedgerFeed, ProjectionError, Sequencer, Sourced};
+use crate::cluster::projection::{Checked, LedgerFeed, ProjectionError, Sequencer};
 use crate::config::ClusterConfig;
 use crate::eventlog::EventLogError;
 
@@ -200,7 +202,12 @@ async fn lead(
     let mut sequencer = Sequencer::open(&client, partitions).await?;
     let store = PgLogStore::connect(&settings.cluster.postgres).await?;
     let signer = signer.clone();
-    let mut writer = blocking(move || LogWriter::open(store, signer)).await??;
+    let writer = blocking(move || LogWriter::open(store, signer)).await??;
+    progress
+        .published
+        .store(writer.published().size, Ordering::SeqCst);
+    let mut writer = Some(writer);
+    let mut publishing: Option<tokio::task::JoinHandle<Publish>> = None;
     let (brokers, feed_topic) = (settings.cluster.kafka_brokers.clone(), topic.clone());
     let feed = blocking(move || LedgerFeed::open(&brokers, &feed_topic, partitions)).await??;
     let mut positions = Sequencer::positions(&client, &topic).await?;
@@ -208,9 +215,6 @@ async fn lead(
     progress
         .tree_size
         .store(sequencer.tree_size(), Ordering::SeqCst);
-    progress
-        .published
-        .store(writer.published().size, Ordering::SeqCst);
 
     // The next round's read runs while this round's batch is applied: it
     // starts from where this read ended, whatever the apply does (a failed
@@ -243,26 +247,52 @@ async fn lead(
                 .tree_size
                 .store(sequencer.tree_size(), Ordering::SeqCst);
         }
-        append_sequenced(&client, &mut writer, sequencer.tree_size()).await?;
-        let unpublished = writer.size() > writer.published().size;
-        if unpublished && (caught_up || last_publish.elapsed() >= settings.checkpoint_interval) {
-            let (w, published) = blocking(move || {
-                let r = writer.publish().map(|c| c.size);
-                (writer, r)
-            })
-            .await?;
-            writer = w;
+        // A finished publish hands the writer back.
+        if publishing
+            .as_ref()
+            .is_some_and(tokio::task::JoinHandle::is_finished)
+        {
+            let (w, published) = publishing
+                .take()
+                .expect("just checked")
+                .await
+                .map_err(|e| SequencerError::Blocking(e.to_string()))?;
             progress.published.store(published?, Ordering::SeqCst);
-            last_publish = Instant::now();
+            writer = Some(w);
+        }
+        // Integration, unless a publish holds the writer: it runs on the
+        // blocking pool while the next rounds are sequenced, and what it did
+        // not cover is appended and published after it.
+        if let Some(mut w) = writer.take() {
+            append_sequenced(&client, &mut w, sequencer.tree_size()).await?;
+            let unpublished = w.size() > w.published().size;
+            if unpublished && (caught_up || last_publish.elapsed() >= settings.checkpoint_interval)
+            {
+                last_publish = Instant::now();
+                publishing = Some(tokio::task::spawn_blocking(move || {
+                    let r = w.publish().map(|c| c.size);
+                    (w, r)
+                }));
+            } else {
+                writer = Some(w);
+            }
         }
     }
 }
 
-type Polled = Result<(Vec<Sourced>, BTreeMap<i32, i64>), EventLogError>;
+/// A publish's writer, handed back, and the size it published.
+type Publish = (LogWriter<PgLogStore>, Result<u64, WriterError>);
 
-/// One read of every partition, handing the feed back for the next one.
+type Polled = Result<(Checked, BTreeMap<i32, i64>), SequencerError>;
+
+/// One read of every partition, decoded and its receipts' signatures checked
+/// (on the blocking pool, while the previous round is applied), handing the
+/// feed back for the next one.
 fn poll(mut feed: LedgerFeed, from: &BTreeMap<i32, i64>, max: usize) -> (LedgerFeed, Polled) {
-    let polled = feed.poll(from, max);
+    let polled = feed
+        .poll(from, max)
+        .map_err(SequencerError::from)
+        .and_then(|(batch, read_to)| Ok((Checked::check(batch)?, read_to)));
     (feed, polled)
 }
 

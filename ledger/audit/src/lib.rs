@@ -179,10 +179,6 @@ struct Bundle {
     sig_index: Vec<u64>,
 }
 
-/// Signatures per batch verification: batches of a few thousand run about 1.5×
-/// faster per signature than batches of a bundle's ~250 (BENCHMARKS.md).
-const SIGS_PER_BATCH: usize = 2048;
-
 /// Checks one entry bundle and its level-0 hash tile, parses its entries and
 /// collects its receipts' signatures. Independent of every other bundle.
 fn check_bundle(
@@ -229,15 +225,10 @@ fn check_bundle(
         let index = first + i as u64;
         let (event, members) = troop_schemas::decode_entry_spans(entry)
             .map_err(|source| AuditError::Entry { index, source })?;
-        if let Event::HoldSettled { receipt, .. } = &event {
+        if let Some(pair) = receipt::entry_receipt_signatures(entry, &members, &event, &mut keys)
+            .map_err(|source| AuditError::Receipt { index, source })?
+        {
             receipts += 1;
-            let span = members
-                .iter()
-                .find(|m| m.key == "receipt")
-                .map(|m| m.value.clone())
-                .unwrap_or_default();
-            let pair = receipt::logged_receipt_signatures(&entry[span], receipt, &mut keys)
-                .map_err(|source| AuditError::Receipt { index, source })?;
             sig_index.extend([index, index]);
             sigs.extend(pair);
         }
@@ -306,24 +297,14 @@ impl Replay<'_> {
 /// Verifies every receipt signature of a step, in large batches on all cores;
 /// names the entry of the first bad one.
 fn verify_signatures(bundles: &[Bundle]) -> Result<(), AuditError> {
-    let sigs: Vec<(&SignedMessage, u64)> = bundles
+    let (sigs, index): (Vec<&SignedMessage>, Vec<u64>) = bundles
         .iter()
         .flat_map(|b| b.sigs.iter().zip(b.sig_index.iter().copied()))
-        .collect();
-    let failures: Vec<(u64, ReceiptError)> = sigs
-        .par_chunks(SIGS_PER_BATCH)
-        .filter_map(|chunk| {
-            let batch: Vec<SignedMessage> = chunk.iter().map(|(s, _)| (*s).clone()).collect();
-            receipt::verify_batch(&batch).err().map(|bad| {
-                let (pos, e) = bad.into_iter().next().expect("failure names at least one");
-                (chunk[pos].1, e)
-            })
-        })
-        .collect();
-    match failures.into_iter().min_by_key(|(index, _)| *index) {
-        Some((index, source)) => Err(AuditError::Receipt { index, source }),
-        None => Ok(()),
-    }
+        .unzip();
+    receipt::verify_all(&sigs).map_err(|(pos, source)| AuditError::Receipt {
+        index: index[pos],
+        source,
+    })
 }
 
 /// Compares a hash tile the tree built with the one published.
