@@ -12,6 +12,9 @@ use common::cluster::{micro, migrated_database, prices};
 use troop_coordinator::cluster::projection::{
     Applied, Checked, ProjectionError, Sequencer, Sourced, partition_of,
 };
+use troop_coordinator::cluster::sequence_log::{Order, OrderRecord};
+use troop_coordinator::eventlog::EventLog as _;
+use troop_coordinator::eventlog::file::{FileLog, FileLogConfig};
 use troop_schemas::event::{AccountRole, VoidReason};
 use troop_schemas::{AccountId, Event, HoldId, JobId, encode_entry};
 
@@ -29,6 +32,43 @@ fn sourced(first: i64, events: &[Event]) -> Vec<Sourced> {
             entry: encode_entry(e).expect("encodes"),
         })
         .collect()
+}
+
+/// An order log on disk: what the sequencer writes to `troop.sequence`.
+fn order_log() -> (tempfile::TempDir, FileLog) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = FileLog::open(dir.path(), FileLogConfig::default()).expect("order log");
+    (dir, log)
+}
+
+/// The leaves in Postgres, in order, as (partition, record number).
+async fn leaves(client: &tokio_postgres::Client) -> Vec<(i32, u64)> {
+    client
+        .query(
+            "select partition_id, event_offset from ledger_entries order by leaf_index",
+            &[],
+        )
+        .await
+        .expect("leaves")
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                u64::try_from(r.get::<_, i64>(1)).expect("positive"),
+            )
+        })
+        .collect()
+}
+
+/// The order the log's records decide.
+fn order_of(log: &FileLog) -> Order {
+    let mut order = Order::default();
+    for r in log.read(0, 1_000).expect("read") {
+        order
+            .push(&OrderRecord::decode(&r.payload).expect("decodes"))
+            .expect("no gap");
+    }
+    order
 }
 
 /// `batch` decoded and its receipts' signatures checked, as the sequencer reads it.
@@ -65,6 +105,7 @@ async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
     let (_db, mut client) = migrated_database().await;
+    let (_order_dir, order) = order_log();
     let consumer = AccountId::derive(b"consumer");
     let worker = AccountId::derive(b"worker");
     let (h1, h2) = (HoldId([1; 16]), HoldId([2; 16]));
@@ -100,7 +141,13 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
     );
     let mut sequencer = Sequencer::open(&client, PARTITIONS).await.expect("open");
     let applied = sequencer
-        .apply(&mut client, TOPIC, &checked(&first), &read_to(&first))
+        .apply(
+            &mut client,
+            TOPIC,
+            &order,
+            &checked(&first),
+            &read_to(&first),
+        )
         .await
         .expect("apply");
     assert_eq!(
@@ -142,7 +189,13 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
     );
     second.insert(1, first[4].clone());
     let applied = sequencer
-        .apply(&mut client, TOPIC, &checked(&second), &read_to(&second))
+        .apply(
+            &mut client,
+            TOPIC,
+            &order,
+            &checked(&second),
+            &read_to(&second),
+        )
         .await
         .expect("apply");
     assert_eq!(
@@ -211,6 +264,9 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
             "{id}"
         );
     }
+    // The order log says what Postgres says: the redelivery is not in it.
+    assert_eq!(order.next_offset(), 2, "one record per batch");
+    assert_eq!(order_of(&order).leaves(), leaves(&client).await);
     // A sequencer opened from Postgres has the same fold.
     let reopened = Sequencer::open(&client, PARTITIONS).await.expect("reopen");
     assert_eq!(reopened.tree_size(), 8);
@@ -223,6 +279,7 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
     let (_db, mut client) = migrated_database().await;
+    let (_order_dir, order) = order_log();
     let consumer = AccountId::derive(b"consumer");
     let at_ms = 1_790_000_000_000;
     let mut stale = Sequencer::open(&client, PARTITIONS).await.expect("open");
@@ -238,11 +295,23 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
             },
         ],
     );
-    live.apply(&mut client, TOPIC, &checked(&opened), &read_to(&opened))
-        .await
-        .expect("apply");
+    live.apply(
+        &mut client,
+        TOPIC,
+        &order,
+        &checked(&opened),
+        &read_to(&opened),
+    )
+    .await
+    .expect("apply");
     let fenced = stale
-        .apply(&mut client, TOPIC, &checked(&opened), &read_to(&opened))
+        .apply(
+            &mut client,
+            TOPIC,
+            &order,
+            &checked(&opened),
+            &read_to(&opened),
+        )
         .await;
     assert!(
         matches!(
@@ -270,7 +339,13 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
         }],
     );
     let refused = live
-        .apply(&mut client, TOPIC, &checked(&overdraw), &read_to(&overdraw))
+        .apply(
+            &mut client,
+            TOPIC,
+            &order,
+            &checked(&overdraw),
+            &read_to(&overdraw),
+        )
         .await;
     assert!(
         matches!(
@@ -287,9 +362,18 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
         count(&client, "select count(*) from ledger_entries").await,
         2
     );
+    // Neither the fenced nor the refused batch reached the order log.
+    assert_eq!(order.next_offset(), 1);
+    assert_eq!(order_of(&order).leaves(), leaves(&client).await);
     assert!(matches!(
-        live.apply(&mut client, TOPIC, &checked(&opened), &read_to(&opened))
-            .await,
+        live.apply(
+            &mut client,
+            TOPIC,
+            &order,
+            &checked(&opened),
+            &read_to(&opened)
+        )
+        .await,
         Err(ProjectionError::Poisoned)
     ));
 }
@@ -299,6 +383,7 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opening_starts_from_the_newest_sound_snapshot() {
     let (_db, mut client) = migrated_database().await;
+    let (_order_dir, order) = order_log();
     let at_ms = 1_790_000_000_000;
     let mut sequencer = Sequencer::open(&client, PARTITIONS)
         .await
@@ -316,7 +401,7 @@ async fn opening_starts_from_the_newest_sound_snapshot() {
     let all = sourced(0, &events);
     for batch in all.chunks(3) {
         sequencer
-            .apply(&mut client, TOPIC, &checked(batch), &read_to(batch))
+            .apply(&mut client, TOPIC, &order, &checked(batch), &read_to(batch))
             .await
             .expect("apply");
     }

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use common::cluster::{micro, prices};
 use common::services::{Broker, BrokerKind, Database};
-use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
+use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig, TopicReader};
 use troop_coordinator::cluster::ledger_store::PgLogStore;
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
 use troop_coordinator::cluster::projection::{Checked, LedgerFeed, Sequencer};
+use troop_coordinator::cluster::sequence_log::{Order, OrderRecord};
 use troop_coordinator::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::eventlog::EventLog;
@@ -60,6 +61,7 @@ async fn cluster(prefix: &str) -> (Database, Broker, ClusterConfig, tokio_postgr
 async fn drain(
     sequencer: &mut Sequencer,
     feed: &mut LedgerFeed,
+    order: &KafkaLog,
     client: &mut tokio_postgres::Client,
     topic: &str,
 ) -> u64 {
@@ -75,7 +77,7 @@ async fn drain(
         }
         let batch = Checked::check(batch).expect("checks");
         total += sequencer
-            .apply(client, topic, &batch, &read_to)
+            .apply(client, topic, order, &batch, &read_to)
             .await
             .expect("apply")
             .sequenced;
@@ -124,11 +126,13 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     .expect("append");
 
     let mut sequencer = Sequencer::open(&client, PARTITIONS).await.expect("open");
+    let order = tokio::task::block_in_place(|| KafkaLog::open(KafkaLogConfig::sequencer(&config)))
+        .expect("order log");
     let mut feed =
         tokio::task::block_in_place(|| LedgerFeed::open(&config.kafka_brokers, topic, PARTITIONS))
             .expect("feed");
     assert_eq!(
-        drain(&mut sequencer, &mut feed, &mut client, topic).await,
+        drain(&mut sequencer, &mut feed, &order, &mut client, topic).await,
         6
     );
     let positions = Sequencer::positions(&client, topic)
@@ -149,13 +153,26 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     // from the stored positions: new records only.
     p0.append(vec![ledger_record(&grant(a, 7))])
         .expect("append");
+    // The last leader had decided leaf 6 on troop.sequence and died before
+    // its commit; the next one's order log fences it, and decides leaf 6 again.
+    order
+        .append(vec![OrderRecord::new(6, [(1, 99)]).encode()])
+        .expect("the dead leader's last decision");
+    let dead = order;
+    let order = tokio::task::block_in_place(|| KafkaLog::open(KafkaLogConfig::sequencer(&config)))
+        .expect("order log");
+    assert!(
+        tokio::task::block_in_place(|| dead.append(vec![OrderRecord::new(7, [(1, 98)]).encode()]))
+            .is_err(),
+        "the old leader's order log is fenced"
+    );
     let mut restarted = Sequencer::open(&client, PARTITIONS).await.expect("reopen");
     assert_eq!(restarted.tree_size(), 6);
     let mut feed =
         tokio::task::block_in_place(|| LedgerFeed::open(&config.kafka_brokers, topic, PARTITIONS))
             .expect("feed");
     assert_eq!(
-        drain(&mut restarted, &mut feed, &mut client, topic).await,
+        drain(&mut restarted, &mut feed, &order, &mut client, topic).await,
         1
     );
 
@@ -165,7 +182,7 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     assert_eq!(again.len(), 7);
     let again = Checked::check(again).expect("checks");
     let applied = restarted
-        .apply(&mut client, topic, &again, &read_to)
+        .apply(&mut client, topic, &order, &again, &read_to)
         .await
         .expect("apply");
     assert_eq!((applied.sequenced, applied.skipped), (0, 7));
@@ -195,6 +212,51 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
             .collect();
         assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{order:?}");
     }
+    assert_eq!(
+        sequence_topic(&config),
+        leaves(&client).await,
+        "troop.sequence says what Postgres says"
+    );
+}
+
+/// The leaves in Postgres, in order, as (partition, record number).
+async fn leaves(client: &tokio_postgres::Client) -> Vec<(i32, u64)> {
+    client
+        .query(
+            "select partition_id, event_offset from ledger_entries order by leaf_index",
+            &[],
+        )
+        .await
+        .expect("leaves")
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                u64::try_from(r.get::<_, i64>(1)).expect("positive"),
+            )
+        })
+        .collect()
+}
+
+/// The order the sequencer's records on the broker decide, read as `replay`
+/// will read them: every committed record of the sequence topic.
+fn sequence_topic(config: &ClusterConfig) -> Vec<(i32, u64)> {
+    let topic = format!("{}.sequence", config.topic_prefix);
+    tokio::task::block_in_place(|| {
+        let mut reader = TopicReader::open(&config.kafka_brokers, &topic).expect("reader");
+        let records = reader
+            .read_visible(&BTreeMap::from([(0, 0)]), 100_000)
+            .expect("read")
+            .remove(&0)
+            .unwrap_or_default();
+        let mut order = Order::default();
+        for r in records {
+            order
+                .push(&OrderRecord::decode(&r.payload).expect("decodes"))
+                .expect("no gap");
+        }
+        order.leaves().to_vec()
+    })
 }
 
 fn signer() -> troop_ledger::note::NoteSigner {
@@ -336,4 +398,9 @@ async fn one_node_leads_publishes_an_audited_ledger_and_another_takes_over() {
         .get(0);
     assert_eq!(u64::try_from(rows).expect("count"), size, "each entry once");
     standby.stop().await;
+    assert_eq!(
+        sequence_topic(&config),
+        leaves(&client).await,
+        "both leaders' decisions are on troop.sequence, as Postgres has them"
+    );
 }

@@ -53,6 +53,17 @@ impl KafkaLogConfig {
             transactional_id: format!("{}-ledger-{partition}", cluster.topic_prefix),
         }
     }
+
+    /// The leading sequencer's order log (`sequence_log`): one partition,
+    /// one writer, the next leader fences the last.
+    pub fn sequencer(cluster: &crate::config::ClusterConfig) -> Self {
+        Self {
+            brokers: cluster.kafka_brokers.clone(),
+            topic: format!("{}.sequence", cluster.topic_prefix),
+            partition: 0,
+            transactional_id: format!("{}-sequencer", cluster.topic_prefix),
+        }
+    }
 }
 
 struct Request {

@@ -6,4 +6,5 @@ pub mod kafka_log;
 pub mod ledger_store;
 pub mod migrate;
 pub mod projection;
+pub mod sequence_log;
 pub mod sequencer;

@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use troop_ledger::fold::{FoldError, Ledger};
 use troop_ledger::receipt::{self, KeyCache, ReceiptError};
+
+use crate::cluster::sequence_log::OrderRecord;
 use troop_schemas::{AccountId, Event, HoldId, decode_entry, decode_entry_spans};
 
 /// The consumer group whose offsets the sequencer keeps in Postgres.
@@ -182,6 +184,8 @@ pub enum ProjectionError {
     },
     #[error("the fold refused an event its owner accepted ({0}); stopping")]
     Refused(FoldError),
+    #[error("the order log: {0}")]
+    OrderLog(#[from] crate::eventlog::EventLogError),
     #[error("a batch failed after the fold moved: reopen from postgres")]
     Poisoned,
 }
@@ -423,6 +427,7 @@ impl Sequencer {
         &mut self,
         client: &mut tokio_postgres::Client,
         topic: &str,
+        order_log: &dyn crate::eventlog::EventLog,
         batch: &Checked,
         read_to: &BTreeMap<i32, i64>,
     ) -> Result<Applied, ProjectionError> {
@@ -527,6 +532,16 @@ impl Sequencer {
                 expected: self.tree_size,
                 found: u64::MAX,
             });
+        }
+        // The decision goes to the order log (Kafka, the source of truth)
+        // before Postgres commits it: every committed leaf is in the log. The
+        // row lock on ledger_head, and the log's own fencing of an older
+        // writer, keep a second sequencer out of both.
+        if sequenced > 0 {
+            let numbers = rows.offset.iter().map(|o| u64::try_from(*o).unwrap_or(0));
+            let record =
+                OrderRecord::new(self.tree_size, rows.partition.iter().copied().zip(numbers));
+            order_log.submit(vec![record.encode()])?.durable().await?;
         }
         tx.commit().await?;
         self.tree_size = new_size;

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use troop_ledger::note::NoteSigner;
 use troop_ledger::writer::{LogWriter, WriterError};
 
+use crate::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use crate::cluster::ledger_store::PgLogStore;
 use crate::cluster::projection::{Checked, LedgerFeed, ProjectionError, Sequencer};
 use crate::config::ClusterConfig;
@@ -210,6 +211,9 @@ async fn lead(
     let mut publishing: Option<tokio::task::JoinHandle<Publish>> = None;
     let (brokers, feed_topic) = (settings.cluster.kafka_brokers.clone(), topic.clone());
     let feed = blocking(move || LedgerFeed::open(&brokers, &feed_topic, partitions)).await??;
+    // Opening the order log fences any earlier leader's writer of it.
+    let order_config = KafkaLogConfig::sequencer(&settings.cluster);
+    let order_log = blocking(move || KafkaLog::open(order_config)).await??;
     let mut positions = Sequencer::positions(&client, &topic).await?;
     let mut last_publish = Instant::now();
     progress
@@ -241,7 +245,7 @@ async fn lead(
         reading = tokio::task::spawn_blocking(move || poll(feed, &from, max));
         if !caught_up {
             sequencer
-                .apply(&mut client, &topic, &batch, &read_to)
+                .apply(&mut client, &topic, &order_log, &batch, &read_to)
                 .await?;
             progress
                 .tree_size
