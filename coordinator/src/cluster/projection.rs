@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use troop_ledger::fold::{FoldError, Ledger};
 use troop_ledger::receipt::{self, KeyCache, ReceiptError};
+use troop_schemas::{AccountId, Event, HoldId, decode_entry, decode_entry_spans};
 
 use crate::cluster::sequence_log::OrderRecord;
-use troop_schemas::{AccountId, Event, HoldId, decode_entry, decode_entry_spans};
 
 /// The consumer group whose offsets the sequencer keeps in Postgres.
 pub const SEQUENCER_GROUP: &str = "troop-sequencer";
