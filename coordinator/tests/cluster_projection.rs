@@ -8,11 +8,10 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::cluster::{micro, migrated_database, prices};
+use common::cluster::{leaves, micro, migrated_database, order_of, prices};
 use troop_coordinator::cluster::projection::{
     Applied, Checked, ProjectionError, Sequencer, Sourced, partition_of,
 };
-use troop_coordinator::cluster::sequence_log::{Order, OrderRecord};
 use troop_coordinator::eventlog::EventLog as _;
 use troop_coordinator::eventlog::file::{FileLog, FileLogConfig};
 use troop_schemas::event::{AccountRole, VoidReason};
@@ -39,36 +38,6 @@ fn order_log() -> (tempfile::TempDir, FileLog) {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = FileLog::open(dir.path(), FileLogConfig::default()).expect("order log");
     (dir, log)
-}
-
-/// The leaves in Postgres, in order, as (partition, record number).
-async fn leaves(client: &tokio_postgres::Client) -> Vec<(i32, u64)> {
-    client
-        .query(
-            "select partition_id, event_offset from ledger_entries order by leaf_index",
-            &[],
-        )
-        .await
-        .expect("leaves")
-        .iter()
-        .map(|r| {
-            (
-                r.get(0),
-                u64::try_from(r.get::<_, i64>(1)).expect("positive"),
-            )
-        })
-        .collect()
-}
-
-/// The order the log's records decide.
-fn order_of(log: &FileLog) -> Order {
-    let mut order = Order::default();
-    for r in log.read(0, 1_000).expect("read") {
-        order
-            .push(&OrderRecord::decode(&r.payload).expect("decodes"))
-            .expect("no gap");
-    }
-    order
 }
 
 /// `batch` decoded and its receipts' signatures checked, as the sequencer reads it.
@@ -266,7 +235,10 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
     }
     // The order log says what Postgres says: the redelivery is not in it.
     assert_eq!(order.next_offset(), 2, "one record per batch");
-    assert_eq!(order_of(&order).leaves(), leaves(&client).await);
+    assert_eq!(
+        order_of(order.read(0, 1_000).expect("read")).leaves(),
+        leaves(&client).await
+    );
     // A sequencer opened from Postgres has the same fold.
     let reopened = Sequencer::open(&client, PARTITIONS).await.expect("reopen");
     assert_eq!(reopened.tree_size(), 8);
@@ -364,7 +336,10 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
     );
     // Neither the fenced nor the refused batch reached the order log.
     assert_eq!(order.next_offset(), 1);
-    assert_eq!(order_of(&order).leaves(), leaves(&client).await);
+    assert_eq!(
+        order_of(order.read(0, 1_000).expect("read")).leaves(),
+        leaves(&client).await
+    );
     assert!(matches!(
         live.apply(
             &mut client,

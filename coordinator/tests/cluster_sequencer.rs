@@ -11,13 +11,13 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::cluster::{micro, prices};
+use common::cluster::{leaves, micro, order_of, prices};
 use common::services::{Broker, BrokerKind, Database};
 use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig, TopicReader};
 use troop_coordinator::cluster::ledger_store::PgLogStore;
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
 use troop_coordinator::cluster::projection::{Checked, LedgerFeed, Sequencer};
-use troop_coordinator::cluster::sequence_log::{Order, OrderRecord};
+use troop_coordinator::cluster::sequence_log::OrderRecord;
 use troop_coordinator::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::eventlog::EventLog;
@@ -194,18 +194,9 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     assert_eq!(rows, 7);
     // Per-partition order survives the merge: a's grant (p0) and b's transfer
     // (p1) are each after their account's opening.
-    let order: Vec<(i32, i64)> = client
-        .query(
-            "select partition_id, event_offset from ledger_entries order by leaf_index",
-            &[],
-        )
-        .await
-        .expect("entries")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let order = leaves(&client).await;
     for partition in [0, 1] {
-        let offsets: Vec<i64> = order
+        let offsets: Vec<u64> = order
             .iter()
             .filter(|(p, _)| *p == partition)
             .map(|(_, o)| *o)
@@ -219,25 +210,6 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     );
 }
 
-/// The leaves in Postgres, in order, as (partition, record number).
-async fn leaves(client: &tokio_postgres::Client) -> Vec<(i32, u64)> {
-    client
-        .query(
-            "select partition_id, event_offset from ledger_entries order by leaf_index",
-            &[],
-        )
-        .await
-        .expect("leaves")
-        .iter()
-        .map(|r| {
-            (
-                r.get(0),
-                u64::try_from(r.get::<_, i64>(1)).expect("positive"),
-            )
-        })
-        .collect()
-}
-
 /// The order the sequencer's records on the broker decide, read as `replay`
 /// will read them: every committed record of the sequence topic.
 fn sequence_topic(config: &ClusterConfig) -> Vec<(i32, u64)> {
@@ -249,13 +221,7 @@ fn sequence_topic(config: &ClusterConfig) -> Vec<(i32, u64)> {
             .expect("read")
             .remove(&0)
             .unwrap_or_default();
-        let mut order = Order::default();
-        for r in records {
-            order
-                .push(&OrderRecord::decode(&r.payload).expect("decodes"))
-                .expect("no gap");
-        }
-        order.leaves().to_vec()
+        order_of(records).leaves().to_vec()
     })
 }
 
