@@ -3,9 +3,10 @@
 # cluster's ledger path (owners' transactional writes to the Kafka ledger
 # partitions, then the sequencer: fold, Postgres projection, tiles and signed
 # checkpoints in Postgres), against a plain Postgres insert of the same
-# entries measured in the same run. Real noida-db broker and Postgres, both on
-# this machine. Usage: ops/bench-sequencer.sh ; RECEIPTS, ROUNDS, PARTITIONS
-# tune it. Prints one JSON line per round.
+# entries measured in the same run; then replay (the ledger rebuilt from Kafka
+# alone into a second database, compared with the live one). Real noida-db
+# broker and Postgres, both on this machine. Usage: ops/bench-sequencer.sh ;
+# RECEIPTS, ROUNDS, PARTITIONS tune it. Prints one JSON line per round.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -24,12 +25,17 @@ pids+=("$(ops/broker.sh start "$port" noida $$)")
 work="$(mktemp -d "${TMPDIR:-/tmp}/troop-bench-seq-XXXXXX")"
 for round in $(seq 1 "$rounds"); do
     db="troop_bench_seq_$round"
-    psql "$admin" -qc "drop database if exists $db with (force)" -c "create database $db" >/dev/null 2>&1
+    for d in "$db" "${db}_replay"; do
+        psql "$admin" -qc "drop database if exists $d with (force)" -c "create database $d" >/dev/null 2>&1
+    done
     rm -rf "$work/traffic"
     "$lt" sequencer --brokers "127.0.0.1:$port" \
         --postgres "$(echo "$admin" | sed "s/dbname=[^ ]*/dbname=$db/")" \
         --receipts "$receipts" --partitions "$partitions" \
-        --topic-prefix "bench$round" --work-dir "$work/traffic"
-    psql "$admin" -qc "drop database if exists $db with (force)" >/dev/null 2>&1
+        --topic-prefix "bench$round" --work-dir "$work/traffic" \
+        --replay-into "$(echo "$admin" | sed "s/dbname=[^ ]*/dbname=${db}_replay/")"
+    for d in "$db" "${db}_replay"; do
+        psql "$admin" -qc "drop database if exists $d with (force)" >/dev/null 2>&1
+    done
 done
 rm -rf "$work"

@@ -41,6 +41,13 @@ pub struct ClusterConfig {
     pub replication_factor: u32,
 }
 
+impl ClusterConfig {
+    /// The full name of one of the cluster's topics (`ledger`, `sequence`, …).
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}.{name}", self.topic_prefix)
+    }
+}
+
 impl Default for ClusterConfig {
     fn default() -> Self {
         Self {

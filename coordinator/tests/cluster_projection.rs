@@ -113,7 +113,7 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
         .apply(
             &mut client,
             TOPIC,
-            &order,
+            Some(&order),
             &checked(&first),
             &read_to(&first),
         )
@@ -161,7 +161,7 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
         .apply(
             &mut client,
             TOPIC,
-            &order,
+            Some(&order),
             &checked(&second),
             &read_to(&second),
         )
@@ -270,7 +270,7 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
     live.apply(
         &mut client,
         TOPIC,
-        &order,
+        Some(&order),
         &checked(&opened),
         &read_to(&opened),
     )
@@ -280,7 +280,7 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
         .apply(
             &mut client,
             TOPIC,
-            &order,
+            Some(&order),
             &checked(&opened),
             &read_to(&opened),
         )
@@ -314,7 +314,7 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
         .apply(
             &mut client,
             TOPIC,
-            &order,
+            Some(&order),
             &checked(&overdraw),
             &read_to(&overdraw),
         )
@@ -344,7 +344,7 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
         live.apply(
             &mut client,
             TOPIC,
-            &order,
+            Some(&order),
             &checked(&opened),
             &read_to(&opened)
         )
@@ -376,7 +376,13 @@ async fn opening_starts_from_the_newest_sound_snapshot() {
     let all = sourced(0, &events);
     for batch in all.chunks(3) {
         sequencer
-            .apply(&mut client, TOPIC, &order, &checked(batch), &read_to(batch))
+            .apply(
+                &mut client,
+                TOPIC,
+                Some(&order),
+                &checked(batch),
+                &read_to(batch),
+            )
             .await
             .expect("apply");
     }

@@ -2,7 +2,8 @@
 //! sequencer reads every partition from its stored positions and projects into
 //! a real Postgres: every entry once, in per-partition order, across restarts
 //! and redeliveries. Run as a task on two nodes, one leads, publishes the
-//! ledger into Postgres for troop-audit, and the other takes over.
+//! ledger into Postgres for troop-audit, and the other takes over. Replay
+//! rebuilds the same ledger from the broker alone into an empty database.
 
 #[allow(dead_code, reason = "shared test helpers")]
 mod common;
@@ -11,12 +12,13 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::cluster::{leaves, micro, order_of, prices};
+use common::cluster::{Traffic, leaves, micro, migrated_database, order_of, prices};
 use common::services::{Broker, BrokerKind, Database};
 use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig, TopicReader};
 use troop_coordinator::cluster::ledger_store::PgLogStore;
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
-use troop_coordinator::cluster::projection::{Checked, LedgerFeed, Sequencer};
+use troop_coordinator::cluster::projection::{Checked, LedgerFeed, Sequencer, partition_of};
+use troop_coordinator::cluster::replay;
 use troop_coordinator::cluster::sequence_log::OrderRecord;
 use troop_coordinator::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
 use troop_coordinator::config::ClusterConfig;
@@ -77,7 +79,7 @@ async fn drain(
         }
         let batch = Checked::check(batch).expect("checks");
         total += sequencer
-            .apply(client, topic, order, &batch, &read_to)
+            .apply(client, topic, Some(order), &batch, &read_to)
             .await
             .expect("apply")
             .sequenced;
@@ -86,7 +88,7 @@ async fn drain(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
-    let (_db, _broker, config, mut client) = cluster("seq").await;
+    let (db, _broker, config, mut client) = cluster("seq").await;
     let topic = "seq.ledger";
 
     let (a, b) = (AccountId::derive(b"a"), AccountId::derive(b"b"));
@@ -182,7 +184,7 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     assert_eq!(again.len(), 7);
     let again = Checked::check(again).expect("checks");
     let applied = restarted
-        .apply(&mut client, topic, &order, &again, &read_to)
+        .apply(&mut client, topic, Some(&order), &again, &read_to)
         .await
         .expect("apply");
     assert_eq!((applied.sequenced, applied.skipped), (0, 7));
@@ -208,6 +210,18 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
         leaves(&client).await,
         "troop.sequence says what Postgres says"
     );
+
+    // Replay follows the successor's decision of leaf 6, not the dead
+    // leader's, and reads past the key record.
+    let (target, _) = migrated_database().await;
+    let replayed = replay::replay(&config, &target.url, signer())
+        .await
+        .expect("replays");
+    assert_eq!(replayed.checkpoint.size, 7);
+    let (_, _, differences) = replay::compare(&db.url, &target.url, &signer().verifier())
+        .await
+        .expect("compares");
+    assert_eq!(differences, Vec::<String>::new());
 }
 
 /// The order the sequencer's records on the broker decide, read as `replay`
@@ -369,4 +383,121 @@ async fn one_node_leads_publishes_an_audited_ledger_and_another_takes_over() {
         leaves(&client).await,
         "both leaders' decisions are on troop.sequence, as Postgres has them"
     );
+}
+
+/// `troop-coordinator replay` with the test's cluster and ledger key: its
+/// JSON if it succeeded, else what it said on stderr.
+fn replay_cli(config: &ClusterConfig, into: &str) -> Result<serde_json::Value, String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("ledger.key"), hex::encode([5u8; 32])).expect("key");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
+        .args(["replay", "--json", "--into", into])
+        .env("TROOP_DATA_DIR", dir.path())
+        .env("TROOP_LEDGER_NAME", "cluster.example/ledger")
+        .env("TROOP_CLUSTER__KAFKA_BROKERS", &config.kafka_brokers)
+        .env("TROOP_CLUSTER__POSTGRES", &config.postgres)
+        .env("TROOP_CLUSTER__TOPIC_PREFIX", &config.topic_prefix)
+        .env(
+            "TROOP_CLUSTER__LEDGER_PARTITIONS",
+            config.ledger_partitions.to_string(),
+        )
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        return Err(stderr);
+    }
+    Ok(serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("replay printed no JSON ({e}): {stderr}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rebuilds_the_live_ledger_from_the_broker_alone() {
+    let (db, _broker, config, client) = cluster("replay").await;
+    let traffic = Traffic::new(12, 7, 1_790_000_000_000);
+    let owners = [owner(&config, 0), owner(&config, 1)];
+    let in_partition = |account: &AccountId| {
+        &owners[usize::try_from(partition_of(account, PARTITIONS)).expect("small")]
+    };
+
+    let first = Node::start(&config);
+    until("a leader", || first.leading()).await;
+    // The network's own events first: every settlement needs them folded.
+    owners[0]
+        .append(traffic.setup.iter().map(ledger_record).collect())
+        .expect("append");
+    let setup = traffic.setup.len() as u64;
+    until("the setup sequenced", || {
+        first.progress().tree_size.load(Ordering::SeqCst) == setup
+    })
+    .await;
+    // Each consumer's events in its partition, half under each of two
+    // leaders, with a record that is not a ledger entry in between.
+    let (early, late) = traffic.consumers.split_at(traffic.consumers.len() / 2);
+    for (account, events) in early {
+        in_partition(account)
+            .append(events.iter().map(ledger_record).collect())
+            .expect("append");
+    }
+    owners[1]
+        .append(vec![vec![0x02, b'{', b'}']])
+        .expect("a key record");
+    let half = setup + early.iter().map(|(_, e)| e.len() as u64).sum::<u64>();
+    until("the first half published", || {
+        first.progress().published.load(Ordering::SeqCst) == half
+    })
+    .await;
+    first.stop().await;
+    let second = Node::start(&config);
+    for (account, events) in late {
+        in_partition(account)
+            .append(events.iter().map(ledger_record).collect())
+            .expect("append");
+    }
+    until("everything published by the second leader", || {
+        second.progress().published.load(Ordering::SeqCst) == traffic.len()
+    })
+    .await;
+    second.stop().await;
+    let open_holds: i64 = client
+        .query_one("select count(*) from holds", &[])
+        .await
+        .expect("holds")
+        .get(0);
+    assert_eq!(open_holds, 12, "each consumer's last hold is open");
+    let (_, live_note) = audit(&db.url, None).await;
+
+    // The CLI rebuilds it into an empty database: same tables, same root.
+    let (target, _) = migrated_database().await;
+    let out = replay_cli(&config, &target.url).expect("replay succeeds");
+    assert_eq!(out["same"], true, "{out}");
+    assert_eq!(out["entries"], traffic.len(), "{out}");
+    assert!(out["root"].is_string(), "{out}");
+    assert_eq!(out["root"], out["live"]["root"], "{out}");
+    // The replayed ledger is the live one to an auditor: its checkpoint
+    // verifies, and so does its consistency with the live checkpoint.
+    let (report, _) = audit(&target.url, Some(live_note)).await;
+    assert_eq!(report.entries, traffic.len());
+    assert_eq!(report.since_size, Some(traffic.len()));
+    // It will only rebuild into an empty database.
+    let refused = replay_cli(&config, &target.url).expect_err("a second replay is refused");
+    assert!(refused.contains("already holds a ledger"), "{refused}");
+
+    // The comparison sees a balance the live database got wrong.
+    let (live, replayed, differences) = replay::compare(&db.url, &target.url, &signer().verifier())
+        .await
+        .expect("compares");
+    assert_eq!((live.tables.len(), differences.len()), (4, 0));
+    assert_eq!(live, replayed);
+    client
+        .execute(
+            "update accounts set credits_posted = credits_posted + 1 where role = 'worker'",
+            &[],
+        )
+        .await
+        .expect("tamper");
+    let (_, _, differences) = replay::compare(&db.url, &target.url, &signer().verifier())
+        .await
+        .expect("compares");
+    assert_eq!(differences, ["table accounts differs"]);
 }

@@ -54,6 +54,11 @@ pub struct SequencerArgs {
     /// Where the generated traffic is written first.
     #[arg(long)]
     pub work_dir: PathBuf,
+    /// Afterwards, rebuild the ledger from Kafka alone into this empty
+    /// database (`troop-coordinator replay`'s code) and compare it with the
+    /// live one.
+    #[arg(long)]
+    pub replay_into: Option<String>,
 }
 
 /// Every entry of a log directory written by `troop-loadtest ledger`.
@@ -278,7 +283,7 @@ pub async fn run(args: SequencerArgs) -> Result<serde_json::Value> {
     // The sequencer drains the backlog: fold, projection, tiles, checkpoint.
     let total = setup_len + traffic_entries as u64;
     let sequence_started = Instant::now();
-    let second = SequencerTask::spawn(settings, signer);
+    let second = SequencerTask::spawn(settings, signer.clone());
     published(&second.progress, total, Duration::from_secs(1_800)).await?;
     let sequence_s = sequence_started.elapsed().as_secs_f64();
     second.stop().await?;
@@ -294,7 +299,11 @@ pub async fn run(args: SequencerArgs) -> Result<serde_json::Value> {
     let batch = args.batch_per_partition * usize::try_from(args.partitions)?;
     let baseline_per_s = baseline(&client, &traffic, batch).await?;
     let sequencer_per_s = traffic_entries as f64 / sequence_s;
-    Ok(serde_json::json!({
+    let replayed = match &args.replay_into {
+        Some(into) => Some(replay(&config, into, signer).await?),
+        None => None,
+    };
+    let mut out = serde_json::json!({
         "receipts": receipts,
         "traffic_entries": traffic_entries,
         "partitions": args.partitions,
@@ -306,5 +315,30 @@ pub async fn run(args: SequencerArgs) -> Result<serde_json::Value> {
         "produce_then_sequence_receipts_per_s": (receipts as f64 / (produce_s + sequence_s)).round(),
         "baseline_insert_entries_per_s": baseline_per_s.round(),
         "sequencer_vs_baseline": (sequencer_per_s / baseline_per_s * 1000.0).round() / 1000.0,
-    }))
+    });
+    if let Some((seconds, same)) = replayed {
+        out["replay_seconds"] = seconds.into();
+        out["replay_entries_per_s"] = (total as f64 / seconds).round().into();
+        out["replay_same_as_live"] = same.into();
+    }
+    Ok(out)
+}
+
+/// Replays the whole ledger into `into` and compares it with the live
+/// database: (seconds the replay took, whether they agree).
+async fn replay(config: &ClusterConfig, into: &str, signer: NoteSigner) -> Result<(f64, bool)> {
+    let mut target = connect_postgres(&ClusterConfig {
+        postgres: into.to_owned(),
+        ..config.clone()
+    })
+    .await?;
+    migrate_postgres(&mut target).await?;
+    let verifier = signer.verifier();
+    let replayed = troop_coordinator::cluster::replay::replay(config, into, signer).await?;
+    let (_, _, differences) =
+        troop_coordinator::cluster::replay::compare(&config.postgres, into, &verifier).await?;
+    for d in &differences {
+        eprintln!("replay differs: {d}");
+    }
+    Ok((replayed.seconds, differences.is_empty()))
 }

@@ -45,6 +45,22 @@ enum Command {
     /// other node does, and publishes the ledger into Postgres. Needs the
     /// network's ledger key at `<data_dir>/ledger.key`, the same on every node.
     Sequence,
+    /// Rebuild the ledger's projections from Kafka alone (the ledger
+    /// partitions and the sequencer's order on `<prefix>.sequence`) into an
+    /// empty database, publish it with the ledger key, and compare it with the
+    /// live database (`[cluster] postgres`): exits non-zero if they differ.
+    Replay {
+        /// libpq connection string of the database to rebuild into; it is
+        /// migrated first and must not hold a ledger yet.
+        #[arg(long)]
+        into: String,
+        /// Only rebuild; do not compare with the live database.
+        #[arg(long)]
+        no_compare: bool,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the OpenAI API, the worker endpoint and the ledger.
     Serve {
         #[arg(long, default_value = "127.0.0.1:8787")]
@@ -226,8 +242,8 @@ fn migrate(cluster: &troop_coordinator::config::ClusterConfig, json: bool) -> an
     Ok(())
 }
 
-fn sequence(config: &Config) -> anyhow::Result<()> {
-    use troop_coordinator::cluster::sequencer::{self, SequencerProgress, SequencerSettings};
+/// The network's ledger key from `<data_dir>/ledger.key`.
+fn ledger_signer(config: &Config) -> anyhow::Result<troop_ledger::note::NoteSigner> {
     let path = config.data_dir.join("ledger.key");
     // Never created here: a node with a key of its own would sign checkpoints
     // no auditor can follow across a change of leader.
@@ -240,10 +256,79 @@ fn sequence(config: &Config) -> anyhow::Result<()> {
     let mut seed = [0u8; 32];
     hex::decode_to_slice(text.trim(), &mut seed)
         .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
-    let signer = troop_ledger::note::NoteSigner::new(
+    Ok(troop_ledger::note::NoteSigner::new(
         &config.ledger_name,
         ed25519_dalek::SigningKey::from_bytes(&seed),
-    )?;
+    )?)
+}
+
+fn replay(config: &Config, into: &str, compare: bool, json: bool) -> anyhow::Result<()> {
+    use troop_coordinator::cluster::{migrate, replay};
+    let signer = ledger_signer(config)?;
+    let verifier = signer.verifier();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (replayed, compared) = runtime.block_on(async {
+        let target = troop_coordinator::config::ClusterConfig {
+            postgres: into.to_owned(),
+            ..config.cluster.clone()
+        };
+        let mut client = migrate::connect_postgres(&target)
+            .await
+            .context("connecting to the target database")?;
+        migrate::migrate_postgres(&mut client)
+            .await
+            .context("migrating the target database")?;
+        let replayed = replay::replay(&config.cluster, into, signer).await?;
+        let compared = if compare {
+            Some(replay::compare(&config.cluster.postgres, into, &verifier).await?)
+        } else {
+            None
+        };
+        anyhow::Ok((replayed, compared))
+    })?;
+    let cp = &replayed.checkpoint;
+    let mut out = serde_json::json!({
+        "entries": cp.size,
+        "root": cp.root.to_base64(),
+        "seconds": replayed.seconds,
+        "entries_per_s": (cp.size as f64 / replayed.seconds.max(1e-9)).round(),
+    });
+    let differences = compared
+        .as_ref()
+        .map(|(_, _, d)| d.clone())
+        .unwrap_or_default();
+    if let Some((live, _, differences)) = &compared {
+        out["live"] = serde_json::json!({
+            "entries": live.tree_size,
+            "checkpoint_entries": live.checkpoint.as_ref().map(|c| c.size),
+            "root": live.checkpoint.as_ref().map(|c| c.root.to_base64()),
+        });
+        out["same"] = differences.is_empty().into();
+        out["differences"] = differences.clone().into();
+    }
+    if json {
+        println!("{out}");
+    } else {
+        println!("replayed {} entries, root {}", cp.size, cp.root.to_base64());
+        if compared.is_some() && differences.is_empty() {
+            println!("the live database holds exactly the same ledger");
+        }
+        for d in &differences {
+            println!("differs: {d}");
+        }
+    }
+    anyhow::ensure!(
+        differences.is_empty(),
+        "the replayed ledger differs from the live one"
+    );
+    Ok(())
+}
+
+fn sequence(config: &Config) -> anyhow::Result<()> {
+    use troop_coordinator::cluster::sequencer::{self, SequencerProgress, SequencerSettings};
+    let signer = ledger_signer(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -286,6 +371,11 @@ fn main() -> anyhow::Result<()> {
         } => admin(&url, &token, json, action),
         Command::Migrate { json } => migrate(&config.cluster, json),
         Command::Sequence => sequence(&config),
+        Command::Replay {
+            into,
+            no_compare,
+            json,
+        } => replay(&config, &into, !no_compare, json),
         Command::Serve { listen, data_dir } => {
             if let Some(d) = data_dir {
                 config.data_dir = d;

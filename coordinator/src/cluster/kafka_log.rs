@@ -48,7 +48,7 @@ impl KafkaLogConfig {
     pub fn ledger_owner(cluster: &crate::config::ClusterConfig, partition: i32) -> Self {
         Self {
             brokers: cluster.kafka_brokers.clone(),
-            topic: format!("{}.ledger", cluster.topic_prefix),
+            topic: cluster.topic("ledger"),
             partition,
             transactional_id: format!("{}-ledger-{partition}", cluster.topic_prefix),
         }
@@ -59,7 +59,7 @@ impl KafkaLogConfig {
     pub fn sequencer(cluster: &crate::config::ClusterConfig) -> Self {
         Self {
             brokers: cluster.kafka_brokers.clone(),
-            topic: format!("{}.sequence", cluster.topic_prefix),
+            topic: cluster.topic("sequence"),
             partition: 0,
             transactional_id: format!("{}-sequencer", cluster.topic_prefix),
         }

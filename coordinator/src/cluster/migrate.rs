@@ -54,7 +54,7 @@ pub struct TopicSpec {
 
 /// The topics of CLUSTER.md for `config`.
 pub fn topics(config: &ClusterConfig) -> Vec<TopicSpec> {
-    let name = |t: &str| format!("{}.{t}", config.topic_prefix);
+    let name = |t: &str| config.topic(t);
     let forever = vec![("retention.ms", "-1".to_owned())];
     let days = |d: u64| vec![("retention.ms", (d * 86_400_000).to_string())];
     vec![

@@ -6,5 +6,6 @@ pub mod kafka_log;
 pub mod ledger_store;
 pub mod migrate;
 pub mod projection;
+pub mod replay;
 pub mod sequence_log;
 pub mod sequencer;

@@ -422,12 +422,14 @@ impl Sequencer {
     /// transaction with how far each partition was read (`read_to`: the next
     /// record number per partition; records that are not ledger entries count
     /// there without being in the batch). A handful of statements per batch,
-    /// whatever its size: rows go in as arrays.
+    /// whatever its size: rows go in as arrays. The leader writes its decision
+    /// to `order_log` before the commit; `replay`, which follows decisions
+    /// already there, passes none.
     pub async fn apply(
         &mut self,
         client: &mut tokio_postgres::Client,
         topic: &str,
-        order_log: &dyn crate::eventlog::EventLog,
+        order_log: Option<&dyn crate::eventlog::EventLog>,
         batch: &Checked,
         read_to: &BTreeMap<i32, i64>,
     ) -> Result<Applied, ProjectionError> {
@@ -537,7 +539,7 @@ impl Sequencer {
         // before Postgres commits it: every committed leaf is in the log. The
         // row lock on ledger_head, and the log's own fencing of an older
         // writer, keep a second sequencer out of both.
-        if sequenced > 0 {
+        if let (Some(order_log), true) = (order_log, sequenced > 0) {
             let numbers = rows.offset.iter().map(|o| u64::try_from(*o).unwrap_or(0));
             let record =
                 OrderRecord::new(self.tree_size, rows.partition.iter().copied().zip(numbers));

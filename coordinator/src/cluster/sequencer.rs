@@ -61,7 +61,7 @@ impl SequencerSettings {
     }
 
     fn topic(&self) -> String {
-        format!("{}.ledger", self.cluster.topic_prefix)
+        self.cluster.topic("ledger")
     }
 }
 
@@ -245,7 +245,7 @@ async fn lead(
         reading = tokio::task::spawn_blocking(move || poll(feed, &from, max));
         if !caught_up {
             sequencer
-                .apply(&mut client, &topic, &order_log, &batch, &read_to)
+                .apply(&mut client, &topic, Some(&order_log), &batch, &read_to)
                 .await?;
             progress
                 .tree_size
@@ -301,7 +301,7 @@ fn poll(mut feed: LedgerFeed, from: &BTreeMap<i32, i64>, max: usize) -> (LedgerF
 }
 
 /// Appends to the writer every entry Postgres holds past what it has.
-async fn append_sequenced(
+pub(crate) async fn append_sequenced(
     client: &tokio_postgres::Client,
     writer: &mut LogWriter<PgLogStore>,
     tree_size: u64,

@@ -2,12 +2,15 @@
 //! ledger events they build on.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+use ed25519_dalek::SigningKey;
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_postgres};
 use troop_coordinator::cluster::sequence_log::{Order, OrderRecord};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::eventlog::Record;
-use troop_schemas::event::ModelPrice;
-use troop_schemas::{CreditsMicro, Event};
+use troop_ledger::fold::Ledger;
+use troop_ledger::receipt::{countersign, public_key, sign_receipt};
+use troop_schemas::event::{AccountRole, KeyRole, ModelPrice, VoidReason};
+use troop_schemas::{AccountId, CreditsMicro, Digest, Event, HoldId, JobId, Receipt, WorkerId};
 
 use super::services::Database;
 
@@ -69,4 +72,128 @@ pub fn order_of(records: impl IntoIterator<Item = Record>) -> Order {
             .expect("no gap");
     }
     order
+}
+
+/// A small network's ledger with real money movement, in an order the fold
+/// accepts: `setup` (the coordinator's key, prices, a registered worker; the
+/// network's, not an account's) and, per consumer, its own events (opened,
+/// funded, then `jobs` jobs: settled with a worker-signed, countersigned
+/// receipt, every third voided, the last one left open).
+pub struct Traffic {
+    pub setup: Vec<Event>,
+    pub consumers: Vec<(AccountId, Vec<Event>)>,
+}
+
+impl Traffic {
+    pub fn new(consumers: u8, jobs: u8, at_ms: u64) -> Self {
+        let coordinator = SigningKey::from_bytes(&[31; 32]);
+        let worker_key = SigningKey::from_bytes(&[32; 32]);
+        let worker_pk = public_key(&worker_key);
+        let worker = WorkerId::from_key(&worker_pk);
+        let worker_account = AccountId::derive(&worker_pk.0);
+        let setup = vec![
+            Event::KeyRotated {
+                role: KeyRole::Coordinator,
+                name: "coordinator-1".into(),
+                key: public_key(&coordinator),
+                at_ms,
+            },
+            prices(at_ms),
+            Event::AccountOpened {
+                account: worker_account,
+                role: AccountRole::Worker,
+                at_ms,
+            },
+            Event::WorkerRegistered {
+                worker,
+                key: worker_pk,
+                account: worker_account,
+                at_ms,
+            },
+        ];
+        let mut fold = Ledger::new();
+        for e in &setup {
+            fold.apply(e).expect("setup folds");
+        }
+        let schedule = fold.schedule().expect("published").clone();
+        let consumers = (0..consumers)
+            .map(|c| {
+                let account = AccountId::derive(&[b'c', c]);
+                let mut events = vec![
+                    Event::AccountOpened {
+                        account,
+                        role: AccountRole::Consumer,
+                        at_ms,
+                    },
+                    Event::Grant {
+                        account,
+                        amount_micro: micro(1_000_000),
+                        memo: String::new(),
+                        at_ms,
+                    },
+                ];
+                for j in 0..jobs {
+                    let id = [b'j', c, j];
+                    let (hold, job) = (HoldId::derive(&id), JobId::derive(&id));
+                    let reserved = micro(50_000);
+                    events.push(Event::HoldPlaced {
+                        hold,
+                        job,
+                        account,
+                        model: "m".into(),
+                        amount_micro: reserved,
+                        expires_at_ms: at_ms + 600_000,
+                        at_ms,
+                    });
+                    if j + 1 == jobs {
+                        continue;
+                    }
+                    if j % 3 == 2 {
+                        events.push(Event::HoldVoided {
+                            hold,
+                            reason: VoidReason::Failed,
+                            at_ms: at_ms + 1,
+                        });
+                        continue;
+                    }
+                    let (input, output) = (10 + u64::from(j), 1 + u64::from(c));
+                    let body = Receipt {
+                        job,
+                        hold,
+                        consumer: account,
+                        worker,
+                        worker_key: worker_pk,
+                        model: "m".into(),
+                        input_tokens: input,
+                        output_tokens: output,
+                        request_digest: Digest::of(&id),
+                        response_digest: Digest::of(&[id[0], id[1], id[2], 1]),
+                        started_at_ms: at_ms,
+                        finished_at_ms: at_ms + 2,
+                    };
+                    let sig = sign_receipt(&worker_key, &body).expect("signs");
+                    let receipt =
+                        countersign(&coordinator, body, sig, input, output).expect("countersigns");
+                    let charge = schedule
+                        .charge("m", input, output, reserved)
+                        .expect("priced");
+                    events.push(Event::HoldSettled {
+                        hold,
+                        receipt,
+                        charged_micro: micro(charge.charged),
+                        worker_earned_micro: micro(charge.earned),
+                        fee_micro: micro(charge.fee),
+                        at_ms: at_ms + 2,
+                    });
+                }
+                (account, events)
+            })
+            .collect();
+        Self { setup, consumers }
+    }
+
+    /// Entries in all.
+    pub fn len(&self) -> u64 {
+        (self.setup.len() + self.consumers.iter().map(|(_, e)| e.len()).sum::<usize>()) as u64
+    }
 }
