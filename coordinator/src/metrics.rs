@@ -26,6 +26,13 @@ pub struct Metrics {
     pub ledger_lag_entries: IntGauge,
     /// Records queued on the event log, not yet durable.
     pub event_log_lag_records: IntGauge,
+    /// Cluster: 1 while this node leads the ledger's sequencer.
+    pub sequencer_leading: IntGauge,
+    /// Cluster: entries in the ledger (sequenced and projected).
+    pub ledger_entries: IntGauge,
+    /// Cluster: committed records of the ledger partitions the sequencer has
+    /// not read yet.
+    pub sequencer_lag_records: IntGauge,
 }
 
 impl Default for Metrics {
@@ -93,8 +100,26 @@ impl Metrics {
             "Ledger records queued on the event log, not yet durable",
         )
         .expect("valid");
+        let sequencer_leading = IntGauge::new(
+            "sequencer_leading",
+            "1 while this node leads the cluster's ledger sequencer",
+        )
+        .expect("valid");
+        let ledger_entries = IntGauge::new(
+            "ledger_entries",
+            "Entries in the cluster's ledger (sequenced and projected)",
+        )
+        .expect("valid");
+        let sequencer_lag_records = IntGauge::new(
+            "sequencer_lag_records",
+            "Committed records of the ledger partitions not yet read by the sequencer",
+        )
+        .expect("valid");
         for c in [
             Box::new(event_log_lag_records.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(sequencer_leading.clone()),
+            Box::new(ledger_entries.clone()),
+            Box::new(sequencer_lag_records.clone()),
             Box::new(requests.clone()),
             Box::new(time_to_first_token.clone()),
             Box::new(request_duration.clone()),
@@ -121,6 +146,9 @@ impl Metrics {
             accounts_active,
             ledger_lag_entries,
             event_log_lag_records,
+            sequencer_leading,
+            ledger_entries,
+            sequencer_lag_records,
         }
     }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 use common::cluster::{Traffic, leaves, micro, migrated_database, order_of, prices};
 use common::services::{Broker, BrokerKind, Database};
 use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig, TopicReader};
+use troop_coordinator::cluster::ledger_node::{self, LedgerNode};
 use troop_coordinator::cluster::ledger_store::PgLogStore;
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
 use troop_coordinator::cluster::projection::{Checked, LedgerFeed, Sequencer, partition_of};
@@ -127,6 +128,11 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     ])
     .expect("append");
 
+    // A node's metrics count what the sequencer has not read: every record
+    // written, the key record too.
+    let (http, url) = serve_ledger(&config, std::sync::Arc::default());
+    assert_eq!(metrics(&url).await["troop_sequencer_lag_records"], 7.0);
+
     let mut sequencer = Sequencer::open(&client, PARTITIONS).await.expect("open");
     let order = tokio::task::block_in_place(|| KafkaLog::open(KafkaLogConfig::sequencer(&config)))
         .expect("order log");
@@ -145,6 +151,14 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
         BTreeMap::from([(0, 4), (1, 3)]),
         "the key record counts"
     );
+    let m = metrics(&url).await;
+    assert_eq!(m["troop_sequencer_lag_records"], 0.0, "{m:?}");
+    assert_eq!(
+        m["troop_ledger_entries"], 6.0,
+        "a standby reads Postgres: {m:?}"
+    );
+    assert_eq!(m["troop_sequencer_leading"], 0.0, "{m:?}");
+    http.stop(true).await;
     let a_balance = sequencer.ledger().account(&a).expect("a").balance();
     assert_eq!(
         a_balance, 1_200,
@@ -247,19 +261,61 @@ fn signer() -> troop_ledger::note::NoteSigner {
     .expect("signer")
 }
 
-/// A sequencer task on its own "node".
-struct Node(SequencerTask);
+/// A node's `/ledger/` and `/metrics` on a free port, showing `progress`.
+fn serve_ledger(
+    config: &ClusterConfig,
+    progress: std::sync::Arc<SequencerProgress>,
+) -> (actix_web::dev::ServerHandle, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let server =
+        ledger_node::serve(LedgerNode::new(config.clone(), progress), listener).expect("serves");
+    let handle = server.handle();
+    tokio::spawn(server);
+    (handle, url)
+}
+
+/// A node's `/metrics` at `url`, as name → value.
+async fn metrics(url: &str) -> BTreeMap<String, f64> {
+    let url = format!("{url}/metrics");
+    let text = tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .call()
+            .expect("metrics")
+            .into_string()
+            .expect("text")
+    })
+    .await
+    .expect("fetch");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A sequencer task on its own "node", which serves `/ledger/` and
+/// `/metrics` at `url`.
+struct Node(SequencerTask, actix_web::dev::ServerHandle, String);
 
 impl Node {
     fn start(config: &ClusterConfig) -> Self {
         let mut settings = SequencerSettings::new(config.clone());
         settings.standby_retry = Duration::from_millis(100);
         settings.checkpoint_interval = Duration::from_millis(200);
-        Self(SequencerTask::spawn(settings, signer()))
+        let task = SequencerTask::spawn(settings, signer());
+        let (handle, url) = serve_ledger(config, std::sync::Arc::clone(&task.progress));
+        Self(task, handle, url)
     }
 
     fn progress(&self) -> &SequencerProgress {
         &self.0.progress
+    }
+
+    async fn metrics(&self) -> BTreeMap<String, f64> {
+        metrics(&self.2).await
     }
 
     fn leading(&self) -> bool {
@@ -267,6 +323,7 @@ impl Node {
     }
 
     async fn stop(self) {
+        self.1.stop(true).await;
         self.0.stop().await.expect("the task ends");
     }
 }
@@ -345,6 +402,24 @@ async fn one_node_leads_publishes_an_audited_ledger_and_another_takes_over() {
     .await;
     let (report, first_note) = audit(&db.url, None).await;
     assert_eq!(report.entries, first_size);
+    // The standby serves the same ledger from Postgres: troop-audit over its
+    // HTTP accepts it, and both nodes' metrics say where the ledger is.
+    let standby_ledger = format!("{}/ledger/", standby.2);
+    let over_http = tokio::task::spawn_blocking(move || {
+        let source = troop_audit::Source::open(&standby_ledger).expect("source");
+        troop_audit::verify(&source, &signer().verifier(), None, &|_| {})
+    })
+    .await
+    .expect("audit")
+    .expect("troop-audit accepts the standby's /ledger/");
+    assert_eq!(over_http.entries, first_size);
+    for (node, leading) in [(&leader, 1.0), (&standby, 0.0)] {
+        let m = node.metrics().await;
+        assert_eq!(m["troop_sequencer_leading"], leading, "{m:?}");
+        assert_eq!(m["troop_ledger_entries"], first_size as f64, "{m:?}");
+        assert_eq!(m["troop_ledger_lag_entries"], 0.0, "{m:?}");
+        assert_eq!(m["troop_sequencer_lag_records"], 0.0, "{m:?}");
+    }
 
     // The leader goes away; the standby takes over and goes on.
     leader.stop().await;

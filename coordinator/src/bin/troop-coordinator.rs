@@ -44,7 +44,12 @@ enum Command {
     /// Run the cluster's ledger sequencer until interrupted: it leads when no
     /// other node does, and publishes the ledger into Postgres. Needs the
     /// network's ledger key at `<data_dir>/ledger.key`, the same on every node.
-    Sequence,
+    Sequence {
+        /// Also serve `/ledger/` (from Postgres, whichever node leads) and
+        /// `/metrics` (the sequencer's progress and lag) here.
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Rebuild the ledger's projections from Kafka alone (the ledger
     /// partitions and the sequencer's order on `<prefix>.sequence`) into an
     /// empty database, publish it with the ledger key, and compare it with the
@@ -326,7 +331,7 @@ fn replay(config: &Config, into: &str, compare: bool, json: bool) -> anyhow::Res
     Ok(())
 }
 
-fn sequence(config: &Config) -> anyhow::Result<()> {
+fn sequence(config: &Config, listen: Option<&str>) -> anyhow::Result<()> {
     use troop_coordinator::cluster::sequencer::{self, SequencerProgress, SequencerSettings};
     let signer = ledger_signer(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -341,6 +346,22 @@ fn sequence(config: &Config) -> anyhow::Result<()> {
             }
         };
         let progress = std::sync::Arc::new(SequencerProgress::default());
+        let server = match listen {
+            Some(addr) => {
+                let listener =
+                    std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+                tracing::info!(addr = %listener.local_addr()?, "serving /ledger/ and /metrics");
+                let node = troop_coordinator::cluster::ledger_node::LedgerNode::new(
+                    config.cluster.clone(),
+                    std::sync::Arc::clone(&progress),
+                );
+                let server = troop_coordinator::cluster::ledger_node::serve(node, listener)?;
+                let handle = server.handle();
+                tokio::spawn(server);
+                Some(handle)
+            }
+            None => None,
+        };
         tracing::info!(log = %config.ledger_name, "sequencer standing by");
         sequencer::run(
             SequencerSettings::new(config.cluster.clone()),
@@ -349,6 +370,9 @@ fn sequence(config: &Config) -> anyhow::Result<()> {
             stop,
         )
         .await;
+        if let Some(server) = server {
+            server.stop(true).await;
+        }
         anyhow::Ok(())
     })
 }
@@ -370,7 +394,7 @@ fn main() -> anyhow::Result<()> {
             action,
         } => admin(&url, &token, json, action),
         Command::Migrate { json } => migrate(&config.cluster, json),
-        Command::Sequence => sequence(&config),
+        Command::Sequence { listen } => sequence(&config, listen.as_deref()),
         Command::Replay {
             into,
             no_compare,

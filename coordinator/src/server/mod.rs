@@ -309,27 +309,36 @@ async fn ledger_file(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
         Ok(s) => s,
         Err(_) => return HttpResponse::ServiceUnavailable().finish(),
     };
-    match troop_ledger::tile::TileSource::read(&store, &path) {
-        Ok(Some(bytes)) => {
-            // Full tiles and bundles never change; partial ones and the checkpoint do.
-            let immutable = path.starts_with("tile/") && !path.contains(".p/");
-            let cache = if immutable {
-                "public, max-age=31536000, immutable"
-            } else {
-                "no-cache"
-            };
-            let kind = if path == "checkpoint" {
-                "text/plain; charset=utf-8"
-            } else {
-                "application/octet-stream"
-            };
-            HttpResponse::Ok()
-                .content_type(kind)
-                .insert_header(("Cache-Control", cache))
-                .body(bytes)
-        }
-        Ok(None) | Err(_) => HttpResponse::NotFound().finish(),
-    }
+    ledger_response(
+        &path,
+        troop_ledger::tile::TileSource::read(&store, &path)
+            .ok()
+            .flatten(),
+    )
+}
+
+/// One file of `/ledger/` (the tiles layout), or 404, with the caching an
+/// auditor's proxy may apply; shared by the embedded and the cluster nodes.
+pub fn ledger_response(path: &str, body: Option<Vec<u8>>) -> HttpResponse {
+    let Some(bytes) = body else {
+        return HttpResponse::NotFound().finish();
+    };
+    // Full tiles and bundles never change; partial ones and the checkpoint do.
+    let immutable = path.starts_with("tile/") && !path.contains(".p/");
+    let cache = if immutable {
+        "public, max-age=31536000, immutable"
+    } else {
+        "no-cache"
+    };
+    let kind = if path == "checkpoint" {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/octet-stream"
+    };
+    HttpResponse::Ok()
+        .content_type(kind)
+        .insert_header(("Cache-Control", cache))
+        .body(bytes)
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
