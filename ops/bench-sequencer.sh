@@ -6,13 +6,15 @@
 # entries measured in the same run; then replay (the ledger rebuilt from Kafka
 # alone into a second database, compared with the live one). Real noida-db
 # broker and Postgres, both on this machine. Usage: ops/bench-sequencer.sh ;
-# RECEIPTS, ROUNDS, PARTITIONS tune it. Prints one JSON line per round.
+# RECEIPTS, ROUNDS, PARTITIONS, BATCH_PER_PARTITION tune it. Prints one JSON
+# line per round.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 receipts="${RECEIPTS:-50000}"
 rounds="${ROUNDS:-2}"
 partitions="${PARTITIONS:-12}"
+batch="${BATCH_PER_PARTITION:-1024}"
 # shellcheck source=ops/lib.sh
 . ops/lib.sh
 
@@ -31,7 +33,7 @@ for round in $(seq 1 "$rounds"); do
     rm -rf "$work/traffic"
     "$lt" sequencer --brokers "127.0.0.1:$port" \
         --postgres "$(echo "$admin" | sed "s/dbname=[^ ]*/dbname=$db/")" \
-        --receipts "$receipts" --partitions "$partitions" \
+        --receipts "$receipts" --partitions "$partitions" --batch-per-partition "$batch" \
         --topic-prefix "bench$round" --work-dir "$work/traffic" \
         --replay-into "$(echo "$admin" | sed "s/dbname=[^ ]*/dbname=${db}_replay/")"
     for d in "$db" "${db}_replay"; do
