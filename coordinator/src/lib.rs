@@ -18,7 +18,8 @@
 //! - [`eventlog`]: the event log port and its embedded adapter (segment files
 //!   with checksums, group commit, torn-tail recovery).
 //! - [`cluster`]: Kafka and Postgres for a cluster of nodes (CLUSTER.md):
-//!   `migrate` so far.
+//!   `migrate`, the Kafka event log, the ledger's sequencer and its projection,
+//!   `replay`, partition ownership, a node's `/ledger/` and `/metrics`.
 //! - [`api`]: OpenAI request validation and error shapes; [`config`]; [`metrics`].
 
 #![forbid(unsafe_code)]

@@ -62,8 +62,8 @@ pub enum ReplayError {
     },
     #[error("leaf {leaf} names a record an earlier leaf holds already")]
     Repeated { leaf: u64 },
-    #[error("the live checkpoint: {0}")]
-    LiveCheckpoint(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 }
 
 impl From<crate::cluster::projection::ProjectionError> for ReplayError {
@@ -163,7 +163,7 @@ async fn blocking<T: Send + 'static>(
 pub struct Replayed {
     /// The checkpoint it published (signed with the network's ledger key).
     pub checkpoint: Checkpoint,
-    /// Records of `troop.sequence` that decided it.
+    /// Leaves the records of `troop.sequence` decide.
     pub leaves: u64,
     pub seconds: f64,
 }
@@ -299,11 +299,11 @@ pub async fn ledger_state(
         None => None,
         Some(note) => {
             let text = std::str::from_utf8(&note)
-                .map_err(|_| ReplayError::LiveCheckpoint("not UTF-8".into()))?;
+                .map_err(|_| ReplayError::Checkpoint("not UTF-8".into()))?;
             let body = verifier
                 .open(text)
-                .map_err(|e| ReplayError::LiveCheckpoint(e.to_string()))?;
-            Some(Checkpoint::parse(body).map_err(|e| ReplayError::LiveCheckpoint(e.to_string()))?)
+                .map_err(|e| ReplayError::Checkpoint(e.to_string()))?;
+            Some(Checkpoint::parse(body).map_err(|e| ReplayError::Checkpoint(e.to_string()))?)
         }
     };
     let mut tables = BTreeMap::new();
@@ -366,7 +366,7 @@ pub fn differences(
                     let reader = TileHashReader::new(replayed_store, size);
                     merkle::tree_hash(&reader, l.size)
                 };
-                store_root.map_err(|e| ReplayError::LiveCheckpoint(e.to_string()))?
+                store_root.map_err(|e| ReplayError::Checkpoint(e.to_string()))?
             };
             if root != l.root {
                 out.push(format!(
