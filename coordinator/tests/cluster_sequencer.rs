@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::cluster::{Traffic, leaves, micro, migrated_database, order_of, prices};
+use common::cluster::{Traffic, leaves, micro, migrated_database, prices};
 use common::services::{Broker, BrokerKind, Database};
-use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig, TopicReader};
+use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use troop_coordinator::cluster::ledger_node::{self, LedgerNode};
 use troop_coordinator::cluster::ledger_store::PgLogStore;
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
@@ -238,19 +238,12 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     assert_eq!(differences, Vec::<String>::new());
 }
 
-/// The order the sequencer's records on the broker decide, read as `replay`
-/// will read them: every committed record of the sequence topic.
+/// The order the sequencer's records on the broker decide, as `replay` reads it.
 fn sequence_topic(config: &ClusterConfig) -> Vec<(i32, u64)> {
-    let topic = format!("{}.sequence", config.topic_prefix);
-    tokio::task::block_in_place(|| {
-        let mut reader = TopicReader::open(&config.kafka_brokers, &topic).expect("reader");
-        let records = reader
-            .read_visible(&BTreeMap::from([(0, 0)]), 100_000)
-            .expect("read")
-            .remove(&0)
-            .unwrap_or_default();
-        order_of(records).leaves().to_vec()
-    })
+    tokio::task::block_in_place(|| replay::read_order(config))
+        .expect("troop.sequence reads")
+        .leaves()
+        .to_vec()
 }
 
 fn signer() -> troop_ledger::note::NoteSigner {
