@@ -9,10 +9,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::services::{Broker, BrokerKind, Database};
-use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
 use troop_coordinator::cluster::ownership::{Ownership, owners};
-use troop_coordinator::config::ClusterConfig;
 
 const PARTITIONS: u32 = 4;
 
@@ -32,19 +29,7 @@ fn all() -> BTreeSet<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_nodes_share_the_ledger_partitions() {
-    let db = Database::create();
-    let broker = Broker::start(BrokerKind::Noida);
-    let config = ClusterConfig {
-        kafka_brokers: broker.brokers.clone(),
-        postgres: db.url.clone(),
-        topic_prefix: "own".into(),
-        ledger_partitions: PARTITIONS,
-        worker_partitions: 1,
-        replication_factor: 1,
-    };
-    let mut client = connect_postgres(&config).await.expect("postgres");
-    migrate_postgres(&mut client).await.expect("migrate");
-    migrate_kafka(&config).await.expect("topics");
+    let (_db, _broker, config, client) = common::cluster::cluster("own", PARTITIONS).await;
     let table = || async { owners(&client).await.expect("owners") };
     let by = |node: &str, parts: &BTreeSet<i32>| -> BTreeMap<i32, String> {
         parts.iter().map(|p| (*p, node.to_owned())).collect()

@@ -13,11 +13,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::cluster::{Traffic, leaves, micro, migrated_database, prices};
-use common::services::{Broker, BrokerKind, Database};
+use common::services::{Broker, Database};
 use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use troop_coordinator::cluster::ledger_node::{self, LedgerNode};
 use troop_coordinator::cluster::ledger_store::PgLogStore;
-use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
 use troop_coordinator::cluster::projection::{Checked, LedgerFeed, Sequencer, partition_of};
 use troop_coordinator::cluster::replay;
 use troop_coordinator::cluster::sequence_log::OrderRecord;
@@ -40,23 +39,8 @@ fn owner(config: &ClusterConfig, partition: i32) -> KafkaLog {
     KafkaLog::open(KafkaLogConfig::ledger_owner(config, partition)).expect("owner")
 }
 
-/// A database and a noida-db broker of their own, migrated, with topics
-/// named from `prefix` and a client on the database.
 async fn cluster(prefix: &str) -> (Database, Broker, ClusterConfig, tokio_postgres::Client) {
-    let db = Database::create();
-    let broker = Broker::start(BrokerKind::Noida);
-    let config = ClusterConfig {
-        kafka_brokers: broker.brokers.clone(),
-        postgres: db.url.clone(),
-        topic_prefix: prefix.into(),
-        ledger_partitions: PARTITIONS,
-        worker_partitions: 1,
-        replication_factor: 1,
-    };
-    let mut client = connect_postgres(&config).await.expect("postgres");
-    migrate_postgres(&mut client).await.expect("migrate");
-    migrate_kafka(&config).await.expect("topics");
-    (db, broker, config, client)
+    common::cluster::cluster(prefix, PARTITIONS).await
 }
 
 /// Runs the sequencer until a round finds nothing new; returns the entries

@@ -29,14 +29,7 @@ impl Pg {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(Arc::clone(c));
         }
-        let (client, connection) =
-            tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "ledger node's postgres connection ended");
-            }
-        });
-        let client = Arc::new(client);
+        let client = Arc::new(super::connect(&self.url, "ledger node").await?);
         *slot = Some(Arc::clone(&client));
         Ok(client)
     }

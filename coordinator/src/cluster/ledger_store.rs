@@ -53,14 +53,8 @@ impl PgLogStore {
     /// runtime. Use the store from blocking threads only (`spawn_blocking`,
     /// rayon, a plain thread): every call waits for Postgres.
     pub async fn connect(postgres: &str) -> Result<Self, tokio_postgres::Error> {
-        let (client, connection) = tokio_postgres::connect(postgres, tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "ledger store connection ended");
-            }
-        });
         Ok(Self {
-            client,
+            client: super::connect(postgres, "ledger store").await?,
             runtime: tokio::runtime::Handle::current(),
             pending: Mutex::new(BTreeMap::new()),
         })

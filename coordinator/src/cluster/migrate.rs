@@ -246,12 +246,5 @@ fn check_partitions(brokers: &str, wanted: &[(String, u32, bool)]) -> Result<(),
 pub async fn connect_postgres(
     config: &ClusterConfig,
 ) -> Result<tokio_postgres::Client, MigrateError> {
-    let (client, connection) =
-        tokio_postgres::connect(&config.postgres, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "postgres connection ended");
-        }
-    });
-    Ok(client)
+    Ok(super::connect(&config.postgres, "migrate").await?)
 }

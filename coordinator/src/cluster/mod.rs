@@ -13,3 +13,18 @@ pub mod projection;
 pub mod replay;
 pub mod sequence_log;
 pub mod sequencer;
+
+/// A Postgres client on `postgres` (a libpq string) whose connection is
+/// driven on the current runtime until it ends (logged as `what`'s).
+pub async fn connect(
+    postgres: &str,
+    what: &'static str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(postgres, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, what, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}

@@ -161,19 +161,9 @@ impl Ownership {
             let _ = tokio::task::spawn_blocking(move || member.join()).await;
         }
         self.recorder.abort();
-        let client = connect(&self.postgres).await?;
+        let client = super::connect(&self.postgres, "partition owners").await?;
         write_owned(&client, &self.node, &BTreeSet::new()).await
     }
-}
-
-async fn connect(postgres: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(postgres, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "partition owners' postgres connection ended");
-        }
-    });
-    Ok(client)
 }
 
 /// Makes `partition_owners` say that `node` owns exactly `owned` (rows of
@@ -224,7 +214,7 @@ async fn record(
                 .as_ref()
                 .is_none_or(tokio_postgres::Client::is_closed)
             {
-                client = connect(&postgres).await.ok();
+                client = super::connect(&postgres, "partition owners").await.ok();
             }
             let written = match &client {
                 Some(c) => write_owned(c, &node, &owned)

@@ -24,7 +24,7 @@ use crate::cluster::kafka_log::TopicReader;
 use crate::cluster::ledger_store::{PgLogStore, read_file};
 use crate::cluster::projection::{Checked, Sequencer, Sourced};
 use crate::cluster::sequence_log::{Order, OrderError, OrderRecord};
-use crate::cluster::sequencer::{SequencerError, append_sequenced};
+use crate::cluster::sequencer::{SequencerError, append_sequenced, blocking};
 use crate::config::ClusterConfig;
 use crate::eventlog::EventLogError;
 
@@ -148,16 +148,6 @@ fn read_entries(
     Ok(batch)
 }
 
-/// Runs `f` on the blocking pool (the Kafka reader and the log writer wait on
-/// the network).
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ReplayError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| SequencerError::Blocking(e.to_string()).into())
-}
-
 /// What replay rebuilt.
 #[derive(Debug, Clone)]
 pub struct Replayed {
@@ -177,7 +167,7 @@ pub async fn replay(
     signer: NoteSigner,
 ) -> Result<Replayed, ReplayError> {
     let started = Instant::now();
-    let mut client = connect(into).await?;
+    let mut client = super::connect(into, "replay").await?;
     let mut sequencer = Sequencer::open(&client, cluster.ledger_partitions).await?;
     let has_checkpoint = read_file(&client, troop_ledger::store::CHECKPOINT_PATH)
         .await?
@@ -387,16 +377,6 @@ pub fn differences(
     Ok(out)
 }
 
-async fn connect(postgres: &str) -> Result<tokio_postgres::Client, ReplayError> {
-    let (client, connection) = tokio_postgres::connect(postgres, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "replay's connection ended");
-        }
-    });
-    Ok(client)
-}
-
 /// Compares the database `replayed` (after [`replay`]) with the live one:
 /// both states, and how they differ (empty when they agree).
 pub async fn compare(
@@ -404,8 +384,8 @@ pub async fn compare(
     replayed: &str,
     verifier: &NoteVerifier,
 ) -> Result<(LedgerState, LedgerState, Vec<String>), ReplayError> {
-    let live_state = ledger_state(&connect(live).await?, verifier).await?;
-    let replayed_state = ledger_state(&connect(replayed).await?, verifier).await?;
+    let live_state = ledger_state(&super::connect(live, "replay").await?, verifier).await?;
+    let replayed_state = ledger_state(&super::connect(replayed, "replay").await?, verifier).await?;
     let store = PgLogStore::connect(replayed).await?;
     let (l, r) = (live_state.clone(), replayed_state.clone());
     let diffs = blocking(move || differences(&l, &r, &store)).await??;

@@ -95,7 +95,7 @@ pub enum SequencerError {
 
 /// Runs `f` on the blocking pool: the Kafka reader and the log writer wait on
 /// the network and must not hold a runtime thread.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, SequencerError> {
     tokio::task::spawn_blocking(f)

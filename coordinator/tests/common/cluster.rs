@@ -3,7 +3,7 @@
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
 use ed25519_dalek::SigningKey;
-use troop_coordinator::cluster::migrate::{connect_postgres, migrate_postgres};
+use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
 use troop_coordinator::cluster::sequence_log::{Order, OrderRecord};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::eventlog::Record;
@@ -12,7 +12,7 @@ use troop_ledger::receipt::{countersign, public_key, sign_receipt};
 use troop_schemas::event::{AccountRole, KeyRole, ModelPrice, VoidReason};
 use troop_schemas::{AccountId, CreditsMicro, Digest, Event, HoldId, JobId, Receipt, WorkerId};
 
-use super::services::Database;
+use super::services::{Broker, BrokerKind, Database};
 
 pub fn micro(n: u64) -> CreditsMicro {
     CreditsMicro::new(n).expect("small")
@@ -42,6 +42,29 @@ pub async fn migrated_database() -> (Database, tokio_postgres::Client) {
     let mut client = connect_postgres(&config).await.expect("postgres");
     migrate_postgres(&mut client).await.expect("migrate");
     (db, client)
+}
+
+/// A database and a noida-db broker of their own, migrated, with topics
+/// named from `prefix` and `ledger_partitions` ledger partitions, and a
+/// client on the database.
+pub async fn cluster(
+    prefix: &str,
+    ledger_partitions: u32,
+) -> (Database, Broker, ClusterConfig, tokio_postgres::Client) {
+    let db = Database::create();
+    let broker = Broker::start(BrokerKind::Noida);
+    let config = ClusterConfig {
+        kafka_brokers: broker.brokers.clone(),
+        postgres: db.url.clone(),
+        topic_prefix: prefix.into(),
+        ledger_partitions,
+        worker_partitions: 1,
+        replication_factor: 1,
+    };
+    let mut client = connect_postgres(&config).await.expect("postgres");
+    migrate_postgres(&mut client).await.expect("migrate");
+    migrate_kafka(&config).await.expect("topics");
+    (db, broker, config, client)
 }
 
 /// The leaves in Postgres, in order, as (partition, record number).
