@@ -91,6 +91,34 @@ pub fn fold_ledger_record<'a>(
     Ok(Some(entry))
 }
 
+/// Judges `events` in order against `ledger` (first `admit`, then the fold),
+/// applying the accepted ones: one verdict per event (the accepted event's
+/// place among the accepted, or why it was refused: a refusal changes nothing
+/// and does not stop the others), and the accepted ones as event-log records.
+/// The embedded books and a cluster partition's owner judge with this one
+/// function; they differ only in where the records go.
+pub fn judge<E: From<FoldError> + From<EntryError>>(
+    ledger: &mut Ledger,
+    events: &[Event],
+    mut admit: impl FnMut(&Ledger, &Event) -> Result<(), E>,
+) -> (Vec<Result<usize, E>>, Vec<Vec<u8>>) {
+    let mut records = Vec::new();
+    let verdicts = events
+        .iter()
+        .map(|event| {
+            admit(ledger, event)?;
+            let encoded = encode_entry(event)?;
+            ledger.apply(event)?;
+            let mut record = Vec::with_capacity(encoded.len() + 1);
+            record.push(TAG_LEDGER_ENTRY);
+            record.extend_from_slice(&encoded);
+            records.push(record);
+            Ok(records.len() - 1)
+        })
+        .collect();
+    (verdicts, records)
+}
+
 /// One verdict per event (its ledger index, or why it was refused), and the
 /// durability to wait for before acknowledging (none if nothing was accepted).
 pub type Submitted = (Vec<Result<u64, BooksError>>, Option<Pending>);
@@ -327,36 +355,22 @@ impl Books {
             return Err(BooksError::Poisoned);
         }
         self.sequence_durable()?;
-        let mut verdicts = Vec::with_capacity(events.len());
-        let mut records = Vec::new();
-        let mut entries = Vec::new();
-        for event in events {
-            let encoded = match encode_entry(event) {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    verdicts.push(Err(e.into()));
-                    continue;
+        let (judged, records) = judge(&mut self.ledger, events, |_, _| Ok::<_, BooksError>(()));
+        let verdicts = judged
+            .into_iter()
+            .zip(events)
+            .map(|(verdict, event)| {
+                let index = self.entries + verdict? as u64;
+                if let Event::HoldSettled { receipt, .. } = event {
+                    self.receipts.insert(receipt.receipt.job, index);
                 }
-            };
-            match self.ledger.apply(event) {
-                Ok(()) => {
-                    let index = self.entries + entries.len() as u64;
-                    if let Event::HoldSettled { receipt, .. } = event {
-                        self.receipts.insert(receipt.receipt.job, index);
-                    }
-                    verdicts.push(Ok(index));
-                    let mut record = Vec::with_capacity(encoded.len() + 1);
-                    record.push(TAG_LEDGER_ENTRY);
-                    record.extend_from_slice(&encoded);
-                    records.push(record);
-                    entries.push(encoded);
-                }
-                Err(e) => verdicts.push(Err(e.into())),
-            }
-        }
+                Ok(index)
+            })
+            .collect();
         if records.is_empty() {
             return Ok((verdicts, None));
         }
+        let entries: Vec<Vec<u8>> = records.iter().map(|r| r[1..].to_vec()).collect();
         let pending = match self.events.submit(records) {
             Ok(p) => p,
             Err(e) => {

@@ -22,8 +22,13 @@ pub const SEQUENCER_GROUP: &str = "troop-sequencer";
 /// The ledger partition an account's events go to. Computed here, never left
 /// to a client's partitioner (librdkafka's and Java's differ).
 pub fn partition_of(account: &AccountId, partitions: u32) -> u32 {
+    partition_of_key(&account.to_string(), partitions)
+}
+
+/// The partition of any key (an account's, a worker's) as text.
+pub fn partition_of_key(key: &str, partitions: u32) -> u32 {
     assert!(partitions > 0, "a topic has partitions");
-    let digest = blake3::hash(account.to_string().as_bytes());
+    let digest = blake3::hash(key.as_bytes());
     let head = u64::from_be_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"));
     u32::try_from(head % u64::from(partitions)).expect("below a u32")
 }

@@ -1,0 +1,243 @@
+//! Partition owners judge their accounts' money on a real broker and a real
+//! Postgres, with the sequencer running: a new owner fences the old one and
+//! takes over its unsequenced tail, so an account cannot be overdrawn across
+//! the hand-over; credits and accounts from other partitions count once
+//! sequenced; and the sequencer accepts everything the owners accepted.
+
+#[allow(dead_code, reason = "shared test helpers")]
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::cluster::{Traffic, micro};
+use troop_coordinator::cluster::owner::{OwnerError, PartitionBooks, home_partition};
+use troop_coordinator::cluster::projection::partition_of;
+use troop_coordinator::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
+use troop_ledger::fold::FoldError;
+use troop_schemas::event::AccountRole;
+use troop_schemas::{AccountId, Event, HoldId, JobId};
+
+const PARTITIONS: u32 = 2;
+const AT_MS: u64 = 1_790_000_000_000;
+
+fn signer() -> troop_ledger::note::NoteSigner {
+    troop_ledger::note::NoteSigner::new(
+        "cluster.example/ledger",
+        ed25519_dalek::SigningKey::from_bytes(&[5; 32]),
+    )
+    .expect("signer")
+}
+
+/// Submits `events` to `owner` and waits until the accepted ones are durable.
+async fn put(owner: &mut PartitionBooks, events: &[Event]) -> Vec<Result<u64, OwnerError>> {
+    let (verdicts, pending) = owner.submit(events).expect("the log takes them");
+    if let Some(pending) = pending {
+        pending.durable().await.expect("durable");
+    }
+    verdicts
+}
+
+/// Waits (bounded) until the sequencer has `entries` in the ledger.
+async fn sequenced(progress: &SequencerProgress, entries: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while progress.tree_size.load(Ordering::SeqCst) != entries {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {entries} entries (have {})",
+            progress.tree_size.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn account_in(partition: u32) -> AccountId {
+    (0u32..)
+        .map(|n| AccountId::derive(format!("other-{n}").as_bytes()))
+        .find(|a| partition_of(a, PARTITIONS) == partition)
+        .expect("some account lands there")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_fences_the_old_one_and_no_account_is_overdrawn_across_the_hand_over() {
+    let (_db, _broker, config, client) = common::cluster::cluster("owner", PARTITIONS).await;
+    let mut settings = SequencerSettings::new(config.clone());
+    settings.standby_retry = Duration::from_millis(100);
+    let sequencer = SequencerTask::spawn(settings, signer());
+    let progress = std::sync::Arc::clone(&sequencer.progress);
+
+    // Node A owns both partitions and writes the network's setup, each event
+    // to the partition that judges it, following the ledger in between (the
+    // worker's registration needs its account, which may live elsewhere).
+    let mut a = [
+        PartitionBooks::take(&client, &config, 0)
+            .await
+            .expect("takes 0"),
+        PartitionBooks::take(&client, &config, 1)
+            .await
+            .expect("takes 1"),
+    ];
+    let traffic = Traffic::new(1, 2, AT_MS);
+    let mut entries = 0u64;
+    for event in &traffic.setup {
+        let home = home_partition(event, a[0].ledger(), PARTITIONS)
+            .expect("judgeable")
+            .expect("placed");
+        let owner = &mut a[usize::try_from(home).expect("small")];
+        put(owner, std::slice::from_ref(event)).await[0]
+            .as_ref()
+            .expect("accepted");
+        entries += 1;
+        sequenced(&progress, entries).await;
+        for owner in &mut a {
+            owner.follow(&client).await.expect("follows");
+        }
+    }
+
+    // A consumer in partition p: opened, funded, one hold placed by node A.
+    let (consumer, events) = &traffic.consumers[0];
+    let p = partition_of(consumer, PARTITIONS);
+    let q = 1 - p;
+    let (pi, qi) = (
+        usize::try_from(p).expect("small"),
+        usize::try_from(q).expect("small"),
+    );
+    // opened, granted 1,000,000, hold j0 (50,000), its settlement, hold j1 (50,000)
+    assert_eq!(events.len(), 5);
+    for verdict in put(&mut a[pi], &events[..3]).await {
+        verdict.expect("accepted");
+    }
+    entries += 3;
+
+    // Node B takes p over: A is fenced, and B's fold has A's unsequenced
+    // hold, read from the partition's tail.
+    let mut b = PartitionBooks::take(&client, &config, i32::try_from(p).expect("small"))
+        .await
+        .expect("B takes p");
+    let available = |owner: &PartitionBooks| {
+        owner
+            .ledger()
+            .account(consumer)
+            .expect("the consumer's account")
+            .available()
+    };
+    assert_eq!(available(&b), 950_000, "the hold A placed is in B's fold");
+    let hold = |name: &[u8], amount| Event::HoldPlaced {
+        hold: HoldId::derive(name),
+        job: JobId::derive(name),
+        account: *consumer,
+        model: "m".into(),
+        amount_micro: micro(amount),
+        expires_at_ms: AT_MS + 600_000,
+        at_ms: AT_MS,
+    };
+    let from_a = hold(b"from-a", 900_000);
+    // A still believes it owns p and accepts the hold, but the broker no
+    // longer takes its writes: nothing of it is ever acknowledged.
+    let fenced = match a[pi].submit(std::slice::from_ref(&from_a)) {
+        Ok((_, Some(pending))) => pending.durable().await.is_err(),
+        Ok((_, None)) => panic!("A's fold refused a hold it can afford"),
+        Err(_) => true,
+    };
+    assert!(fenced, "the old owner's write fails");
+    assert!(
+        matches!(
+            a[pi].submit(&[hold(b"from-a-2", 10)]),
+            Err(OwnerError::EventLog(_))
+        ),
+        "and it writes nothing more"
+    );
+
+    // B judges from the true balance: the same hold does not fit next to
+    // what is already held, a smaller one does.
+    let too_much = hold(b"too-much", 960_000);
+    let verdicts = put(&mut b, &[too_much, events[3].clone(), events[4].clone()]).await;
+    assert!(
+        matches!(
+            verdicts[0],
+            Err(OwnerError::Refused(FoldError::InsufficientFunds { .. }))
+        ),
+        "{:?}",
+        verdicts[0]
+    );
+    verdicts[1].as_ref().expect("B settles A's hold");
+    verdicts[2].as_ref().expect("B places the next hold");
+    entries += 2;
+
+    // An account opened in the other partition (still A's) counts in B's
+    // judgement only once sequenced.
+    let other = account_in(q);
+    for verdict in put(
+        &mut a[qi],
+        &[Event::AccountOpened {
+            account: other,
+            role: AccountRole::Consumer,
+            at_ms: AT_MS,
+        }],
+    )
+    .await
+    {
+        verdict.expect("accepted");
+    }
+    entries += 1;
+    let transfer = Event::Transfer {
+        from: *consumer,
+        to: other,
+        amount_micro: micro(1_000),
+        memo: "thanks".into(),
+        at_ms: AT_MS + 5,
+    };
+    // Not yet followed: B does not know the account.
+    let early = put(&mut b, std::slice::from_ref(&transfer)).await;
+    assert!(
+        matches!(
+            early[0],
+            Err(OwnerError::Refused(FoldError::UnknownAccount(_)))
+        ),
+        "{:?}",
+        early[0]
+    );
+    sequenced(&progress, entries).await;
+    assert!(b.follow(&client).await.expect("follows") > 0);
+    put(&mut b, std::slice::from_ref(&transfer)).await[0]
+        .as_ref()
+        .expect("the transfer, once the account is sequenced");
+    entries += 1;
+
+    // The sequencer accepted everything the owners accepted (it stops on a
+    // refusal), and nothing of A's after the hand-over.
+    sequenced(&progress, entries).await;
+    assert!(progress.leading.load(Ordering::SeqCst));
+    let fenced_hold: i64 = client
+        .query_one(
+            "select count(*) from holds where hold = $1",
+            &[&HoldId::derive(b"from-a").to_string()],
+        )
+        .await
+        .expect("holds")
+        .get(0);
+    assert_eq!(
+        fenced_hold, 0,
+        "the fenced owner's hold is not in the ledger"
+    );
+    // Postgres's balance of the consumer is B's.
+    let row = client
+        .query_one(
+            "select debits_posted::text, credits_posted::text, debits_pending::text from accounts where account = $1",
+            &[&consumer.to_string()],
+        )
+        .await
+        .expect("the consumer's row");
+    let account = b.ledger().account(consumer).expect("in B's fold").clone();
+    let column = |i: usize| row.get::<_, String>(i).parse::<u128>().expect("a number");
+    assert_eq!(
+        (column(0), column(1), column(2)),
+        (
+            account.debits_posted,
+            account.credits_posted,
+            account.debits_pending
+        )
+    );
+    assert_eq!(account.debits_pending, 50_000, "hold j1 is open");
+    sequencer.stop().await.expect("stops");
+}
