@@ -11,10 +11,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::cluster::{Traffic, micro};
+use troop_coordinator::cluster::owned::{OwnedBooks, OwnedSettings};
 use troop_coordinator::cluster::owner::{OwnerError, PartitionBooks, home_partition};
+use troop_coordinator::cluster::ownership::Ownership;
 use troop_coordinator::cluster::projection::partition_of;
 use troop_coordinator::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
-use troop_ledger::fold::FoldError;
+use troop_ledger::fold::{FoldError, Ledger};
 use troop_schemas::event::AccountRole;
 use troop_schemas::{AccountId, Event, HoldId, JobId};
 
@@ -239,5 +241,152 @@ async fn a_new_owner_fences_the_old_one_and_no_account_is_overdrawn_across_the_h
         )
     );
     assert_eq!(account.debits_pending, 50_000, "hold j1 is open");
+    sequencer.stop().await.expect("stops");
+}
+
+/// Waits (bounded) until `ready` holds; group joins and rebalances take seconds.
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut ready: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !ready().await {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Submits `events` to `partition` on `node` and waits for durability.
+async fn put_on(
+    node: &OwnedBooks,
+    partition: u32,
+    events: &[Event],
+) -> Vec<Result<u64, OwnerError>> {
+    let (verdicts, pending) = node
+        .submit(i32::try_from(partition).expect("small"), events)
+        .await
+        .expect("owned here");
+    if let Some(pending) = pending {
+        pending.durable().await.expect("durable");
+    }
+    verdicts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_partitions_follow_the_group_and_an_account_keeps_its_money_across_nodes() {
+    let (_db, _broker, config, client) = common::cluster::cluster("owned", PARTITIONS).await;
+    let mut settings = SequencerSettings::new(config.clone());
+    settings.standby_retry = Duration::from_millis(100);
+    let sequencer = SequencerTask::spawn(settings, signer());
+    let progress = std::sync::Arc::clone(&sequencer.progress);
+    let all: std::collections::BTreeSet<i32> = (0..2).collect();
+    let owned = OwnedSettings {
+        follow_every: Duration::from_millis(50),
+        retake_after: Duration::from_millis(200),
+    };
+    let start = |node: &str| {
+        let membership = Ownership::start(&config, node).expect("joins");
+        let books = OwnedBooks::start(config.clone(), membership.watch(), owned);
+        (membership, books)
+    };
+
+    let (a_membership, a) = start("node-a");
+    until("node-a holds both partitions", || async {
+        a.loaded() == all
+    })
+    .await;
+    // The network's setup, each event where it is judged, each followed by
+    // both partitions before the next (a registration needs its account).
+    let traffic = Traffic::new(1, 2, AT_MS);
+    let mut entries = 0u64;
+    for event in &traffic.setup {
+        let home = home_partition(event, &Ledger::new(), PARTITIONS)
+            .expect("judgeable")
+            .expect("placed");
+        put_on(&a, home, std::slice::from_ref(event)).await[0]
+            .as_ref()
+            .expect("accepted");
+        entries += 1;
+        sequenced(&progress, entries).await;
+        until("both partitions followed", || async {
+            for p in 0..2 {
+                if a.with_ledger(p, Ledger::applied).await != Some(entries) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    }
+    let (consumer, events) = &traffic.consumers[0];
+    let p = partition_of(consumer, PARTITIONS);
+    let pi = i32::try_from(p).expect("small");
+    for verdict in put_on(&a, p, &events[..3]).await {
+        verdict.expect("accepted");
+    }
+    entries += 3;
+
+    // node-b joins: the partitions are shared, each loaded by one node.
+    let (b_membership, b) = start("node-b");
+    until("the two nodes share the partitions", || async {
+        let (la, lb) = (a.loaded(), b.loaded());
+        la.len() == 1
+            && lb.len() == 1
+            && la
+                .union(&lb)
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>()
+                == all
+    })
+    .await;
+    let (owner, other) = if a.loaded().contains(&pi) {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert!(matches!(
+        other.submit(pi, &events[3..4]).await,
+        Err(OwnerError::NotOwned(n)) if n == pi
+    ));
+    let available = |l: &Ledger| l.account(consumer).expect("the consumer").available();
+    assert_eq!(owner.with_ledger(pi, available).await, Some(950_000));
+    for verdict in put_on(owner, p, &events[3..]).await {
+        verdict.expect("settled and held again");
+    }
+    entries += 2;
+
+    // node-a leaves: node-b takes everything, with the consumer's money as it was.
+    let expected = owner.with_ledger(pi, available).await.expect("held");
+    a_membership.stop().await.expect("leaves");
+    a.stop().await;
+    until("node-b holds both partitions", || async {
+        b.loaded() == all
+    })
+    .await;
+    assert_eq!(b.with_ledger(pi, available).await, Some(expected));
+    let too_much = Event::HoldPlaced {
+        hold: HoldId::derive(b"too-much"),
+        job: JobId::derive(b"too-much"),
+        account: *consumer,
+        model: "m".into(),
+        amount_micro: micro(u64::try_from(expected).expect("positive") + 1),
+        expires_at_ms: AT_MS + 600_000,
+        at_ms: AT_MS,
+    };
+    assert!(matches!(
+        put_on(&b, p, &[too_much]).await[0],
+        Err(OwnerError::Refused(FoldError::InsufficientFunds { .. }))
+    ));
+
+    // Everything accepted is sequenced (the sequencer stops on a refusal).
+    sequenced(&progress, entries).await;
+    let pending: String = client
+        .query_one(
+            "select debits_pending::text from accounts where account = $1",
+            &[&consumer.to_string()],
+        )
+        .await
+        .expect("the consumer's row")
+        .get(0);
+    assert_eq!(pending, "50000", "hold j1 is open");
+    b_membership.stop().await.expect("leaves");
+    b.stop().await;
     sequencer.stop().await.expect("stops");
 }

@@ -8,6 +8,7 @@ pub mod kafka_log;
 pub mod ledger_node;
 pub mod ledger_store;
 pub mod migrate;
+pub mod owned;
 pub mod owner;
 pub mod ownership;
 pub mod projection;

@@ -31,7 +31,7 @@ use crate::eventlog::{EventLog, EventLogError, Pending};
 /// Records read per step from the partition's tail on load.
 const LOAD_BATCH_RECORDS: usize = 4_096;
 /// Sequenced entries read per query by [`PartitionBooks::follow`].
-const FOLLOW_BATCH_ENTRIES: i64 = 4_096;
+pub const FOLLOW_BATCH_ENTRIES: usize = 4_096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OwnerError {
@@ -61,6 +61,8 @@ pub enum OwnerError {
     Diverged(String),
     #[error("a write failed after the fold moved: load the partition again")]
     Poisoned,
+    #[error("this node does not own partition {0} (or has not loaded it yet)")]
+    NotOwned(i32),
     #[error("a blocking task failed: {0}")]
     Blocking(String),
 }
@@ -95,6 +97,39 @@ pub fn home_partition(
         // Its check compares totals over every account, which no owner holds.
         Event::BalanceSnapshot { .. } => return Err(OwnerError::Unjudgeable("balance snapshot")),
     })
+}
+
+/// A ledger entry as the sequencer stored it.
+#[derive(Debug, Clone)]
+pub struct SequencedEntry {
+    pub leaf: u64,
+    pub partition: i32,
+    pub offset: u64,
+    pub entry: Vec<u8>,
+}
+
+/// Up to [`FOLLOW_BATCH_ENTRIES`] sequenced entries from leaf `from` on, in order.
+pub async fn sequenced_since(
+    client: &tokio_postgres::Client,
+    from: u64,
+) -> Result<Vec<SequencedEntry>, OwnerError> {
+    let from = i64::try_from(from).unwrap_or(i64::MAX);
+    let limit = i64::try_from(FOLLOW_BATCH_ENTRIES).unwrap_or(i64::MAX);
+    Ok(client
+        .query(
+            "select leaf_index, partition_id, event_offset, entry from ledger_entries
+             where leaf_index >= $1 order by leaf_index limit $2",
+            &[&from, &limit],
+        )
+        .await?
+        .iter()
+        .map(|row| SequencedEntry {
+            leaf: u64::try_from(row.get::<_, i64>(0)).unwrap_or(u64::MAX),
+            partition: row.get(1),
+            offset: u64::try_from(row.get::<_, i64>(2)).unwrap_or(u64::MAX),
+            entry: row.get(3),
+        })
+        .collect())
 }
 
 /// One verdict per event (its record number in the partition, or why it was
@@ -302,28 +337,22 @@ impl PartitionBooks {
     pub async fn follow(&mut self, client: &tokio_postgres::Client) -> Result<u64, OwnerError> {
         let start = self.tree_size;
         loop {
-            let from = i64::try_from(self.tree_size).unwrap_or(i64::MAX);
-            let rows = client
-                .query(
-                    "select leaf_index, partition_id, event_offset, entry from ledger_entries
-                     where leaf_index >= $1 order by leaf_index limit $2",
-                    &[&from, &FOLLOW_BATCH_ENTRIES],
-                )
-                .await?;
-            for row in &rows {
-                let (leaf, partition, offset): (i64, i32, i64) =
-                    (row.get(0), row.get(1), row.get(2));
-                self.fold_sequenced(
-                    u64::try_from(leaf).unwrap_or(u64::MAX),
-                    partition,
-                    u64::try_from(offset).unwrap_or(u64::MAX),
-                    row.get(3),
-                )?;
-            }
-            if rows.len() < usize::try_from(FOLLOW_BATCH_ENTRIES).unwrap_or(usize::MAX) {
+            let rows = sequenced_since(client, self.tree_size).await?;
+            self.fold_all(&rows)?;
+            if rows.len() < FOLLOW_BATCH_ENTRIES {
                 return Ok(self.tree_size - start);
             }
         }
+    }
+
+    /// Folds the entries of `rows` (consecutive, from [`sequenced_since`])
+    /// that this fold has not reached yet.
+    pub fn fold_all(&mut self, rows: &[SequencedEntry]) -> Result<(), OwnerError> {
+        let from = self.tree_size;
+        for e in rows.iter().filter(|e| e.leaf >= from) {
+            self.fold_sequenced(e.leaf, e.partition, e.offset, &e.entry)?;
+        }
+        Ok(())
     }
 
     /// Judges `events` in order and queues the accepted ones on the

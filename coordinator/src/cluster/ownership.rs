@@ -84,6 +84,7 @@ pub struct Ownership {
     stop: Arc<AtomicBool>,
     member: Option<std::thread::JoinHandle<()>>,
     recorder: tokio::task::JoinHandle<()>,
+    watch: tokio::sync::watch::Receiver<BTreeSet<i32>>,
 }
 
 impl std::fmt::Debug for Ownership {
@@ -135,7 +136,11 @@ impl Ownership {
                 })
                 .map_err(|e| EventLogError::Broker(e.to_string()))?
         };
-        let recorder = tokio::spawn(record(cluster.postgres.clone(), node.to_owned(), watch));
+        let recorder = tokio::spawn(record(
+            cluster.postgres.clone(),
+            node.to_owned(),
+            watch.clone(),
+        ));
         Ok(Self {
             node: node.to_owned(),
             postgres: cluster.postgres.clone(),
@@ -143,6 +148,7 @@ impl Ownership {
             stop,
             member: Some(member),
             recorder,
+            watch,
         })
     }
 
@@ -152,6 +158,11 @@ impl Ownership {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// The owned partitions, told on every change.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<BTreeSet<i32>> {
+        self.watch.clone()
     }
 
     /// Leaves the group and removes this node's rows from `partition_owners`.

@@ -1,0 +1,258 @@
+//! The ledger partitions a node owns (CLUSTER.md, "Who judges an account's
+//! money"): each taken over ([`PartitionBooks::take`]: fenced, loaded) when
+//! the owners' group assigns it, kept current with the sequenced ledger, and
+//! let go when the group takes it away. A partition whose writes fail (its
+//! log was fenced by a newer owner, or the broker failed) is let go at once
+//! and taken again only if the group still says it is this node's, after a
+//! pause: two nodes that both believe they own it fence each other at most
+//! once a pause until the group has told them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use troop_schemas::Event;
+
+use crate::cluster::owner::{
+    FOLLOW_BATCH_ENTRIES, OwnerError, PartitionBooks, Submitted, sequenced_since,
+};
+use crate::config::ClusterConfig;
+
+type Shared = Arc<tokio::sync::Mutex<PartitionBooks>>;
+type Loaded = Arc<RwLock<BTreeMap<i32, Shared>>>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct OwnedSettings {
+    /// How often the sequenced ledger is folded into every owned partition
+    /// (and a change of assignment looked at, if none was told).
+    pub follow_every: Duration,
+    /// The pause before a partition that failed is taken again.
+    pub retake_after: Duration,
+}
+
+impl Default for OwnedSettings {
+    fn default() -> Self {
+        Self {
+            follow_every: Duration::from_millis(100),
+            retake_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// This node's owned partitions, until [`OwnedBooks::stop`].
+#[derive(Debug)]
+pub struct OwnedBooks {
+    loaded: Loaded,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OwnedBooks {
+    /// Follows `owned` (the owners' group's assignment, from
+    /// [`crate::cluster::ownership::Ownership::watch`]). Call it on a tokio runtime.
+    pub fn start(
+        cluster: ClusterConfig,
+        owned: tokio::sync::watch::Receiver<BTreeSet<i32>>,
+        settings: OwnedSettings,
+    ) -> Self {
+        let loaded = Loaded::default();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(run(cluster, owned, Arc::clone(&loaded), settings, stopped));
+        Self { loaded, stop, task }
+    }
+
+    /// Partitions taken over and ready to judge.
+    pub fn loaded(&self) -> BTreeSet<i32> {
+        read(&self.loaded).keys().copied().collect()
+    }
+
+    /// Judges `events` in `partition` and queues the accepted ones on its
+    /// log ([`PartitionBooks::submit`]); [`OwnerError::NotOwned`] if this node
+    /// does not hold it now.
+    pub async fn submit(&self, partition: i32, events: &[Event]) -> Result<Submitted, OwnerError> {
+        let books = read(&self.loaded)
+            .get(&partition)
+            .cloned()
+            .ok_or(OwnerError::NotOwned(partition))?;
+        let submitted = books.lock().await.submit(events);
+        if let Err(OwnerError::EventLog(_) | OwnerError::Poisoned) = &submitted {
+            // Fenced or failed: this copy of the partition judges no more.
+            let removed = remove_if_same(&self.loaded, partition, &books);
+            drop(books);
+            tokio::spawn(let_go(removed.into_iter().collect()));
+        }
+        submitted
+    }
+
+    /// `f` on the fold of `partition`, if this node holds it.
+    pub async fn with_ledger<T>(
+        &self,
+        partition: i32,
+        f: impl FnOnce(&troop_ledger::fold::Ledger) -> T,
+    ) -> Option<T> {
+        let books = read(&self.loaded).get(&partition).cloned()?;
+        let books = books.lock().await;
+        Some(f(books.ledger()))
+    }
+
+    /// Lets every partition go (its log commits what it has queued) and stops.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+fn read(loaded: &Loaded) -> std::sync::RwLockReadGuard<'_, BTreeMap<i32, Shared>> {
+    loaded
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write(loaded: &Loaded) -> std::sync::RwLockWriteGuard<'_, BTreeMap<i32, Shared>> {
+    loaded
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Takes `partition` out if it is still `books` (not a newer copy).
+fn remove_if_same(loaded: &Loaded, partition: i32, books: &Shared) -> Option<Shared> {
+    let mut map = write(loaded);
+    if map.get(&partition).is_some_and(|b| Arc::ptr_eq(b, books)) {
+        map.remove(&partition)
+    } else {
+        None
+    }
+}
+
+/// Drops partitions' books off the runtime: closing a log waits for its
+/// writer thread to commit what it holds.
+async fn let_go(books: Vec<Shared>) {
+    if books.is_empty() {
+        return;
+    }
+    let _ = tokio::task::spawn_blocking(move || drop(books)).await;
+}
+
+async fn run(
+    cluster: ClusterConfig,
+    mut owned: tokio::sync::watch::Receiver<BTreeSet<i32>>,
+    loaded: Loaded,
+    settings: OwnedSettings,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut failed_at: BTreeMap<i32, Instant> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            told = owned.changed() => if told.is_err() {
+                // The membership ended: nothing is owned any more.
+                break;
+            },
+            () = tokio::time::sleep(settings.follow_every) => {}
+        }
+        let want = owned.borrow_and_update().clone();
+        let gone: Vec<Shared> = {
+            let mut map = write(&loaded);
+            let revoked: Vec<i32> = map.keys().filter(|p| !want.contains(p)).copied().collect();
+            revoked.iter().filter_map(|p| map.remove(p)).collect()
+        };
+        let_go(gone).await;
+        if client
+            .as_ref()
+            .is_none_or(tokio_postgres::Client::is_closed)
+        {
+            match crate::cluster::connect(&cluster.postgres, "partition owner").await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "owned partitions wait for postgres");
+                    continue;
+                }
+            }
+        }
+        let client = client.as_ref().expect("connected above");
+        let now = Instant::now();
+        let missing: Vec<i32> = {
+            let map = read(&loaded);
+            want.iter()
+                .filter(|p| !map.contains_key(p))
+                .copied()
+                .collect()
+        };
+        for p in missing {
+            if failed_at
+                .get(&p)
+                .is_some_and(|at| now.duration_since(*at) < settings.retake_after)
+            {
+                continue;
+            }
+            match PartitionBooks::take(client, &cluster, p).await {
+                Ok(books) => {
+                    tracing::info!(
+                        partition = p,
+                        tree_size = books.tree_size(),
+                        "took a ledger partition over"
+                    );
+                    failed_at.remove(&p);
+                    write(&loaded).insert(p, Arc::new(tokio::sync::Mutex::new(books)));
+                }
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "taking a ledger partition over failed");
+                    failed_at.insert(p, now);
+                }
+            }
+        }
+        let mut diverged = Vec::new();
+        if let Err(e) = follow(client, &loaded, &mut diverged).await {
+            tracing::warn!(error = %e, "following the sequenced ledger failed");
+        }
+        for (p, books) in diverged {
+            failed_at.insert(p, Instant::now());
+            let removed = remove_if_same(&loaded, p, &books);
+            drop(books);
+            let_go(removed.into_iter().collect()).await;
+        }
+    }
+    let all: Vec<Shared> = std::mem::take(&mut *write(&loaded)).into_values().collect();
+    let_go(all).await;
+}
+
+/// Folds newly sequenced entries into every owned partition, reading them
+/// once for all; a partition whose fold disagrees goes to `diverged`, to be
+/// let go and taken again.
+async fn follow(
+    client: &tokio_postgres::Client,
+    loaded: &Loaded,
+    diverged: &mut Vec<(i32, Shared)>,
+) -> Result<(), OwnerError> {
+    let partitions: Vec<(i32, Shared)> = read(loaded)
+        .iter()
+        .map(|(p, b)| (*p, Arc::clone(b)))
+        .collect();
+    let mut from = u64::MAX;
+    for (_, books) in &partitions {
+        from = from.min(books.lock().await.tree_size());
+    }
+    if partitions.is_empty() {
+        return Ok(());
+    }
+    loop {
+        let rows = sequenced_since(client, from).await?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        from = last.leaf + 1;
+        for (p, books) in &partitions {
+            if diverged.iter().any(|(d, _)| d == p) {
+                continue;
+            }
+            if let Err(e) = books.lock().await.fold_all(&rows) {
+                tracing::warn!(partition = p, error = %e, "an owned partition diverged; taking it again");
+                diverged.push((*p, Arc::clone(books)));
+            }
+        }
+        if rows.len() < FOLLOW_BATCH_ENTRIES {
+            return Ok(());
+        }
+    }
+}
