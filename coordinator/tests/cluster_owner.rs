@@ -11,6 +11,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::cluster::{Traffic, micro};
+use troop_coordinator::cluster::internal::{self, ClusterBooks, Internal, Secret, Verdict};
+use troop_coordinator::cluster::ledger_node::{self, LedgerNode};
 use troop_coordinator::cluster::owned::{OwnedBooks, OwnedSettings};
 use troop_coordinator::cluster::owner::{OwnerError, PartitionBooks, home_partition};
 use troop_coordinator::cluster::ownership::Ownership;
@@ -388,5 +390,191 @@ async fn owned_partitions_follow_the_group_and_an_account_keeps_its_money_across
     assert_eq!(pending, "50000", "hold j1 is open");
     b_membership.stop().await.expect("leaves");
     b.stop().await;
+    sequencer.stop().await.expect("stops");
+}
+
+const SECRET: &str = "a cluster secret for tests";
+
+/// A node with everything that judges money: membership, owned partitions,
+/// the internal API on a free port (advertised in `nodes`), and its door to
+/// every partition.
+struct MoneyNode {
+    membership: Ownership,
+    books: ClusterBooks,
+    server: actix_web::dev::ServerHandle,
+    url: String,
+}
+
+impl MoneyNode {
+    async fn start(config: &troop_coordinator::config::ClusterConfig, name: &str) -> Self {
+        let membership = Ownership::start(config, name).expect("joins");
+        let owned = std::sync::Arc::new(OwnedBooks::start(
+            config.clone(),
+            membership.watch(),
+            OwnedSettings {
+                follow_every: Duration::from_millis(50),
+                retake_after: Duration::from_millis(200),
+            },
+        ));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let server = ledger_node::serve(
+            LedgerNode::new(config.clone(), std::sync::Arc::default()),
+            Some(Internal {
+                owned: std::sync::Arc::clone(&owned),
+                secret: Secret::new(SECRET),
+            }),
+            listener,
+        )
+        .expect("serves");
+        let handle = server.handle();
+        tokio::spawn(server);
+        let postgres = troop_coordinator::cluster::connect(&config.postgres, "test node")
+            .await
+            .expect("postgres");
+        internal::advertise(&postgres, name, &url)
+            .await
+            .expect("advertises");
+        Self {
+            membership,
+            books: ClusterBooks::new(owned, SECRET, postgres),
+            server: handle,
+            url,
+        }
+    }
+
+    async fn change(&self, partition: u32, events: &[Event]) -> Vec<Verdict> {
+        self.books
+            .change(i32::try_from(partition).expect("small"), events)
+            .await
+            .expect("judged")
+    }
+
+    async fn stop(self) {
+        self.server.stop(true).await;
+        self.membership.stop().await.expect("leaves");
+        match std::sync::Arc::try_unwrap(self.books.owned) {
+            Ok(owned) => owned.stop().await,
+            Err(_) => panic!("the server still holds the owned books"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_account_hammered_through_three_nodes_is_never_overdrawn() {
+    let (_db, _broker, config, client) = common::cluster::cluster("internal", PARTITIONS).await;
+    let mut settings = SequencerSettings::new(config.clone());
+    settings.standby_retry = Duration::from_millis(100);
+    let sequencer = SequencerTask::spawn(settings, signer());
+    let progress = std::sync::Arc::clone(&sequencer.progress);
+    let mut nodes = Vec::new();
+    for name in ["node-a", "node-b", "node-c"] {
+        nodes.push(MoneyNode::start(&config, name).await);
+    }
+    until("the nodes share both partitions", || async {
+        let loaded: Vec<_> = nodes.iter().map(|n| n.books.owned.loaded()).collect();
+        let total: usize = loaded.iter().map(std::collections::BTreeSet::len).sum();
+        let union: std::collections::BTreeSet<i32> = loaded.iter().flatten().copied().collect();
+        total == 2 && union.len() == 2
+    })
+    .await;
+
+    // The setup, each event sent through node-c (owner or not), sequenced
+    // and followed by every owner before the next.
+    let traffic = Traffic::new(1, 1, AT_MS);
+    let mut entries = 0u64;
+    for event in &traffic.setup {
+        let home = home_partition(event, &Ledger::new(), PARTITIONS)
+            .expect("judgeable")
+            .expect("placed");
+        assert!(matches!(
+            nodes[2].change(home, std::slice::from_ref(event)).await[..],
+            [Verdict::Record(_)]
+        ));
+        entries += 1;
+        sequenced(&progress, entries).await;
+        until("every owner followed", || async {
+            for node in &nodes {
+                for p in node.books.owned.loaded() {
+                    if node.books.owned.with_ledger(p, Ledger::applied).await != Some(entries) {
+                        return false;
+                    }
+                }
+            }
+            true
+        })
+        .await;
+    }
+    let (consumer, events) = &traffic.consumers[0];
+    let p = partition_of(consumer, PARTITIONS);
+    for verdict in nodes[1].change(p, &events[..2]).await {
+        assert!(matches!(verdict, Verdict::Record(_)), "{verdict:?}");
+    }
+    entries += 2;
+
+    // 30 holds of 50,000 against 1,000,000, ten through each node at once:
+    // exactly 20 fit, whichever node each arrives on.
+    let hold = |n: u32| Event::HoldPlaced {
+        hold: HoldId::derive(format!("hammer-{n}").as_bytes()),
+        job: JobId::derive(format!("hammer-{n}").as_bytes()),
+        account: *consumer,
+        model: "m".into(),
+        amount_micro: micro(50_000),
+        expires_at_ms: AT_MS + 600_000,
+        at_ms: AT_MS,
+    };
+    let requests = (0..30u32).map(|n| {
+        let node = &nodes[usize::try_from(n % 3).expect("small")];
+        async move { node.change(p, &[hold(n)]).await }
+    });
+    let verdicts: Vec<Verdict> = futures_util::future::join_all(requests)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let accepted = verdicts
+        .iter()
+        .filter(|v| matches!(v, Verdict::Record(_)))
+        .count();
+    let short = verdicts
+        .iter()
+        .filter(|v| matches!(v, Verdict::Refused { code, .. } if code == "insufficient_funds"))
+        .count();
+    assert_eq!((accepted, short), (20, 10), "{verdicts:?}");
+    entries += 20;
+
+    // The internal API takes no call without the cluster's secret.
+    for bearer in [None, Some("Bearer not the cluster secret")] {
+        let url = format!("{}/internal/v1/ledger/{p}/changes", nodes[0].url);
+        let status = tokio::task::spawn_blocking(move || {
+            let request = ureq::post(&url);
+            let request = match bearer {
+                Some(b) => request.set("authorization", b),
+                None => request,
+            };
+            match request.send_string(r#"{"events":[]}"#) {
+                Err(ureq::Error::Status(code, _)) => code,
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        })
+        .await
+        .expect("calls");
+        assert_eq!(status, 401);
+    }
+
+    // The ledger agrees: every hold that fit, and the account fully held.
+    sequenced(&progress, entries).await;
+    let pending: String = client
+        .query_one(
+            "select debits_pending::text from accounts where account = $1",
+            &[&consumer.to_string()],
+        )
+        .await
+        .expect("the consumer's row")
+        .get(0);
+    assert_eq!(pending, "1000000");
+    for node in nodes {
+        node.stop().await;
+    }
     sequencer.stop().await.expect("stops");
 }

@@ -245,8 +245,8 @@ fn serve_ledger(
 ) -> (actix_web::dev::ServerHandle, String) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let server =
-        ledger_node::serve(LedgerNode::new(config.clone(), progress), listener).expect("serves");
+    let server = ledger_node::serve(LedgerNode::new(config.clone(), progress), None, listener)
+        .expect("serves");
     let handle = server.handle();
     tokio::spawn(server);
     (handle, url)

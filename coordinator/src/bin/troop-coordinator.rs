@@ -355,7 +355,7 @@ fn sequence(config: &Config, listen: Option<&str>) -> anyhow::Result<()> {
                     config.cluster.clone(),
                     std::sync::Arc::clone(&progress),
                 );
-                let server = troop_coordinator::cluster::ledger_node::serve(node, listener)?;
+                let server = troop_coordinator::cluster::ledger_node::serve(node, None, listener)?;
                 let handle = server.handle();
                 tokio::spawn(server);
                 Some(handle)

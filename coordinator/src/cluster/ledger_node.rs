@@ -162,18 +162,24 @@ async fn metrics(node: web::Data<LedgerNode>) -> HttpResponse {
         .body(m.render())
 }
 
-/// Serves `/ledger/…` and `/metrics` on `listener` until the server is
-/// stopped (its signals are the caller's: the server handles none).
+/// Serves `/ledger/…` and `/metrics` on `listener`, and the internal API
+/// between nodes when this node owns partitions (`internal`), until the
+/// server is stopped (its signals are the caller's: the server handles none).
 pub fn serve(
     node: LedgerNode,
+    internal: Option<crate::cluster::internal::Internal>,
     listener: std::net::TcpListener,
 ) -> std::io::Result<actix_web::dev::Server> {
     let node = web::Data::new(node);
     Ok(HttpServer::new(move || {
-        App::new()
+        let app = App::new()
             .app_data(node.clone())
             .route("/ledger/{path:.*}", web::get().to(ledger_file))
-            .route("/metrics", web::get().to(metrics))
+            .route("/metrics", web::get().to(metrics));
+        match &internal {
+            Some(internal) => app.configure(crate::cluster::internal::routes(internal.clone())),
+            None => app.configure(|_| {}),
+        }
     })
     .workers(2)
     .disable_signals()

@@ -4,6 +4,7 @@
 //! projection into Postgres, `replay` from Kafka, and a node's `/ledger/` and
 //! `/metrics` served from the shared services.
 
+pub mod internal;
 pub mod kafka_log;
 pub mod ledger_node;
 pub mod ledger_store;

@@ -1,0 +1,411 @@
+//! The internal API between nodes (CLUSTER.md, "Requests on another node"):
+//! a request may arrive on any node, and its account's balance changes are
+//! judged by the account's owner. The node asks the owner of the account's
+//! partition (from `partition_owners` and `nodes`) over HTTP; the owner's
+//! partition is the one serialization point of the account's money, so the
+//! same key hammering every node at once cannot overdraw it.
+//!
+//! Every call carries the cluster's shared secret (compared in constant
+//! time): whoever can call it can move money. A verdict is returned only once
+//! the owner's log has made the accepted events durable.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use subtle::ConstantTimeEq as _;
+use troop_schemas::Event;
+
+use crate::api::openai::ApiError;
+use crate::cluster::owned::OwnedBooks;
+use crate::cluster::owner::OwnerError;
+use crate::server::error_response;
+
+/// Events in one change: a request's hold, settlement or void is one or two.
+pub const MAX_EVENTS_PER_CHANGE: usize = 256;
+/// Largest change body accepted: a settlement with its receipt is a few KB.
+pub const MAX_CHANGE_BYTES: usize = 1 << 20;
+/// Times a change is sent again after the owner moved or was not ready.
+const ATTEMPTS: u32 = 5;
+/// The longest a node waits for one internal call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a node refreshes its row in `nodes`.
+pub const ADVERTISE_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ChangeRequest {
+    pub events: Vec<Event>,
+}
+
+/// The owner's verdict on one event.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Accepted and durable: its record number in the partition.
+    Record(u64),
+    /// Refused; `code` says why in a word (`insufficient_funds`, …).
+    Refused { code: String, message: String },
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ChangeResponse {
+    pub verdicts: Vec<Verdict>,
+}
+
+/// A refusal's code: what a caller needs to answer its client.
+pub fn refusal_code(e: &OwnerError) -> &'static str {
+    use troop_ledger::fold::FoldError;
+    match e {
+        OwnerError::Refused(FoldError::InsufficientFunds { .. }) => "insufficient_funds",
+        OwnerError::Refused(FoldError::UnknownModel(_) | FoldError::NoPriceSchedule) => {
+            "unknown_model"
+        }
+        OwnerError::Refused(_) => "refused",
+        OwnerError::NotHere { .. } => "not_here",
+        OwnerError::Unjudgeable(_) => "unjudgeable",
+        OwnerError::Encoding(_) => "encoding",
+        _ => "failed",
+    }
+}
+
+/// The cluster's shared secret, kept as its hash (fixed length, so the
+/// comparison's time says nothing about it).
+#[derive(Clone)]
+pub struct Secret(blake3::Hash);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    pub fn new(secret: &str) -> Self {
+        assert!(
+            secret.len() >= 16,
+            "the cluster secret is at least 16 characters"
+        );
+        Self(blake3::hash(secret.as_bytes()))
+    }
+
+    fn admits(&self, presented: &str) -> bool {
+        let presented = blake3::hash(presented.as_bytes());
+        bool::from(self.0.as_bytes().ct_eq(presented.as_bytes()))
+    }
+}
+
+/// What the internal routes need.
+#[derive(Debug, Clone)]
+pub struct Internal {
+    pub owned: Arc<OwnedBooks>,
+    pub secret: Secret,
+}
+
+/// Mounts `/internal/v1/` on an actix-web app.
+pub fn routes(internal: Internal) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.app_data(web::Data::new(internal)).service(
+            web::scope("/internal/v1")
+                .app_data(web::PayloadConfig::new(MAX_CHANGE_BYTES))
+                .route(
+                    "/ledger/{partition}/changes",
+                    web::post().to(change_handler),
+                ),
+        );
+    }
+}
+
+fn internal_error(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        status,
+        kind: "internal_error",
+        code: Some(code),
+        param: None,
+        message: message.into(),
+        retry_after_s: (status == 503).then_some(1),
+    }
+}
+
+async fn change_handler(
+    internal: web::Data<Internal>,
+    partition: web::Path<i32>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let presented = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !internal.secret.admits(presented) {
+        return error_response(&ApiError::unauthorized(
+            "This is a cluster node's internal API: a node's secret is required.",
+        ));
+    }
+    let change: ChangeRequest = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => return error_response(&ApiError::malformed_json(e)),
+    };
+    if change.events.is_empty() || change.events.len() > MAX_EVENTS_PER_CHANGE {
+        return error_response(&ApiError::invalid(
+            "events",
+            format!("a change holds 1 to {MAX_EVENTS_PER_CHANGE} events"),
+        ));
+    }
+    match judge_here(&internal.owned, partition.into_inner(), &change.events).await {
+        Ok(verdicts) => HttpResponse::Ok().json(ChangeResponse { verdicts }),
+        // 421: the caller's map of owners is stale; it looks again.
+        Err(Here::NotOwned(why)) => error_response(&internal_error(421, "not_owner", why)),
+        Err(Here::Unavailable(why)) => {
+            error_response(&internal_error(503, "owner_unavailable", why))
+        }
+        // Not acknowledged, and not to be sent again: it could apply twice.
+        Err(Here::Unknown(why)) => error_response(&internal_error(
+            500,
+            "not_durable",
+            format!("the outcome is unknown: {why}"),
+        )),
+    }
+}
+
+/// Why a change could not be judged on this node.
+#[derive(Debug)]
+enum Here {
+    /// Another node owns the partition (or none has loaded it yet).
+    NotOwned(String),
+    /// Nothing was queued: the change may be sent again.
+    Unavailable(String),
+    /// Accepted by the fold, and whether the broker has it is unknown.
+    Unknown(String),
+}
+
+/// Judges `events` in `partition` on this node, which must own it, and waits
+/// until the accepted ones are durable.
+async fn judge_here(
+    owned: &OwnedBooks,
+    partition: i32,
+    events: &[Event],
+) -> Result<Vec<Verdict>, Here> {
+    let (verdicts, pending) = match owned.submit(partition, events).await {
+        Ok(submitted) => submitted,
+        Err(e @ OwnerError::NotOwned(_)) => return Err(Here::NotOwned(e.to_string())),
+        Err(e) => return Err(Here::Unavailable(e.to_string())),
+    };
+    if let Some(pending) = pending {
+        pending
+            .durable()
+            .await
+            .map_err(|e| Here::Unknown(e.to_string()))?;
+    }
+    Ok(verdicts
+        .into_iter()
+        .map(|v| match v {
+            Ok(record) => Verdict::Record(record),
+            Err(e) => Verdict::Refused {
+                code: refusal_code(&e).to_owned(),
+                message: e.to_string(),
+            },
+        })
+        .collect())
+}
+
+/// A node's door to the ledger's money: a change is judged here when this
+/// node owns the partition, and by its owner over the internal API otherwise.
+#[derive(Debug)]
+pub struct ClusterBooks {
+    pub owned: Arc<OwnedBooks>,
+    remote: RemoteOwners,
+    postgres: tokio_postgres::Client,
+}
+
+impl ClusterBooks {
+    pub fn new(owned: Arc<OwnedBooks>, secret: &str, postgres: tokio_postgres::Client) -> Self {
+        Self {
+            owned,
+            remote: RemoteOwners::new(secret),
+            postgres,
+        }
+    }
+
+    /// The verdicts on `events`, changes of accounts in `partition`.
+    pub async fn change(
+        &self,
+        partition: i32,
+        events: &[Event],
+    ) -> Result<Vec<Verdict>, InternalError> {
+        match judge_here(&self.owned, partition, events).await {
+            Ok(verdicts) => Ok(verdicts),
+            Err(Here::NotOwned(_)) => self.remote.change(&self.postgres, partition, events).await,
+            Err(Here::Unavailable(why)) => Err(InternalError::Unavailable(partition, why)),
+            Err(Here::Unknown(_)) => Err(InternalError::Unknown(partition)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InternalError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("no node owns ledger partition {0} now")]
+    NoOwner(i32),
+    #[error("the owner of partition {partition} answered {status}: {body}")]
+    Owner {
+        partition: i32,
+        status: u16,
+        body: String,
+    },
+    #[error("calling the owner of partition {partition}: {source}")]
+    Call {
+        partition: i32,
+        source: reqwest::Error,
+    },
+    #[error(
+        "the owner of partition {0} did not answer in time; the change may or may not have been made"
+    )]
+    Unknown(i32),
+    #[error("partition {0} cannot judge now: {1}")]
+    Unavailable(i32, String),
+}
+
+/// Records that `node` answers internal calls at `internal_url`, now.
+pub async fn advertise(
+    client: &tokio_postgres::Client,
+    node: &str,
+    internal_url: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let now_ms = i64::try_from(crate::server::now_ms()).unwrap_or(i64::MAX);
+    client
+        .execute(
+            "insert into nodes (node, internal_url, last_seen_ms) values ($1, $2, $3)
+             on conflict (node) do update set internal_url = excluded.internal_url,
+               last_seen_ms = excluded.last_seen_ms",
+            &[&node, &internal_url, &now_ms],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Sends balance changes to whichever node owns their partition.
+#[derive(Debug)]
+pub struct RemoteOwners {
+    http: reqwest::Client,
+    bearer: String,
+    /// partition → owner's internal URL, as last read; refreshed when a call
+    /// finds it stale.
+    owners: Mutex<BTreeMap<i32, String>>,
+}
+
+impl RemoteOwners {
+    pub fn new(secret: &str) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(CALL_TIMEOUT)
+                .build()
+                .expect("an HTTP client with a timeout"),
+            bearer: format!("Bearer {secret}"),
+            owners: Mutex::default(),
+        }
+    }
+
+    async fn refresh(&self, client: &tokio_postgres::Client) -> Result<(), InternalError> {
+        let rows = client
+            .query(
+                "select o.partition_id, n.internal_url from partition_owners o join nodes n on n.node = o.node",
+                &[],
+            )
+            .await?;
+        *self
+            .owners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        Ok(())
+    }
+
+    fn owner(&self, partition: i32) -> Option<String> {
+        self.owners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&partition)
+            .cloned()
+    }
+
+    /// The owner's verdicts on `events` in `partition`. Sent again only when
+    /// it surely was not judged (no owner known, the owner moved, it was not
+    /// ready, or the connection was refused): a change sent twice could be
+    /// judged twice.
+    pub async fn change(
+        &self,
+        client: &tokio_postgres::Client,
+        partition: i32,
+        events: &[Event],
+    ) -> Result<Vec<Verdict>, InternalError> {
+        let body = ChangeRequest {
+            events: events.to_vec(),
+        };
+        let mut last = InternalError::NoOwner(partition);
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+            }
+            let url = match self.owner(partition) {
+                Some(url) => url,
+                None => {
+                    self.refresh(client).await?;
+                    match self.owner(partition) {
+                        Some(url) => url,
+                        None => continue,
+                    }
+                }
+            };
+            let sent = self
+                .http
+                .post(format!("{url}/internal/v1/ledger/{partition}/changes"))
+                .header("authorization", &self.bearer)
+                .json(&body)
+                .send()
+                .await;
+            let response = match sent {
+                Ok(r) => r,
+                Err(e) if e.is_connect() => {
+                    self.refresh(client).await?;
+                    last = InternalError::Call {
+                        partition,
+                        source: e,
+                    };
+                    continue;
+                }
+                Err(e) if e.is_timeout() => return Err(InternalError::Unknown(partition)),
+                Err(e) => {
+                    return Err(InternalError::Call {
+                        partition,
+                        source: e,
+                    });
+                }
+            };
+            let status = response.status().as_u16();
+            if status == 200 {
+                let parsed: ChangeResponse =
+                    response.json().await.map_err(|e| InternalError::Call {
+                        partition,
+                        source: e,
+                    })?;
+                return Ok(parsed.verdicts);
+            }
+            let text = response.text().await.unwrap_or_default();
+            last = InternalError::Owner {
+                partition,
+                status,
+                body: text,
+            };
+            match status {
+                421 => self.refresh(client).await?,
+                503 => {}
+                _ => return Err(last),
+            }
+        }
+        Err(last)
+    }
+}
