@@ -19,7 +19,9 @@
 //!   with checksums, group commit, torn-tail recovery).
 //! - [`cluster`]: Kafka and Postgres for a cluster of nodes (CLUSTER.md):
 //!   `migrate`, the Kafka event log, the ledger's sequencer and its projection,
-//!   `replay`, partition ownership, a node's `/ledger/` and `/metrics`.
+//!   `replay`, partition ownership and the owners' judgement of balance
+//!   changes (`owner`, `owned`, the internal API), a node's `/ledger/` and
+//!   `/metrics`.
 //! - [`api`]: OpenAI request validation and error shapes; [`config`]; [`metrics`].
 
 #![forbid(unsafe_code)]

@@ -1,8 +1,10 @@
 //! The coordinator cluster on Kafka and Postgres (CLUSTER.md). Built slice by
 //! slice; today: `migrate` (topics and the projections' schema), the event
 //! log on a Kafka partition, the ledger's sequencer with its order log and its
-//! projection into Postgres, `replay` from Kafka, and a node's `/ledger/` and
-//! `/metrics` served from the shared services.
+//! projection into Postgres, `replay` from Kafka, partition ownership (the
+//! owners' group, each owned partition's fenced log and fold, the internal
+//! API through which any node has a change judged by its owner), and a node's
+//! `/ledger/` and `/metrics` served from the shared services.
 
 pub mod internal;
 pub mod kafka_log;
