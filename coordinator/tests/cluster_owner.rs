@@ -422,7 +422,7 @@ impl MoneyNode {
             LedgerNode::new(config.clone(), std::sync::Arc::default()),
             Some(Internal {
                 owned: std::sync::Arc::clone(&owned),
-                secret: Secret::new(SECRET),
+                secret: Secret::new(SECRET).expect("long enough"),
             }),
             listener,
         )

@@ -30,8 +30,8 @@ pub const MAX_CHANGE_BYTES: usize = 1 << 20;
 const ATTEMPTS: u32 = 5;
 /// The longest a node waits for one internal call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a node refreshes its row in `nodes`.
-pub const ADVERTISE_EVERY: Duration = Duration::from_secs(1);
+/// The shortest cluster secret accepted.
+pub const MIN_SECRET_CHARS: usize = 16;
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct ChangeRequest {
@@ -81,12 +81,12 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
-    pub fn new(secret: &str) -> Self {
-        assert!(
-            secret.len() >= 16,
-            "the cluster secret is at least 16 characters"
-        );
-        Self(blake3::hash(secret.as_bytes()))
+    /// Refuses a secret shorter than [`MIN_SECRET_CHARS`]: it would be guessable.
+    pub fn new(secret: &str) -> Result<Self, InternalError> {
+        if secret.chars().count() < MIN_SECRET_CHARS {
+            return Err(InternalError::WeakSecret);
+        }
+        Ok(Self(blake3::hash(secret.as_bytes())))
     }
 
     fn admits(&self, presented: &str) -> bool {
@@ -267,6 +267,8 @@ pub enum InternalError {
     Unknown(i32),
     #[error("partition {0} cannot judge now: {1}")]
     Unavailable(i32, String),
+    #[error("the cluster secret must be at least {MIN_SECRET_CHARS} characters")]
+    WeakSecret,
 }
 
 /// Records that `node` answers internal calls at `internal_url`, now.

@@ -190,7 +190,8 @@ impl PartitionBooks {
     /// The fold of `partition` written through `log` (already its one
     /// writer): the sequenced ledger and the sequencer's positions, read in
     /// one snapshot of Postgres, then this partition's records past its
-    /// position, read from the log.
+    /// position, read from the log. `client` runs a transaction meanwhile:
+    /// nothing else may use it until this returns.
     pub async fn load(
         client: &tokio_postgres::Client,
         log: Arc<dyn EventLog>,
