@@ -94,29 +94,34 @@ pub fn fold_ledger_record<'a>(
 /// Judges `events` in order against `ledger` (first `admit`, then the fold),
 /// applying the accepted ones: one verdict per event (the accepted event's
 /// place among the accepted, or why it was refused: a refusal changes nothing
-/// and does not stop the others), and the accepted ones as event-log records.
+/// and does not stop the others), and the accepted ones' canonical entries.
 /// The embedded books and a cluster partition's owner judge with this one
-/// function; they differ only in where the records go.
+/// function; they differ only in where the records go ([`ledger_record`]).
 pub fn judge<E: From<FoldError> + From<EntryError>>(
     ledger: &mut Ledger,
     events: &[Event],
     mut admit: impl FnMut(&Ledger, &Event) -> Result<(), E>,
 ) -> (Vec<Result<usize, E>>, Vec<Vec<u8>>) {
-    let mut records = Vec::new();
+    let mut entries = Vec::new();
     let verdicts = events
         .iter()
         .map(|event| {
             admit(ledger, event)?;
             let encoded = encode_entry(event)?;
             ledger.apply(event)?;
-            let mut record = Vec::with_capacity(encoded.len() + 1);
-            record.push(TAG_LEDGER_ENTRY);
-            record.extend_from_slice(&encoded);
-            records.push(record);
-            Ok(records.len() - 1)
+            entries.push(encoded);
+            Ok(entries.len() - 1)
         })
         .collect();
-    (verdicts, records)
+    (verdicts, entries)
+}
+
+/// The event-log record of a ledger entry: its tag, then the entry.
+pub fn ledger_record(entry: &[u8]) -> Vec<u8> {
+    let mut record = Vec::with_capacity(entry.len() + 1);
+    record.push(TAG_LEDGER_ENTRY);
+    record.extend_from_slice(entry);
+    record
 }
 
 /// One verdict per event (its ledger index, or why it was refused), and the
@@ -355,7 +360,7 @@ impl Books {
             return Err(BooksError::Poisoned);
         }
         self.sequence_durable()?;
-        let (judged, records) = judge(&mut self.ledger, events, |_, _| Ok::<_, BooksError>(()));
+        let (judged, entries) = judge(&mut self.ledger, events, |_, _| Ok::<_, BooksError>(()));
         let verdicts = judged
             .into_iter()
             .zip(events)
@@ -367,10 +372,10 @@ impl Books {
                 Ok(index)
             })
             .collect();
-        if records.is_empty() {
+        if entries.is_empty() {
             return Ok((verdicts, None));
         }
-        let entries: Vec<Vec<u8>> = records.iter().map(|r| r[1..].to_vec()).collect();
+        let records = entries.iter().map(|e| ledger_record(e)).collect();
         let pending = match self.events.submit(records) {
             Ok(p) => p,
             Err(e) => {

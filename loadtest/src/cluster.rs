@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use troop_coordinator::books::TAG_LEDGER_ENTRY;
+use troop_coordinator::books::ledger_record as record;
 use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
 use troop_coordinator::cluster::projection::partition_of;
@@ -126,13 +126,6 @@ fn split(entries: &[Vec<u8>], partitions: u32) -> Result<Split> {
         traffic,
         receipts,
     })
-}
-
-fn record(entry: &[u8]) -> Vec<u8> {
-    let mut r = Vec::with_capacity(entry.len() + 1);
-    r.push(TAG_LEDGER_ENTRY);
-    r.extend_from_slice(entry);
-    r
 }
 
 fn owner(config: &ClusterConfig, partition: i32) -> Result<KafkaLog> {

@@ -22,9 +22,10 @@ use std::sync::Arc;
 use troop_ledger::fold::{FoldError, Ledger};
 use troop_schemas::{AccountId, EntryError, Event, decode_entry};
 
-use crate::books::{TAG_LEDGER_ENTRY, judge};
+use crate::books::{TAG_LEDGER_ENTRY, judge, ledger_record};
 use crate::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use crate::cluster::projection::{ProjectionError, Sequencer, partition_of, partition_of_key};
+use crate::cluster::sequencer::blocking;
 use crate::config::ClusterConfig;
 use crate::eventlog::{EventLog, EventLogError, Pending};
 
@@ -159,12 +160,8 @@ impl std::fmt::Debug for PartitionBooks {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, OwnerError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| OwnerError::Blocking(e.to_string()))
+fn blocking_failed(e: crate::cluster::sequencer::SequencerError) -> OwnerError {
+    OwnerError::Blocking(e.to_string())
 }
 
 impl PartitionBooks {
@@ -176,7 +173,9 @@ impl PartitionBooks {
         partition: i32,
     ) -> Result<Self, OwnerError> {
         let config = KafkaLogConfig::ledger_owner(cluster, partition);
-        let log = blocking(move || KafkaLog::open(config)).await??;
+        let log = blocking(move || KafkaLog::open(config))
+            .await
+            .map_err(blocking_failed)??;
         Self::load(
             client,
             Arc::new(log),
@@ -233,7 +232,9 @@ impl PartitionBooks {
         // The tail: records of this partition the sequencer has not read.
         loop {
             let (log, from) = (Arc::clone(&books.log), books.next(partition));
-            let batch = blocking(move || log.read(from, LOAD_BATCH_RECORDS)).await??;
+            let batch = blocking(move || log.read(from, LOAD_BATCH_RECORDS))
+                .await
+                .map_err(blocking_failed)??;
             if batch.is_empty() {
                 break;
             }
@@ -323,10 +324,7 @@ impl PartitionBooks {
                 )));
             }
         } else {
-            let mut record = Vec::with_capacity(entry.len() + 1);
-            record.push(TAG_LEDGER_ENTRY);
-            record.extend_from_slice(entry);
-            self.fold_record(partition, offset, &record, true)?;
+            self.fold_record(partition, offset, &ledger_record(entry), true)?;
         }
         self.tree_size += 1;
         Ok(())
@@ -364,7 +362,7 @@ impl PartitionBooks {
             return Err(OwnerError::Poisoned);
         }
         let (here, partitions) = (self.partition, self.partitions);
-        let (judged, records) =
+        let (judged, entries) =
             judge(
                 &mut self.ledger,
                 events,
@@ -375,10 +373,11 @@ impl PartitionBooks {
                     _ => Ok(()),
                 },
             );
-        if records.is_empty() {
+        if entries.is_empty() {
             return Ok((judged.into_iter().map(|v| v.map(|_| 0)).collect(), None));
         }
-        let count = records.len() as u64;
+        let count = entries.len() as u64;
+        let records = entries.iter().map(|e| ledger_record(e)).collect();
         let pending = match self.log.submit(records) {
             Ok(p) => p,
             Err(e) => {
