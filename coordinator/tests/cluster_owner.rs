@@ -33,6 +33,13 @@ fn signer() -> troop_ledger::note::NoteSigner {
     .expect("signer")
 }
 
+/// The sequencer task, as every node runs it, quick to take the lead.
+fn start_sequencer(config: &troop_coordinator::config::ClusterConfig) -> SequencerTask {
+    let mut settings = SequencerSettings::new(config.clone());
+    settings.standby_retry = Duration::from_millis(100);
+    SequencerTask::spawn(settings, signer())
+}
+
 /// Submits `events` to `owner` and waits until the accepted ones are durable.
 async fn put(owner: &mut PartitionBooks, events: &[Event]) -> Vec<Result<u64, OwnerError>> {
     let (verdicts, pending) = owner.submit(events).expect("the log takes them");
@@ -65,9 +72,7 @@ fn account_in(partition: u32) -> AccountId {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_owner_fences_the_old_one_and_no_account_is_overdrawn_across_the_hand_over() {
     let (_db, _broker, config, client) = common::cluster::cluster("owner", PARTITIONS).await;
-    let mut settings = SequencerSettings::new(config.clone());
-    settings.standby_retry = Duration::from_millis(100);
-    let sequencer = SequencerTask::spawn(settings, signer());
+    let sequencer = start_sequencer(&config);
     let progress = std::sync::Arc::clone(&sequencer.progress);
 
     // Node A owns both partitions and writes the network's setup, each event
@@ -271,128 +276,6 @@ async fn put_on(
     verdicts
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn owned_partitions_follow_the_group_and_an_account_keeps_its_money_across_nodes() {
-    let (_db, _broker, config, client) = common::cluster::cluster("owned", PARTITIONS).await;
-    let mut settings = SequencerSettings::new(config.clone());
-    settings.standby_retry = Duration::from_millis(100);
-    let sequencer = SequencerTask::spawn(settings, signer());
-    let progress = std::sync::Arc::clone(&sequencer.progress);
-    let all: std::collections::BTreeSet<i32> = (0..2).collect();
-    let owned = OwnedSettings {
-        follow_every: Duration::from_millis(50),
-        retake_after: Duration::from_millis(200),
-    };
-    let start = |node: &str| {
-        let membership = Ownership::start(&config, node).expect("joins");
-        let books = OwnedBooks::start(config.clone(), membership.watch(), owned);
-        (membership, books)
-    };
-
-    let (a_membership, a) = start("node-a");
-    until("node-a holds both partitions", || async {
-        a.loaded() == all
-    })
-    .await;
-    // The network's setup, each event where it is judged, each followed by
-    // both partitions before the next (a registration needs its account).
-    let traffic = Traffic::new(1, 2, AT_MS);
-    let mut entries = 0u64;
-    for event in &traffic.setup {
-        let home = home_partition(event, &Ledger::new(), PARTITIONS)
-            .expect("judgeable")
-            .expect("placed");
-        put_on(&a, home, std::slice::from_ref(event)).await[0]
-            .as_ref()
-            .expect("accepted");
-        entries += 1;
-        sequenced(&progress, entries).await;
-        until("both partitions followed", || async {
-            for p in 0..2 {
-                if a.with_ledger(p, Ledger::applied).await != Some(entries) {
-                    return false;
-                }
-            }
-            true
-        })
-        .await;
-    }
-    let (consumer, events) = &traffic.consumers[0];
-    let p = partition_of(consumer, PARTITIONS);
-    let pi = i32::try_from(p).expect("small");
-    for verdict in put_on(&a, p, &events[..3]).await {
-        verdict.expect("accepted");
-    }
-    entries += 3;
-
-    // node-b joins: the partitions are shared, each loaded by one node.
-    let (b_membership, b) = start("node-b");
-    until("the two nodes share the partitions", || async {
-        let (la, lb) = (a.loaded(), b.loaded());
-        la.len() == 1
-            && lb.len() == 1
-            && la
-                .union(&lb)
-                .copied()
-                .collect::<std::collections::BTreeSet<_>>()
-                == all
-    })
-    .await;
-    let (owner, other) = if a.loaded().contains(&pi) {
-        (&a, &b)
-    } else {
-        (&b, &a)
-    };
-    assert!(matches!(
-        other.submit(pi, &events[3..4]).await,
-        Err(OwnerError::NotOwned(n)) if n == pi
-    ));
-    let available = |l: &Ledger| l.account(consumer).expect("the consumer").available();
-    assert_eq!(owner.with_ledger(pi, available).await, Some(950_000));
-    for verdict in put_on(owner, p, &events[3..]).await {
-        verdict.expect("settled and held again");
-    }
-    entries += 2;
-
-    // node-a leaves: node-b takes everything, with the consumer's money as it was.
-    let expected = owner.with_ledger(pi, available).await.expect("held");
-    a_membership.stop().await.expect("leaves");
-    a.stop().await;
-    until("node-b holds both partitions", || async {
-        b.loaded() == all
-    })
-    .await;
-    assert_eq!(b.with_ledger(pi, available).await, Some(expected));
-    let too_much = Event::HoldPlaced {
-        hold: HoldId::derive(b"too-much"),
-        job: JobId::derive(b"too-much"),
-        account: *consumer,
-        model: "m".into(),
-        amount_micro: micro(u64::try_from(expected).expect("positive") + 1),
-        expires_at_ms: AT_MS + 600_000,
-        at_ms: AT_MS,
-    };
-    assert!(matches!(
-        put_on(&b, p, &[too_much]).await[0],
-        Err(OwnerError::Refused(FoldError::InsufficientFunds { .. }))
-    ));
-
-    // Everything accepted is sequenced (the sequencer stops on a refusal).
-    sequenced(&progress, entries).await;
-    let pending: String = client
-        .query_one(
-            "select debits_pending::text from accounts where account = $1",
-            &[&consumer.to_string()],
-        )
-        .await
-        .expect("the consumer's row")
-        .get(0);
-    assert_eq!(pending, "50000", "hold j1 is open");
-    b_membership.stop().await.expect("leaves");
-    b.stop().await;
-    sequencer.stop().await.expect("stops");
-}
-
 const SECRET: &str = "a cluster secret for tests";
 
 /// A node with everything that judges money: membership, owned partitions,
@@ -460,12 +343,136 @@ impl MoneyNode {
     }
 }
 
+/// The network's setup sent through `via` (owner or not), each event to
+/// the partition that judges it, sequenced and folded by every owner among
+/// `nodes` before the next (a registration needs its account, which may live
+/// in another partition). Returns the entries written.
+async fn set_up(
+    nodes: &[&MoneyNode],
+    via: &MoneyNode,
+    setup: &[Event],
+    progress: &SequencerProgress,
+) -> u64 {
+    let mut entries = 0u64;
+    for event in setup {
+        let home = home_partition(event, &Ledger::new(), PARTITIONS)
+            .expect("judgeable")
+            .expect("placed");
+        assert!(matches!(
+            via.change(home, std::slice::from_ref(event)).await[..],
+            [Verdict::Record(_)]
+        ));
+        entries += 1;
+        sequenced(progress, entries).await;
+        until("every owner followed", || async {
+            for node in nodes {
+                for p in node.books.owned.loaded() {
+                    if node.books.owned.with_ledger(p, Ledger::applied).await != Some(entries) {
+                        return false;
+                    }
+                }
+            }
+            true
+        })
+        .await;
+    }
+    entries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_partitions_follow_the_group_and_an_account_keeps_its_money_across_nodes() {
+    let (_db, _broker, config, client) = common::cluster::cluster("owned", PARTITIONS).await;
+    let sequencer = start_sequencer(&config);
+    let progress = std::sync::Arc::clone(&sequencer.progress);
+    let all: std::collections::BTreeSet<i32> = (0..2).collect();
+    let a = MoneyNode::start(&config, "node-a").await;
+    until("node-a holds both partitions", || async {
+        a.books.owned.loaded() == all
+    })
+    .await;
+    let traffic = Traffic::new(1, 2, AT_MS);
+    let mut entries = set_up(&[&a], &a, &traffic.setup, &progress).await;
+    let (consumer, events) = &traffic.consumers[0];
+    let p = partition_of(consumer, PARTITIONS);
+    let pi = i32::try_from(p).expect("small");
+    for verdict in put_on(&a.books.owned, p, &events[..3]).await {
+        verdict.expect("accepted");
+    }
+    entries += 3;
+
+    // node-b joins: the partitions are shared, each loaded by one node.
+    let b = MoneyNode::start(&config, "node-b").await;
+    until("the two nodes share the partitions", || async {
+        let (la, lb) = (a.books.owned.loaded(), b.books.owned.loaded());
+        la.len() == 1
+            && lb.len() == 1
+            && la
+                .union(&lb)
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>()
+                == all
+    })
+    .await;
+    let (owner, other) = if a.books.owned.loaded().contains(&pi) {
+        (&a.books.owned, &b.books.owned)
+    } else {
+        (&b.books.owned, &a.books.owned)
+    };
+    assert!(matches!(
+        other.submit(pi, &events[3..4]).await,
+        Err(OwnerError::NotOwned(n)) if n == pi
+    ));
+    let available = |l: &Ledger| l.account(consumer).expect("the consumer").available();
+    assert_eq!(owner.with_ledger(pi, available).await, Some(950_000));
+    for verdict in put_on(owner, p, &events[3..]).await {
+        verdict.expect("settled and held again");
+    }
+    entries += 2;
+
+    // node-a leaves: node-b takes everything, with the consumer's money as it was.
+    let expected = owner.with_ledger(pi, available).await.expect("held");
+    a.stop().await;
+    until("node-b holds both partitions", || async {
+        b.books.owned.loaded() == all
+    })
+    .await;
+    assert_eq!(
+        b.books.owned.with_ledger(pi, available).await,
+        Some(expected)
+    );
+    let too_much = Event::HoldPlaced {
+        hold: HoldId::derive(b"too-much"),
+        job: JobId::derive(b"too-much"),
+        account: *consumer,
+        model: "m".into(),
+        amount_micro: micro(u64::try_from(expected).expect("positive") + 1),
+        expires_at_ms: AT_MS + 600_000,
+        at_ms: AT_MS,
+    };
+    assert!(matches!(
+        put_on(&b.books.owned, p, &[too_much]).await[0],
+        Err(OwnerError::Refused(FoldError::InsufficientFunds { .. }))
+    ));
+
+    // Everything accepted is sequenced (the sequencer stops on a refusal).
+    sequenced(&progress, entries).await;
+    let pending: String = client
+        .query_one(
+            "select debits_pending::text from accounts where account = $1",
+            &[&consumer.to_string()],
+        )
+        .await
+        .expect("the consumer's row")
+        .get(0);
+    assert_eq!(pending, "50000", "hold j1 is open");
+    b.stop().await;
+    sequencer.stop().await.expect("stops");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_account_hammered_through_three_nodes_is_never_overdrawn() {
     let (_db, _broker, config, client) = common::cluster::cluster("internal", PARTITIONS).await;
-    let mut settings = SequencerSettings::new(config.clone());
-    settings.standby_retry = Duration::from_millis(100);
-    let sequencer = SequencerTask::spawn(settings, signer());
+    let sequencer = start_sequencer(&config);
     let progress = std::sync::Arc::clone(&sequencer.progress);
     let mut nodes = Vec::new();
     for name in ["node-a", "node-b", "node-c"] {
@@ -479,32 +486,10 @@ async fn the_same_account_hammered_through_three_nodes_is_never_overdrawn() {
     })
     .await;
 
-    // The setup, each event sent through node-c (owner or not), sequenced
-    // and followed by every owner before the next.
+    // The setup sent through node-c, owner or not.
     let traffic = Traffic::new(1, 1, AT_MS);
-    let mut entries = 0u64;
-    for event in &traffic.setup {
-        let home = home_partition(event, &Ledger::new(), PARTITIONS)
-            .expect("judgeable")
-            .expect("placed");
-        assert!(matches!(
-            nodes[2].change(home, std::slice::from_ref(event)).await[..],
-            [Verdict::Record(_)]
-        ));
-        entries += 1;
-        sequenced(&progress, entries).await;
-        until("every owner followed", || async {
-            for node in &nodes {
-                for p in node.books.owned.loaded() {
-                    if node.books.owned.with_ledger(p, Ledger::applied).await != Some(entries) {
-                        return false;
-                    }
-                }
-            }
-            true
-        })
-        .await;
-    }
+    let all_nodes: Vec<&MoneyNode> = nodes.iter().collect();
+    let mut entries = set_up(&all_nodes, &nodes[2], &traffic.setup, &progress).await;
     let (consumer, events) = &traffic.consumers[0];
     let p = partition_of(consumer, PARTITIONS);
     for verdict in nodes[1].change(p, &events[..2]).await {

@@ -30,9 +30,7 @@ const PARTITIONS: u32 = 2;
 
 /// A judged ledger event as an owner writes it (tag 0x01, then the entry).
 fn ledger_record(event: &Event) -> Vec<u8> {
-    let mut r = vec![troop_coordinator::books::TAG_LEDGER_ENTRY];
-    r.extend(encode_entry(event).expect("encodes"));
-    r
+    troop_coordinator::books::ledger_record(&encode_entry(event).expect("encodes"))
 }
 
 fn owner(config: &ClusterConfig, partition: i32) -> KafkaLog {
