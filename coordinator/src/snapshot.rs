@@ -26,7 +26,7 @@ use crate::history::WorkerHistory;
 use crate::keys::{Stored, TAG_KEY_EVENT};
 use crate::server::{BanEvent, TAG_BAN_EVENT};
 
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 /// Snapshots kept on disk; older ones are deleted.
 const KEEP: usize = 2;
 const READ_BATCH: usize = 4096;

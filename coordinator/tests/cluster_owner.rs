@@ -10,7 +10,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::cluster::{Traffic, micro};
+use common::cluster::{Job, Traffic, micro};
 use troop_coordinator::cluster::internal::{self, ClusterBooks, Internal, Secret, Verdict};
 use troop_coordinator::cluster::ledger_node::{self, LedgerNode};
 use troop_coordinator::cluster::owned::{OwnedBooks, OwnedSettings};
@@ -69,39 +69,49 @@ fn account_in(partition: u32) -> AccountId {
         .expect("some account lands there")
 }
 
+/// Node A takes both partitions and writes the network's `setup`, each event
+/// to the partition that judges it, following the ledger in between (the
+/// worker's registration needs its account, which may live elsewhere).
+async fn owners_set_up(
+    client: &tokio_postgres::Client,
+    config: &troop_coordinator::config::ClusterConfig,
+    progress: &SequencerProgress,
+    setup: &[Event],
+) -> [PartitionBooks; PARTITIONS as usize] {
+    let mut owners = [
+        PartitionBooks::take(client, config, 0)
+            .await
+            .expect("takes 0"),
+        PartitionBooks::take(client, config, 1)
+            .await
+            .expect("takes 1"),
+    ];
+    let first = progress.tree_size.load(Ordering::SeqCst);
+    for (n, event) in (1..).zip(setup) {
+        let home = home_partition(event, owners[0].ledger(), PARTITIONS)
+            .expect("judgeable")
+            .expect("placed");
+        let owner = &mut owners[usize::try_from(home).expect("small")];
+        put(owner, std::slice::from_ref(event)).await[0]
+            .as_ref()
+            .expect("accepted");
+        sequenced(progress, first + n).await;
+        for owner in &mut owners {
+            owner.follow(client).await.expect("follows");
+        }
+    }
+    owners
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_owner_fences_the_old_one_and_no_account_is_overdrawn_across_the_hand_over() {
     let (_db, _broker, config, client) = common::cluster::cluster("owner", PARTITIONS).await;
     let sequencer = start_sequencer(&config);
     let progress = std::sync::Arc::clone(&sequencer.progress);
 
-    // Node A owns both partitions and writes the network's setup, each event
-    // to the partition that judges it, following the ledger in between (the
-    // worker's registration needs its account, which may live elsewhere).
-    let mut a = [
-        PartitionBooks::take(&client, &config, 0)
-            .await
-            .expect("takes 0"),
-        PartitionBooks::take(&client, &config, 1)
-            .await
-            .expect("takes 1"),
-    ];
     let traffic = Traffic::new(1, 2, AT_MS);
-    let mut entries = 0u64;
-    for event in &traffic.setup {
-        let home = home_partition(event, a[0].ledger(), PARTITIONS)
-            .expect("judgeable")
-            .expect("placed");
-        let owner = &mut a[usize::try_from(home).expect("small")];
-        put(owner, std::slice::from_ref(event)).await[0]
-            .as_ref()
-            .expect("accepted");
-        entries += 1;
-        sequenced(&progress, entries).await;
-        for owner in &mut a {
-            owner.follow(&client).await.expect("follows");
-        }
-    }
+    let mut a = owners_set_up(&client, &config, &progress, &traffic.setup).await;
+    let mut entries = traffic.setup.len() as u64;
 
     // A consumer in partition p: opened, funded, one hold placed by node A.
     let (consumer, events) = &traffic.consumers[0];
@@ -138,6 +148,7 @@ async fn a_new_owner_fences_the_old_one_and_no_account_is_overdrawn_across_the_h
         model: "m".into(),
         amount_micro: micro(amount),
         expires_at_ms: AT_MS + 600_000,
+        schedule_version: 1,
         at_ms: AT_MS,
     };
     let from_a = hold(b"from-a", 900_000);
@@ -447,6 +458,7 @@ async fn owned_partitions_follow_the_group_and_an_account_keeps_its_money_across
         model: "m".into(),
         amount_micro: micro(u64::try_from(expected).expect("positive") + 1),
         expires_at_ms: AT_MS + 600_000,
+        schedule_version: 1,
         at_ms: AT_MS,
     };
     assert!(matches!(
@@ -506,6 +518,7 @@ async fn the_same_account_hammered_through_three_nodes_is_never_overdrawn() {
         model: "m".into(),
         amount_micro: micro(50_000),
         expires_at_ms: AT_MS + 600_000,
+        schedule_version: 1,
         at_ms: AT_MS,
     };
     let requests = (0..30u32).map(|n| {
@@ -561,5 +574,154 @@ async fn the_same_account_hammered_through_three_nodes_is_never_overdrawn() {
     for node in nodes {
         node.stop().await;
     }
+    sequencer.stop().await.expect("stops");
+}
+
+/// A schedule and a coordinator key published by the treasury's partition and
+/// sequenced between an owner's judgement and its events: the owner has not
+/// folded them, prices at the old schedule and countersigns with the retired
+/// key, and the sequencer still accepts every event (it stops on a refusal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_and_key_sequenced_behind_an_owners_back_do_not_stop_the_sequencer() {
+    let (_db, _broker, config, client) = common::cluster::cluster("race", PARTITIONS).await;
+    let sequencer = start_sequencer(&config);
+    let progress = std::sync::Arc::clone(&sequencer.progress);
+    let traffic = Traffic::new(0, 0, AT_MS);
+    let mut owners = owners_set_up(&client, &config, &progress, &traffic.setup).await;
+    let mut entries = traffic.setup.len() as u64;
+
+    // The consumer lives in the partition that does not publish schedules.
+    let t = partition_of(&AccountId::TREASURY, PARTITIONS);
+    let p = 1 - t;
+    let (ti, pi) = (
+        usize::try_from(t).expect("small"),
+        usize::try_from(p).expect("small"),
+    );
+    let consumer = account_in(p);
+    let job = |name: &[u8]| Job {
+        hold: HoldId::derive(name),
+        job: JobId::derive(name),
+        consumer,
+        reserved: micro(100_000),
+    };
+    let place = |job: &Job, version: u64| Event::HoldPlaced {
+        hold: job.hold,
+        job: job.job,
+        account: consumer,
+        model: "m".into(),
+        amount_micro: job.reserved,
+        expires_at_ms: AT_MS + 600_000,
+        schedule_version: version,
+        at_ms: AT_MS,
+    };
+    let (first, second) = (job(b"first"), job(b"second"));
+    let old = owners[pi].ledger().schedule().expect("published").clone();
+    for verdict in put(
+        &mut owners[pi],
+        &[
+            Event::AccountOpened {
+                account: consumer,
+                role: AccountRole::Consumer,
+                at_ms: AT_MS,
+            },
+            Event::Grant {
+                account: consumer,
+                amount_micro: micro(1_000_000),
+                memo: String::new(),
+                at_ms: AT_MS,
+            },
+            place(&first, old.version),
+        ],
+    )
+    .await
+    {
+        verdict.expect("accepted");
+    }
+    entries += 3;
+
+    // The treasury's partition raises the prices tenfold and rotates the
+    // coordinator key; both are sequenced, and p's owner does not follow.
+    let newer = ed25519_dalek::SigningKey::from_bytes(&[33; 32]);
+    let raise = Event::PriceSchedulePublished {
+        version: old.version + 1,
+        fee_bps: 1_000,
+        prices: vec![troop_schemas::event::ModelPrice {
+            model: "m".into(),
+            input_micro_per_1k: micro(10_000),
+            output_micro_per_1k: micro(30_000),
+        }],
+        at_ms: AT_MS + 1,
+    };
+    let rotate = Event::KeyRotated {
+        role: troop_schemas::event::KeyRole::Coordinator,
+        name: "coordinator-2".into(),
+        key: troop_ledger::receipt::public_key(&newer),
+        at_ms: AT_MS + 1,
+    };
+    let published = put(&mut owners[ti], &[raise, rotate]).await;
+    let rotated_at = *published[1].as_ref().expect("accepted");
+    published[0].as_ref().expect("accepted");
+    entries += 2;
+    sequenced(&progress, entries).await;
+    assert_eq!(
+        owners[pi].ledger().schedule().map(|s| s.version),
+        Some(old.version),
+        "p's owner has not folded the new schedule"
+    );
+
+    // p's owner settles at its view: the old schedule, the retired key; and
+    // places another hold at the old schedule.
+    let settled = Traffic::settlement(&first, (100, 20), &old, &Traffic::coordinator(), AT_MS + 2);
+    let Event::HoldSettled { charged_micro, .. } = &settled else {
+        unreachable!()
+    };
+    // 100 in × 1,000/1k + 20 out × 3,000/1k at the old schedule.
+    assert_eq!(charged_micro.get(), 160);
+    let judged = put(&mut owners[pi], &[settled, place(&second, old.version)]).await;
+    let settled_at = *judged[0].as_ref().expect("accepted");
+    judged[1].as_ref().expect("accepted");
+    entries += 2;
+
+    // The sequencer took all of it, in an order where the new schedule and
+    // key came first, and Postgres holds the owner's balance.
+    sequenced(&progress, entries).await;
+    assert!(progress.leading.load(Ordering::SeqCst));
+    let leaves = common::cluster::leaves(&client).await;
+    let position = |partition: u32, record: u64| {
+        leaves
+            .iter()
+            .position(|l| *l == (i32::try_from(partition).expect("small"), record))
+            .expect("sequenced")
+    };
+    assert!(
+        position(t, rotated_at) < position(p, settled_at),
+        "the rotation was sequenced before the settlement"
+    );
+    let row = client
+        .query_one(
+            "select debits_posted::text, debits_pending::text from accounts where account = $1",
+            &[&consumer.to_string()],
+        )
+        .await
+        .expect("the consumer's row");
+    let column = |i: usize| row.get::<_, String>(i).parse::<u128>().expect("a number");
+    let account = owners[pi]
+        .ledger()
+        .account(&consumer)
+        .expect("folded")
+        .clone();
+    assert_eq!(
+        (column(0), column(1)),
+        (account.debits_posted, account.debits_pending)
+    );
+    assert_eq!(
+        (account.debits_posted, account.debits_pending),
+        (160, 100_000)
+    );
+    owners[pi].follow(&client).await.expect("follows");
+    assert_eq!(
+        owners[pi].ledger().schedule().map(|s| s.version),
+        Some(old.version + 1)
+    );
     sequencer.stop().await.expect("stops");
 }

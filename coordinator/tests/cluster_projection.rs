@@ -91,6 +91,7 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
         model: "m".into(),
         amount_micro: micro(amount),
         expires_at_ms: at_ms + 60_000,
+        schedule_version: 1,
         at_ms,
     };
     let first = sourced(
@@ -307,6 +308,7 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
             model: "m".into(),
             amount_micro: micro(1),
             expires_at_ms: at_ms + 60_000,
+            schedule_version: 1,
             at_ms,
         }],
     );

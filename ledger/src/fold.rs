@@ -10,6 +10,13 @@
 //! - pending totals equal the sum of open holds;
 //! - a hold resolves (settle, void, expire) exactly once.
 //!
+//! Facts the whole network shares (price schedules, coordinator keys) only
+//! ever grow: a hold names the schedule version it was priced at and is
+//! settled at that version, and a receipt may be countersigned by any
+//! coordinator key published so far. So an event a cluster owner judged
+//! against its fold stays valid however many of those facts the sequencer
+//! orders in between (CLUSTER.md, "Network-wide facts").
+//!
 //! An event that would break a rule is refused with a [`FoldError`] and leaves
 //! the state unchanged.
 
@@ -58,12 +65,14 @@ pub enum FoldError {
     NotWorkerAccount(AccountId),
     #[error("receipt does not match its hold: {0}")]
     ReceiptMismatch(&'static str),
-    #[error("receipt is countersigned by a key that is not the current coordinator key")]
+    #[error("receipt is countersigned by a key that was never published as a coordinator key")]
     WrongCoordinatorKey,
     #[error("receipt's worker key is not the key registered for worker {0}")]
     WrongWorkerKey(WorkerId),
     #[error("no price schedule has been published")]
     NoPriceSchedule,
+    #[error("price schedule version {0} has not been published")]
+    UnknownScheduleVersion(u64),
     #[error("model {0:?} has no price")]
     UnknownModel(String),
     #[error(
@@ -121,6 +130,8 @@ pub struct Hold {
     pub model: String,
     pub amount: CreditsMicro,
     pub expires_at_ms: u64,
+    /// The schedule the hold was priced at, and its settlement is charged at.
+    pub schedule_version: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -207,8 +218,17 @@ pub struct Ledger {
     resolved_holds: HashSet<HoldId>,
     workers: HashMap<WorkerId, Worker>,
     rewarded: HashSet<(WorkerId, u64)>,
-    schedule: Option<Schedule>,
+    /// Every schedule ever published, by version: a hold may still be open at
+    /// an old one. Operators publish a handful, so keeping all is cheap.
+    schedules: BTreeMap<u64, Schedule>,
     coordinator_key: Option<PublicKey>,
+    /// Every coordinator key ever published. A rotation retires a key for new
+    /// countersignatures (an honest coordinator signs with its newest) but
+    /// does not revoke it: revoking needs its own entry (roadmap).
+    coordinator_keys: HashSet<PublicKey>,
+    /// Holds placed at a schedule that a newer one had already replaced at
+    /// their position: a lagging owner's, reported by auditors.
+    holds_priced_stale: u64,
     log_key: Option<(String, PublicKey)>,
     total_debits: u128,
     total_credits: u128,
@@ -232,8 +252,10 @@ impl Ledger {
             resolved_holds: HashSet::new(),
             workers: HashMap::new(),
             rewarded: HashSet::new(),
-            schedule: None,
+            schedules: BTreeMap::new(),
             coordinator_key: None,
+            coordinator_keys: HashSet::new(),
+            holds_priced_stale: 0,
             log_key: None,
             total_debits: 0,
             total_credits: 0,
@@ -262,8 +284,20 @@ impl Ledger {
         self.workers.get(id)
     }
 
+    /// The newest price schedule: the one new holds are priced at.
     pub fn schedule(&self) -> Option<&Schedule> {
-        self.schedule.as_ref()
+        self.schedules.values().next_back()
+    }
+
+    /// A published schedule by version, current or replaced.
+    pub fn schedule_version(&self, version: u64) -> Option<&Schedule> {
+        self.schedules.get(&version)
+    }
+
+    /// Holds placed at a schedule that had already been replaced (see
+    /// [`Event::HoldPlaced`]): valid, but a sign of an owner lagging behind.
+    pub fn holds_priced_stale(&self) -> u64 {
+        self.holds_priced_stale
     }
 
     pub fn coordinator_key(&self) -> Option<&PublicKey> {
@@ -349,6 +383,7 @@ impl Ledger {
                 amount_micro,
                 expires_at_ms,
                 at_ms,
+                schedule_version,
                 ..
             } => {
                 if self.holds.contains_key(hold) || self.resolved_holds.contains(hold) {
@@ -360,7 +395,10 @@ impl Ledger {
                 if expires_at_ms <= at_ms {
                     return Err(FoldError::HoldExpiry);
                 }
-                let schedule = self.schedule.as_ref().ok_or(FoldError::NoPriceSchedule)?;
+                let schedule = self
+                    .schedules
+                    .get(schedule_version)
+                    .ok_or(FoldError::UnknownScheduleVersion(*schedule_version))?;
                 if !schedule.prices.contains_key(model) {
                     return Err(FoldError::UnknownModel(model.clone()));
                 }
@@ -379,7 +417,7 @@ impl Ledger {
                 if receipt.billed_output_tokens == 0 {
                     return Err(FoldError::EmptySettlement);
                 }
-                let schedule = self.schedule.as_ref().ok_or(FoldError::NoPriceSchedule)?;
+                let schedule = &self.schedules[&h.schedule_version];
                 let want = schedule.charge(
                     &h.model,
                     receipt.billed_input_tokens,
@@ -457,7 +495,7 @@ impl Ledger {
                 prices,
                 ..
             } => {
-                let current = self.schedule.as_ref().map_or(0, |s| s.version);
+                let current = self.schedule().map_or(0, |s| s.version);
                 if *version <= current {
                     return Err(FoldError::ScheduleVersion {
                         got: *version,
@@ -523,7 +561,7 @@ impl Ledger {
         if worker.key != body.worker_key {
             return Err(FoldError::WrongWorkerKey(body.worker));
         }
-        if self.coordinator_key.as_ref() != Some(&r.coordinator_key) {
+        if !self.coordinator_keys.contains(&r.coordinator_key) {
             return Err(FoldError::WrongCoordinatorKey);
         }
         Ok(())
@@ -571,8 +609,15 @@ impl Ledger {
                 model,
                 amount_micro,
                 expires_at_ms,
+                schedule_version,
                 ..
             } => {
+                if self
+                    .schedule()
+                    .is_some_and(|s| s.version != *schedule_version)
+                {
+                    self.holds_priced_stale += 1;
+                }
                 self.pend(*account, i128::from(amount_micro.get()));
                 self.holds.insert(
                     *hold,
@@ -582,6 +627,7 @@ impl Ledger {
                         model: model.clone(),
                         amount: *amount_micro,
                         expires_at_ms: *expires_at_ms,
+                        schedule_version: *schedule_version,
                     },
                 );
             }
@@ -624,7 +670,7 @@ impl Ledger {
                 prices,
                 ..
             } => {
-                self.schedule = Some(Schedule {
+                let schedule = Schedule {
                     version: *version,
                     fee_bps: *fee_bps,
                     prices: prices
@@ -639,12 +685,16 @@ impl Ledger {
                             )
                         })
                         .collect(),
-                });
+                };
+                self.schedules.insert(*version, schedule);
             }
             Event::KeyRotated {
                 role, name, key, ..
             } => match role {
-                KeyRole::Coordinator => self.coordinator_key = Some(*key),
+                KeyRole::Coordinator => {
+                    self.coordinator_key = Some(*key);
+                    self.coordinator_keys.insert(*key);
+                }
                 KeyRole::Log => self.log_key = Some((name.clone(), *key)),
             },
             Event::BalanceSnapshot { .. } => {}

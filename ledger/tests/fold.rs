@@ -304,3 +304,148 @@ fn snapshots_must_match_the_replayed_state() {
     };
     assert_eq!(l.apply(&forged), Err(FoldError::SnapshotMismatch));
 }
+
+fn schedule(version: u64, fee_bps: u64, prices: &[(&str, u64, u64)]) -> Event {
+    Event::PriceSchedulePublished {
+        version,
+        fee_bps,
+        prices: prices
+            .iter()
+            .map(|(model, input, output)| troop_schemas::ModelPrice {
+                model: (*model).into(),
+                input_micro_per_1k: m(*input),
+                output_micro_per_1k: m(*output),
+            })
+            .collect(),
+        at_ms: T0 + 5,
+    }
+}
+
+fn hold_at(n: u64, amount: u64, version: u64) -> Event {
+    let mut e = hold(n, amount);
+    if let Event::HoldPlaced {
+        schedule_version, ..
+    } = &mut e
+    {
+        *schedule_version = version;
+    }
+    e
+}
+
+#[test]
+fn a_hold_is_settled_at_the_schedule_it_was_priced_at() {
+    let mut l = funded();
+    l.apply(&hold(1, 5_000)).expect("hold at version 1");
+    l.apply(&schedule(2, 1_000, &[(MODEL, 1_000, 2_000)]))
+        .expect("version 2: ten times the price, twice the fee");
+    let at_v1 = settle(&l, 1, 1_000, 1_000);
+    let Event::HoldSettled {
+        hold,
+        receipt,
+        charged_micro,
+        fee_micro,
+        at_ms,
+        ..
+    } = at_v1.clone()
+    else {
+        unreachable!()
+    };
+    // Version 1's prices and fee, though version 2 is in force.
+    assert_eq!((charged_micro.get(), fee_micro.get()), (300, 15));
+    let at_v2 = Event::HoldSettled {
+        hold,
+        receipt,
+        charged_micro: m(3_000),
+        worker_earned_micro: m(2_700),
+        fee_micro: m(300),
+        at_ms,
+    };
+    assert!(matches!(
+        l.apply(&at_v2),
+        Err(FoldError::WrongSettlement { expected: 300, .. })
+    ));
+    l.apply(&at_v1).expect("charged at the hold's schedule");
+    assert_eq!(l.account(&worker_account()).expect("w").balance(), 285);
+
+    // A hold names a published version, and a model that version prices.
+    assert_eq!(
+        l.apply(&hold_at(2, 500, 3)),
+        Err(FoldError::UnknownScheduleVersion(3))
+    );
+    l.apply(&schedule(3, 500, &[("other-model", 1, 1)]))
+        .expect("version 3 drops the model");
+    assert_eq!(
+        l.apply(&hold_at(2, 500, 3)),
+        Err(FoldError::UnknownModel(MODEL.into()))
+    );
+    assert_eq!(l.holds_priced_stale(), 0);
+    l.apply(&hold_at(2, 500, 2))
+        .expect("an older version still prices it: valid, reported as stale");
+    assert_eq!(l.holds_priced_stale(), 1);
+    l.apply(&settle(&l, 2, 10, 10))
+        .expect("settled at version 2");
+    l.check_invariants().expect("invariants");
+}
+
+#[test]
+fn a_receipt_may_be_countersigned_by_any_published_coordinator_key() {
+    let mut l = funded();
+    l.apply(&hold(1, 5_000)).expect("hold");
+    l.apply(&hold(2, 5_000)).expect("hold");
+    let newer = ed25519_dalek::SigningKey::from_bytes(&[21; 32]);
+    assert_eq!(
+        l.apply(&settle_countersigned_by(&l, 1, 10, 10, &newer)),
+        Err(FoldError::WrongCoordinatorKey),
+        "not published yet"
+    );
+    l.apply(&Event::KeyRotated {
+        role: troop_schemas::KeyRole::Coordinator,
+        name: "coordinator-2".into(),
+        key: troop_ledger::receipt::public_key(&newer),
+        at_ms: T0 + 5,
+    })
+    .expect("rotation");
+    l.apply(&settle_countersigned_by(&l, 1, 10, 10, &newer))
+        .expect("the new key");
+    l.apply(&settle(&l, 2, 10, 10))
+        .expect("the retired key: an owner may not have folded the rotation yet");
+}
+
+/// The race a cluster owner runs: it judges against its own fold, which may
+/// lack a schedule and a key rotation that the sequencer orders before the
+/// owner's events. Those events must still fold, to the same charges.
+#[test]
+fn an_owner_that_has_not_folded_a_new_schedule_or_key_judges_what_the_sequencer_accepts() {
+    let mut owner = funded();
+    let mut sequencer = funded();
+    let newer = ed25519_dalek::SigningKey::from_bytes(&[21; 32]);
+    // Published by another partition's owner and sequenced first.
+    sequencer
+        .apply(&schedule(2, 2_000, &[(MODEL, 5_000, 5_000)]))
+        .expect("version 2");
+    sequencer
+        .apply(&Event::KeyRotated {
+            role: troop_schemas::KeyRole::Coordinator,
+            name: "coordinator-2".into(),
+            key: troop_ledger::receipt::public_key(&newer),
+            at_ms: T0 + 5,
+        })
+        .expect("rotation");
+    // The owner's own events, judged at version 1 with the retired key.
+    let version = owner.schedule().expect("schedule").version;
+    let placed = hold_at(1, 5_000, version);
+    owner.apply(&placed).expect("owner places");
+    let settled = settle(&owner, 1, 1_000, 1_000);
+    owner.apply(&settled).expect("owner settles");
+
+    sequencer.apply(&placed).expect("sequenced hold");
+    sequencer.apply(&settled).expect("sequenced settlement");
+    let balance = |l: &Ledger, a| l.account(&a).expect("account").balance();
+    assert_eq!(balance(&sequencer, consumer()), balance(&owner, consumer()));
+    assert_eq!(
+        balance(&sequencer, worker_account()),
+        balance(&owner, worker_account())
+    );
+    assert_eq!(sequencer.holds_priced_stale(), 1);
+    sequencer.check_invariants().expect("invariants");
+}

@@ -232,6 +232,7 @@ pub fn run(args: &LedgerArgs) -> Result<serde_json::Value> {
                 model: model.into(),
                 amount_micro: micro(amount),
                 expires_at_ms: now_ms + 600_000,
+                schedule_version: schedule.version,
                 at_ms: now_ms,
             };
             w.push(&hold_event)?;

@@ -88,7 +88,9 @@ pub enum Event {
         memo: String,
         at_ms: u64,
     },
-    /// Reserves `amount_micro` of `account`'s available balance for one job.
+    /// Reserves `amount_micro` of `account`'s available balance for one job,
+    /// priced at schedule `schedule_version`: its settlement is charged at that
+    /// schedule, whatever was published since.
     HoldPlaced {
         hold: HoldId,
         job: JobId,
@@ -96,6 +98,7 @@ pub enum Event {
         model: String,
         amount_micro: CreditsMicro,
         expires_at_ms: u64,
+        schedule_version: u64,
         at_ms: u64,
     },
     /// Posts a hold: consumer pays `charged_micro` (≤ reserved), of which the
@@ -132,8 +135,8 @@ pub enum Event {
         amount_micro: CreditsMicro,
         at_ms: u64,
     },
-    /// Replaces the whole price schedule. Settlements are checked against the
-    /// schedule in force at their position in the log.
+    /// Replaces the whole price schedule for new holds. A hold's settlement is
+    /// checked against the schedule the hold names.
     PriceSchedulePublished {
         version: u64,
         fee_bps: u64,

@@ -14,7 +14,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
-use troop_ledger::fold::FoldError;
+use troop_ledger::fold::{FoldError, Schedule};
 use troop_schemas::protocol::CoordinatorMsg;
 use troop_schemas::sse::{Meter, Reading};
 use troop_schemas::{AccountId, CreditsMicro, Digest, Event, HoldId, JobId, VoidReason, WorkerId};
@@ -123,6 +123,9 @@ enum End {
 struct OpenJob {
     hold: HoldId,
     reserved: CreditsMicro,
+    /// The schedule the hold was priced at: its settlement is charged at it,
+    /// whatever was published meanwhile.
+    schedule: Arc<Schedule>,
     request_digest: Digest,
     link: WorkerLink,
     end: End,
@@ -273,6 +276,7 @@ async fn open(
         model: request.model.clone(),
         amount_micro: reserved,
         expires_at_ms: now + state.config.hold_ttl_ms,
+        schedule_version: schedule.version,
         at_ms: now,
     };
     // The books judge the hold at once; its record becomes durable while the
@@ -395,6 +399,7 @@ async fn open(
         let open = OpenJob {
             hold,
             reserved,
+            schedule: schedule.clone(),
             request_digest,
             link,
             end: match ended {
@@ -429,6 +434,7 @@ async fn settle(
     let OpenJob {
         hold,
         reserved,
+        schedule,
         request_digest,
         link,
         end,
@@ -527,10 +533,6 @@ async fn settle(
         void(&state, account, hold, VoidReason::Empty).await;
         return None;
     }
-    let Some(schedule) = state.schedule.get() else {
-        void(&state, account, hold, VoidReason::Failed).await;
-        return None;
-    };
     let signed = match troop_ledger::receipt::countersign(
         &state.coordinator_key,
         *receipt,

@@ -472,6 +472,7 @@ mod tests {
                 model: "m".into(),
                 amount_micro: micro(10),
                 expires_at_ms: 10,
+                schedule_version: 1,
                 at_ms: 1,
             },
         ] {

@@ -715,6 +715,7 @@ mod tests {
             model: "m".into(),
             amount_micro: micro(amount),
             expires_at_ms: 10,
+            schedule_version: 1,
             at_ms: 1,
         };
         let events = [

@@ -7,7 +7,7 @@ use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migra
 use troop_coordinator::cluster::sequence_log::{Order, OrderRecord};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::eventlog::Record;
-use troop_ledger::fold::Ledger;
+use troop_ledger::fold::{Ledger, Schedule};
 use troop_ledger::receipt::{countersign, public_key, sign_receipt};
 use troop_schemas::event::{AccountRole, KeyRole, ModelPrice, VoidReason};
 use troop_schemas::{AccountId, CreditsMicro, Digest, Event, HoldId, JobId, Receipt, WorkerId};
@@ -107,10 +107,68 @@ pub struct Traffic {
     pub consumers: Vec<(AccountId, Vec<Event>)>,
 }
 
+/// What a hold being settled names.
+pub struct Job {
+    pub hold: HoldId,
+    pub job: JobId,
+    pub consumer: AccountId,
+    pub reserved: CreditsMicro,
+}
+
 impl Traffic {
+    /// The coordinator key the setup publishes.
+    pub fn coordinator() -> SigningKey {
+        SigningKey::from_bytes(&[31; 32])
+    }
+
+    /// The one worker the setup registers.
+    pub fn worker() -> SigningKey {
+        SigningKey::from_bytes(&[32; 32])
+    }
+
+    /// `job` settled for `input` and `output` tokens: served by the setup's
+    /// worker, countersigned by `coordinator`, charged at `schedule`.
+    pub fn settlement(
+        job: &Job,
+        (input, output): (u64, u64),
+        schedule: &Schedule,
+        coordinator: &SigningKey,
+        at_ms: u64,
+    ) -> Event {
+        let worker_key = Self::worker();
+        let worker_pk = public_key(&worker_key);
+        let body = Receipt {
+            job: job.job,
+            hold: job.hold,
+            consumer: job.consumer,
+            worker: WorkerId::from_key(&worker_pk),
+            worker_key: worker_pk,
+            model: "m".into(),
+            input_tokens: input,
+            output_tokens: output,
+            request_digest: Digest::of(&job.job.0),
+            response_digest: Digest::of(&job.hold.0),
+            started_at_ms: at_ms,
+            finished_at_ms: at_ms,
+        };
+        let sig = sign_receipt(&worker_key, &body).expect("signs");
+        let receipt = countersign(coordinator, body, sig, input, output).expect("countersigns");
+        let charge = schedule
+            .charge("m", input, output, job.reserved)
+            .expect("priced");
+        Event::HoldSettled {
+            hold: job.hold,
+            receipt,
+            charged_micro: micro(charge.charged),
+            worker_earned_micro: micro(charge.earned),
+            fee_micro: micro(charge.fee),
+            at_ms,
+        }
+    }
+
     pub fn new(consumers: u8, jobs: u8, at_ms: u64) -> Self {
-        let coordinator = SigningKey::from_bytes(&[31; 32]);
-        let worker_key = SigningKey::from_bytes(&[32; 32]);
+        let coordinator = Self::coordinator();
+        let worker_key = Self::worker();
         let worker_pk = public_key(&worker_key);
         let worker = WorkerId::from_key(&worker_pk);
         let worker_account = AccountId::derive(&worker_pk.0);
@@ -166,6 +224,7 @@ impl Traffic {
                         model: "m".into(),
                         amount_micro: reserved,
                         expires_at_ms: at_ms + 600_000,
+                        schedule_version: schedule.version,
                         at_ms,
                     });
                     if j + 1 == jobs {
@@ -179,35 +238,19 @@ impl Traffic {
                         });
                         continue;
                     }
-                    let (input, output) = (10 + u64::from(j), 1 + u64::from(c));
-                    let body = Receipt {
+                    let job = Job {
+                        hold,
                         job,
-                        hold,
                         consumer: account,
-                        worker,
-                        worker_key: worker_pk,
-                        model: "m".into(),
-                        input_tokens: input,
-                        output_tokens: output,
-                        request_digest: Digest::of(&id),
-                        response_digest: Digest::of(&[id[0], id[1], id[2], 1]),
-                        started_at_ms: at_ms,
-                        finished_at_ms: at_ms + 2,
+                        reserved,
                     };
-                    let sig = sign_receipt(&worker_key, &body).expect("signs");
-                    let receipt =
-                        countersign(&coordinator, body, sig, input, output).expect("countersigns");
-                    let charge = schedule
-                        .charge("m", input, output, reserved)
-                        .expect("priced");
-                    events.push(Event::HoldSettled {
-                        hold,
-                        receipt,
-                        charged_micro: micro(charge.charged),
-                        worker_earned_micro: micro(charge.earned),
-                        fee_micro: micro(charge.fee),
-                        at_ms: at_ms + 2,
-                    });
+                    events.push(Self::settlement(
+                        &job,
+                        (10 + u64::from(j), 1 + u64::from(c)),
+                        &schedule,
+                        &coordinator,
+                        at_ms + 2,
+                    ));
                 }
                 (account, events)
             })

@@ -139,17 +139,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                                 "ok": true, "size": r.entries, "root": r.checkpoint.root.to_base64(),
                                 "receipts": r.receipts, "signatures": r.signatures,
                                 "accounts": r.ledger.accounts().count(), "open_holds": r.ledger.open_holds().count(),
+                                "holds_priced_stale": r.ledger.holds_priced_stale(),
                                 "since_size": r.since_size, "seconds": secs,
                             })
                         );
                     } else {
                         println!(
-                            "OK: {} entries, {} receipts ({} signatures), {} accounts, {} open holds; root {}{} ({secs:.1} s)",
+                            "OK: {} entries, {} receipts ({} signatures), {} accounts, {} open holds{}; root {}{} ({secs:.1} s)",
                             r.entries,
                             r.receipts,
                             r.signatures,
                             r.ledger.accounts().count(),
                             r.ledger.open_holds().count(),
+                            // Valid, but a coordinator that lagged behind a new schedule.
+                            match r.ledger.holds_priced_stale() {
+                                0 => String::new(),
+                                n => format!(", {n} holds priced at a replaced schedule"),
+                            },
                             r.checkpoint.root,
                             r.since_size
                                 .map(|s| format!("; extends the checkpoint of size {s}"))

@@ -93,12 +93,24 @@ pub fn hold(n: u64, amount: u64) -> Event {
         model: MODEL.into(),
         amount_micro: m(amount),
         expires_at_ms: T0 + n + 60_000,
+        schedule_version: 1,
         at_ms: T0 + n,
     }
 }
 
 /// A correctly signed and priced settlement of hold `n`.
 pub fn settle(ledger: &Ledger, n: u64, input: u64, output: u64) -> Event {
+    settle_countersigned_by(ledger, n, input, output, &coordinator_key())
+}
+
+/// [`settle`], countersigned by `coordinator` and charged at the hold's schedule.
+pub fn settle_countersigned_by(
+    ledger: &Ledger,
+    n: u64,
+    input: u64,
+    output: u64,
+    coordinator: &SigningKey,
+) -> Event {
     let h = ledger
         .hold(&HoldId::derive(&n.to_le_bytes()))
         .expect("hold is open");
@@ -118,10 +130,10 @@ pub fn settle(ledger: &Ledger, n: u64, input: u64, output: u64) -> Event {
         worker_key: wk,
     };
     let sig = sign_receipt(&worker_key(), &receipt).expect("sign");
-    let signed = countersign(&coordinator_key(), receipt, sig, input, output).expect("countersign");
+    let signed = countersign(coordinator, receipt, sig, input, output).expect("countersign");
     let c = ledger
-        .schedule()
-        .expect("schedule")
+        .schedule_version(h.schedule_version)
+        .expect("the hold's schedule")
         .charge(MODEL, input, output, h.amount)
         .expect("priced");
     Event::HoldSettled {
