@@ -36,6 +36,7 @@ pub mod eventlog;
 pub mod history;
 pub mod keys;
 pub mod metrics;
+pub mod money;
 
 pub use troop_ledger as ledger;
 pub mod server;

@@ -18,6 +18,8 @@ use troop_coordinator::cluster::owner::{OwnerError, PartitionBooks, home_partiti
 use troop_coordinator::cluster::ownership::Ownership;
 use troop_coordinator::cluster::projection::partition_of;
 use troop_coordinator::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
+use troop_coordinator::money::Refusal;
+use troop_coordinator::money::conformance::{Fixture, run_all};
 use troop_ledger::fold::{FoldError, Ledger};
 use troop_schemas::event::AccountRole;
 use troop_schemas::{AccountId, Event, HoldId, JobId};
@@ -331,7 +333,7 @@ impl MoneyNode {
             .expect("advertises");
         Self {
             membership,
-            books: ClusterBooks::new(owned, SECRET, postgres),
+            books: ClusterBooks::new(owned, SECRET, postgres, PARTITIONS),
             server: handle,
             url,
         }
@@ -339,7 +341,7 @@ impl MoneyNode {
 
     async fn change(&self, partition: u32, events: &[Event]) -> Vec<Verdict> {
         self.books
-            .change(i32::try_from(partition).expect("small"), events)
+            .change_in(i32::try_from(partition).expect("small"), events)
             .await
             .expect("judged")
     }
@@ -536,7 +538,7 @@ async fn the_same_account_hammered_through_three_nodes_is_never_overdrawn() {
         .count();
     let short = verdicts
         .iter()
-        .filter(|v| matches!(v, Verdict::Refused { code, .. } if code == "insufficient_funds"))
+        .filter(|v| matches!(v, Verdict::Refused(r) if r.code == Refusal::INSUFFICIENT_FUNDS))
         .count();
     assert_eq!((accepted, short), (20, 10), "{verdicts:?}");
     entries += 20;
@@ -723,5 +725,47 @@ async fn a_schedule_and_key_sequenced_behind_an_owners_back_do_not_stop_the_sequ
         owners[pi].ledger().schedule().map(|s| s.version),
         Some(old.version + 1)
     );
+    sequencer.stop().await.expect("stops");
+}
+
+/// The cluster's `Money` adapter passes the suite the embedded books pass
+/// (`money_embedded.rs`): asked on one node, with accounts of the partition
+/// that node owns (judged in-process) and of the other node's (over the
+/// internal API).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_books_pass_the_money_suite() {
+    let (_db, _broker, config, _client) = common::cluster::cluster("money", PARTITIONS).await;
+    let sequencer = start_sequencer(&config);
+    let progress = std::sync::Arc::clone(&sequencer.progress);
+    let (a, b) = (
+        MoneyNode::start(&config, "node-a").await,
+        MoneyNode::start(&config, "node-b").await,
+    );
+    until("the two nodes share the partitions", || async {
+        a.books.owned.loaded().len() == 1 && b.books.owned.loaded().len() == 1
+    })
+    .await;
+    // The network's prices, sequenced and followed by both owners.
+    let traffic = Traffic::new(0, 0, AT_MS);
+    set_up(&[&a, &b], &a, &traffic.setup, &progress).await;
+    let fixture = Fixture {
+        money: &b.books,
+        model: "m",
+        schedule_version: 1,
+        at_ms: AT_MS,
+    };
+    let here = *b.books.owned.loaded().first().expect("one");
+    for partition in [here, 1 - here] {
+        let partition = u32::try_from(partition).expect("small");
+        run_all(fixture, &|test| {
+            (0u32..)
+                .map(|n| AccountId::derive(format!("money-{test}-{n}").as_bytes()))
+                .find(|a| partition_of(a, PARTITIONS) == partition)
+                .expect("some account lands there")
+        })
+        .await;
+    }
+    a.stop().await;
+    b.stop().await;
     sequencer.stop().await.expect("stops");
 }

@@ -15,16 +15,15 @@ use std::time::Duration;
 use actix::prelude::*;
 use troop_schemas::{AccountId, Event};
 
-use super::books::{BooksActor, Commit};
-use crate::books::{BooksError, Submitted};
 use crate::domain::ratelimit::{Allowance, RateLimits, Refusal};
+use crate::money::{Home, Judged, Money, MoneyError};
 
 #[derive(Debug)]
 pub struct AccountActor {
     account: AccountId,
     limits: RateLimits,
     allowance: Allowance,
-    books: Addr<BooksActor>,
+    money: Arc<dyn Money>,
     directory: Accounts,
 }
 
@@ -69,26 +68,24 @@ impl Handler<Leave> for AccountActor {
 }
 
 /// Balance changes of this account (a hold, its settlement or voiding, a
-/// grant), handed to the books in the order this actor takes them; the books
-/// judge and queue them, and the caller awaits durability outside both actors.
-/// The actor does not wait for the books' verdict before the next change:
-/// order is kept by the books' mailbox, and one busy account must not stall
-/// on a round trip per change.
+/// grant), handed to the books ([`Money`]) in the order this actor takes
+/// them; the books judge and queue them, and the caller awaits durability
+/// outside both. The actor does not wait for a verdict before the next
+/// change: one busy account must not stall on a round trip per change.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Submitted, BooksError>")]
+#[rtype(result = "Result<Judged, MoneyError>")]
 struct Change(Vec<Event>);
 
 impl Handler<Change> for AccountActor {
-    type Result = ResponseFuture<Result<Submitted, BooksError>>;
+    type Result = ResponseFuture<Result<Judged, MoneyError>>;
     fn handle(&mut self, msg: Change, _: &mut Self::Context) -> Self::Result {
         for event in &msg.0 {
             if let Event::HoldPlaced { account, .. } | Event::Grant { account, .. } = event {
                 assert_eq!(*account, self.account, "a change sent to another account");
             }
         }
-        // Queued on the books' mailbox here, in this actor's order.
-        let verdict = self.books.send(Commit(msg.0));
-        Box::pin(async move { verdict.await.map_err(|_| BooksError::Poisoned)? })
+        // Handed over here, in this actor's order.
+        self.money.change(Home::Account(self.account), msg.0)
     }
 }
 
@@ -110,17 +107,17 @@ impl Drop for Admission {
 #[derive(Debug, Clone)]
 pub struct Accounts {
     actors: Arc<Mutex<HashMap<AccountId, Addr<AccountActor>>>>,
-    books: Addr<BooksActor>,
+    money: Arc<dyn Money>,
     limits: RateLimits,
     /// How often an actor checks whether it is idle and can retire.
     idle_check: Duration,
 }
 
 impl Accounts {
-    pub fn new(books: Addr<BooksActor>, limits: RateLimits, idle_check: Duration) -> Self {
+    pub fn new(money: Arc<dyn Money>, limits: RateLimits, idle_check: Duration) -> Self {
         Self {
             actors: Arc::default(),
-            books,
+            money,
             limits,
             idle_check: idle_check.max(Duration::from_millis(10)),
         }
@@ -137,7 +134,7 @@ impl Accounts {
             account,
             limits: self.limits,
             allowance: Allowance::new(&self.limits, crate::server::now_ms()),
-            books: self.books.clone(),
+            money: Arc::clone(&self.money),
             directory: self.clone(),
         }
         .start();
@@ -179,13 +176,15 @@ impl Accounts {
         &self,
         account: AccountId,
         events: Vec<Event>,
-    ) -> Result<Submitted, BooksError> {
+    ) -> Result<Judged, MoneyError> {
         // A send to an actor that just retired loses the message: keep a copy.
         for _ in 0..2 {
-            if let Ok(submitted) = self.actor(account).send(Change(events.clone())).await {
-                return submitted;
+            if let Ok(judged) = self.actor(account).send(Change(events.clone())).await {
+                return judged;
             }
         }
-        Err(BooksError::Poisoned)
+        Err(MoneyError::Unavailable(
+            "the account's actor stopped twice: the system is stopping".into(),
+        ))
     }
 }

@@ -7,6 +7,7 @@ use troop_ledger::fold::{Account, Hold, Schedule};
 use troop_schemas::{AccountId, Event, HoldId};
 
 use crate::books::{Books, BooksError, Submitted};
+use crate::money::{Home, Judged, Money, MoneyError, Refusal};
 
 #[derive(Debug)]
 pub struct BooksActor {
@@ -57,6 +58,37 @@ impl Handler<Commit> for BooksActor {
             self.schedule.refresh(&self.books);
         }
         submitted
+    }
+}
+
+/// The embedded books behind the [`Money`] port: one judge for every account.
+#[derive(Debug, Clone)]
+pub struct Embedded(pub Addr<BooksActor>);
+
+impl Money for Embedded {
+    fn change(
+        &self,
+        _: Home,
+        events: Vec<Event>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Judged, MoneyError>> {
+        // Queued on the books' mailbox here, in the caller's order.
+        let request = self.0.send(Commit(events));
+        Box::pin(async move {
+            let (verdicts, pending) = request
+                .await
+                .map_err(|_| MoneyError::Unavailable("the books stopped".into()))?
+                .map_err(|e| MoneyError::Unavailable(e.to_string()))?;
+            let verdicts = verdicts
+                .into_iter()
+                .map(|v| {
+                    v.map_err(|e| match &e {
+                        BooksError::Refused(f) => Refusal::of(f),
+                        other => Refusal::new(Refusal::REFUSED, other.to_string()),
+                    })
+                })
+                .collect();
+            Ok(Judged { verdicts, pending })
+        })
     }
 }
 

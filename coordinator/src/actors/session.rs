@@ -14,7 +14,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
-use troop_ledger::fold::{FoldError, Schedule};
+use troop_ledger::fold::Schedule;
 use troop_schemas::protocol::CoordinatorMsg;
 use troop_schemas::sse::{Meter, Reading};
 use troop_schemas::{AccountId, CreditsMicro, Digest, Event, HoldId, JobId, VoidReason, WorkerId};
@@ -23,10 +23,10 @@ use super::account::Admission;
 use super::registry::{Finished, Place};
 use super::worker::{Assign, Cancel, JobEnd, JobSlot, Release, WorkerLink};
 use crate::api::openai::{ApiError, Endpoint, Validated};
-use crate::books::BooksError;
 use crate::domain::billing::{self, Claimed, Observed};
 use crate::domain::placement::NoWorker;
 use crate::history::WorkerEvent;
+use crate::money::{MoneyError, Refusal};
 use crate::server::{AppState, commit_as, now_ms, random};
 
 /// Output pieces buffered between a worker connection and one HTTP response.
@@ -281,21 +281,23 @@ async fn open(
     };
     // The books judge the hold at once; its record becomes durable while the
     // worker starts, and no output reaches the consumer before it is.
-    let judged =
-        state
-            .accounts
-            .change(account, vec![placed])
-            .await
-            .and_then(|(verdicts, pending)| {
-                let verdict = verdicts.into_iter().next().expect("one verdict");
-                verdict.map(|_| pending)
-            });
+    let judged = state
+        .accounts
+        .change(account, vec![placed])
+        .await
+        .and_then(|judged| {
+            let verdict = judged.verdicts.into_iter().next().expect("one verdict");
+            Ok(verdict.map(|_| judged.pending)?)
+        });
     let mut hold_durable = match judged {
         Ok(pending) => pending,
-        Err(BooksError::Refused(FoldError::InsufficientFunds {
-            available, needed, ..
+        Err(MoneyError::Refused(Refusal {
+            shortfall: Some(s), ..
         })) => {
-            return Err(ApiError::insufficient_credits(needed, available));
+            return Err(ApiError::insufficient_credits(
+                s.needed_micro,
+                s.available_micro,
+            ));
         }
         Err(e) => {
             return Err(ApiError::upstream(format!(

@@ -19,7 +19,8 @@ use troop_schemas::Event;
 
 use crate::api::openai::ApiError;
 use crate::cluster::owned::OwnedBooks;
-use crate::cluster::owner::OwnerError;
+use crate::cluster::owner::{OwnerError, partition_of_home};
+use crate::money::{Home, Judged, Money, MoneyError, Refusal};
 use crate::server::error_response;
 
 /// Events in one change: a request's hold, settlement or void is one or two.
@@ -44,8 +45,8 @@ pub struct ChangeRequest {
 pub enum Verdict {
     /// Accepted and durable: its record number in the partition.
     Record(u64),
-    /// Refused; `code` says why in a word (`insufficient_funds`, …).
-    Refused { code: String, message: String },
+    /// Refused; its code says why in a word (`insufficient_funds`, …).
+    Refused(Refusal),
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -53,19 +54,14 @@ pub struct ChangeResponse {
     pub verdicts: Vec<Verdict>,
 }
 
-/// A refusal's code: what a caller needs to answer its client.
-pub fn refusal_code(e: &OwnerError) -> &'static str {
-    use troop_ledger::fold::FoldError;
+/// An owner's refusal of one event, as the caller answers its client.
+pub fn refusal(e: &OwnerError) -> Refusal {
     match e {
-        OwnerError::Refused(FoldError::InsufficientFunds { .. }) => "insufficient_funds",
-        OwnerError::Refused(FoldError::UnknownModel(_) | FoldError::NoPriceSchedule) => {
-            "unknown_model"
-        }
-        OwnerError::Refused(_) => "refused",
-        OwnerError::NotHere { .. } => "not_here",
-        OwnerError::Unjudgeable(_) => "unjudgeable",
-        OwnerError::Encoding(_) => "encoding",
-        _ => "failed",
+        OwnerError::Refused(f) => Refusal::of(f),
+        OwnerError::NotHere { .. } => Refusal::new("not_here", e.to_string()),
+        OwnerError::Unjudgeable(_) => Refusal::new("unjudgeable", e.to_string()),
+        OwnerError::Encoding(_) => Refusal::new("encoding", e.to_string()),
+        _ => Refusal::new("failed", e.to_string()),
     }
 }
 
@@ -203,34 +199,40 @@ async fn judge_here(
         .into_iter()
         .map(|v| match v {
             Ok(record) => Verdict::Record(record),
-            Err(e) => Verdict::Refused {
-                code: refusal_code(&e).to_owned(),
-                message: e.to_string(),
-            },
+            Err(e) => Verdict::Refused(refusal(&e)),
         })
         .collect())
 }
 
-/// A node's door to the ledger's money: a change is judged here when this
-/// node owns the partition, and by its owner over the internal API otherwise.
-#[derive(Debug)]
+/// A node's door to the ledger's money, the cluster's [`Money`] adapter: a
+/// change is judged here when this node owns its partition, and by the owner
+/// over the internal API otherwise. Verdicts come back durable.
+#[derive(Debug, Clone)]
 pub struct ClusterBooks {
     pub owned: Arc<OwnedBooks>,
-    remote: RemoteOwners,
-    postgres: tokio_postgres::Client,
+    remote: Arc<RemoteOwners>,
+    postgres: Arc<tokio_postgres::Client>,
+    partitions: u32,
 }
 
 impl ClusterBooks {
-    pub fn new(owned: Arc<OwnedBooks>, secret: &str, postgres: tokio_postgres::Client) -> Self {
+    /// `partitions`: the ledger topic's, as `migrate` made it.
+    pub fn new(
+        owned: Arc<OwnedBooks>,
+        secret: &str,
+        postgres: tokio_postgres::Client,
+        partitions: u32,
+    ) -> Self {
         Self {
             owned,
-            remote: RemoteOwners::new(secret),
-            postgres,
+            remote: Arc::new(RemoteOwners::new(secret)),
+            postgres: Arc::new(postgres),
+            partitions,
         }
     }
 
     /// The verdicts on `events`, changes of accounts in `partition`.
-    pub async fn change(
+    pub async fn change_in(
         &self,
         partition: i32,
         events: &[Event],
@@ -241,6 +243,46 @@ impl ClusterBooks {
             Err(Here::Unavailable(why)) => Err(InternalError::Unavailable(partition, why)),
             Err(Here::Unknown(_)) => Err(InternalError::Unknown(partition)),
         }
+    }
+}
+
+impl Money for ClusterBooks {
+    fn change(
+        &self,
+        home: Home,
+        events: Vec<Event>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Judged, MoneyError>> {
+        let books = self.clone();
+        let partition = i32::try_from(partition_of_home(home, self.partitions))
+            .expect("partition numbers fit Kafka's i32");
+        Box::pin(async move {
+            let verdicts = books
+                .change_in(partition, &events)
+                .await
+                .map_err(|e| match e {
+                    InternalError::Unknown(_) => MoneyError::Unknown(e.to_string()),
+                    // The owner answered 500: it accepted, its write failed.
+                    InternalError::Owner { status: 500, .. } => MoneyError::Unknown(e.to_string()),
+                    _ => MoneyError::Unavailable(e.to_string()),
+                })?;
+            if verdicts.len() != events.len() {
+                return Err(MoneyError::Unknown(format!(
+                    "the owner of partition {partition} answered {} verdicts for {} events",
+                    verdicts.len(),
+                    events.len()
+                )));
+            }
+            Ok(Judged {
+                verdicts: verdicts
+                    .into_iter()
+                    .map(|v| match v {
+                        Verdict::Record(n) => Ok(n),
+                        Verdict::Refused(r) => Err(r),
+                    })
+                    .collect(),
+                pending: None,
+            })
+        })
     }
 }
 

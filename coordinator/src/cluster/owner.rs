@@ -28,6 +28,7 @@ use crate::cluster::projection::{ProjectionError, Sequencer, partition_of, parti
 use crate::cluster::sequencer::blocking;
 use crate::config::ClusterConfig;
 use crate::eventlog::{EventLog, EventLogError, Pending};
+use crate::money::Home;
 
 /// Records read per step from the partition's tail on load.
 const LOAD_BATCH_RECORDS: usize = 4_096;
@@ -80,8 +81,8 @@ pub fn home_partition(
     ledger: &Ledger,
     partitions: u32,
 ) -> Result<Option<u32>, OwnerError> {
-    let account = |a: &AccountId| Some(partition_of(a, partitions));
-    Ok(match event {
+    let account = |a: &AccountId| Some(Home::Account(*a));
+    let home = match event {
         Event::AccountOpened { account: a, .. }
         | Event::Grant { account: a, .. }
         | Event::HoldPlaced { account: a, .. }
@@ -90,14 +91,22 @@ pub fn home_partition(
         | Event::HoldVoided { hold, .. }
         | Event::HoldExpired { hold, .. } => ledger.hold(hold).and_then(|h| account(&h.account)),
         Event::WorkerRegistered { worker, .. } | Event::UptimeReward { worker, .. } => {
-            Some(partition_of_key(&worker.to_string(), partitions))
+            Some(Home::Worker(*worker))
         }
-        Event::PriceSchedulePublished { .. } | Event::KeyRotated { .. } => {
-            account(&AccountId::TREASURY)
-        }
+        Event::PriceSchedulePublished { .. } | Event::KeyRotated { .. } => Some(Home::Network),
         // Its check compares totals over every account, which no owner holds.
         Event::BalanceSnapshot { .. } => return Err(OwnerError::Unjudgeable("balance snapshot")),
-    })
+    };
+    Ok(home.map(|h| partition_of_home(h, partitions)))
+}
+
+/// The partition that judges the changes of `home`.
+pub fn partition_of_home(home: Home, partitions: u32) -> u32 {
+    match home {
+        Home::Account(a) => partition_of(&a, partitions),
+        Home::Worker(w) => partition_of_key(&w.to_string(), partitions),
+        Home::Network => partition_of(&AccountId::TREASURY, partitions),
+    }
 }
 
 /// A ledger entry as the sequencer stored it.

@@ -8,6 +8,7 @@ use troop_schemas::{AccountId, AccountRole, CreditsMicro, Event};
 use super::{AppState, commit_as, commit_one, error_response, now_ms, random};
 use crate::api::openai::ApiError;
 use crate::keys::admin_token_matches;
+use crate::money::Home;
 
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let given = req
@@ -46,6 +47,7 @@ pub async fn open_account(
     let role = body.role.unwrap_or(AccountRole::Consumer);
     match commit_one(
         &state,
+        Home::Account(account),
         Event::AccountOpened {
             account,
             role,
@@ -263,7 +265,7 @@ pub async fn set_prices(
         prices,
         at_ms: now_ms(),
     };
-    match commit_one(&state, event).await {
+    match commit_one(&state, Home::Network, event).await {
         Ok(index) => HttpResponse::Ok().json(json!({"version": version, "ledger_index": index})),
         Err(e) => refused(e),
     }

@@ -19,7 +19,7 @@ use troop_ledger::note::NoteSigner;
 use troop_schemas::{CreditsMicro, Event, KeyRole, ModelPrice, PublicKey};
 
 use crate::actors::account::Accounts;
-use crate::actors::books::{BooksActor, Commit, ExpireHolds, Publish, PublishedSchedule};
+use crate::actors::books::{BooksActor, Embedded, ExpireHolds, Publish, PublishedSchedule};
 use crate::actors::registry::Registry;
 use crate::api::openai::ApiError;
 use crate::books::Books;
@@ -28,12 +28,16 @@ use crate::eventlog::EventLog;
 use crate::eventlog::file::{FileLog, FileLogConfig};
 use crate::history::WorkerEventSink;
 use crate::keys::ApiKeys;
+use crate::money::{Home, Money, MoneyError};
 use crate::snapshot::Snapshot;
 
 /// Everything a request handler needs; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
+    /// The embedded books, for reads; changes go through `money`.
     pub books: Addr<BooksActor>,
+    /// Where balance changes are judged (the port; the books here).
+    pub money: Arc<dyn Money>,
     /// The books' price schedule, readable without asking them.
     pub schedule: PublishedSchedule,
     pub registry: Addr<Registry>,
@@ -287,8 +291,10 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
     .start();
     let config_limits = config.rate_limits;
     let account_idle_check = Duration::from_millis(config.account_idle_check_ms);
+    let money: Arc<dyn Money> = Arc::new(Embedded(books.clone()));
     Ok(AppState {
-        books: books.clone(),
+        books,
+        money: Arc::clone(&money),
         schedule,
         registry,
         keys: Arc::new(RwLock::new(keys)),
@@ -298,7 +304,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         ledger_dir,
         metrics: Arc::new(crate::metrics::Metrics::new()),
         bans: Arc::new(RwLock::new(bans)),
-        accounts: Accounts::new(books, config_limits, account_idle_check),
+        accounts: Accounts::new(money, config_limits, account_idle_check),
         worker_events,
     })
 }
@@ -444,16 +450,13 @@ pub fn serve(
     Ok(server)
 }
 
-/// Commits one event through the books actor and returns once it is durable.
-/// The actor only judges and queues, so concurrent requests' commits share
-/// the event log's fsyncs.
-pub async fn commit_one(state: &AppState, event: Event) -> Result<u64, crate::books::BooksError> {
-    let submitted = state
-        .books
-        .send(Commit(vec![event]))
+/// Commits one event of `home` and returns once it is durable. The books
+/// only judge and queue, so concurrent requests' commits share the event
+/// log's fsyncs.
+pub async fn commit_one(state: &AppState, home: Home, event: Event) -> Result<u64, MoneyError> {
+    crate::money::commit_one(&*state.money, home, event)
         .await
-        .map_err(|_| crate::books::BooksError::Poisoned)??;
-    durable_verdict(submitted).await
+        .inspect_err(log_unknown)
 }
 
 /// Commits one change of `account`'s balance through the account's actor (in
@@ -462,21 +465,21 @@ pub async fn commit_as(
     state: &AppState,
     account: troop_schemas::AccountId,
     event: Event,
-) -> Result<u64, crate::books::BooksError> {
-    durable_verdict(state.accounts.change(account, vec![event]).await?).await
+) -> Result<u64, MoneyError> {
+    let verdicts = state
+        .accounts
+        .change(account, vec![event])
+        .await?
+        .durable()
+        .await
+        .inspect_err(log_unknown)?;
+    Ok(verdicts.into_iter().next().expect("one verdict")?)
 }
 
-/// The verdict on one submitted event, once the event log has it durably.
-async fn durable_verdict(
-    (verdicts, pending): crate::books::Submitted,
-) -> Result<u64, crate::books::BooksError> {
-    let verdict = verdicts.into_iter().next().expect("one verdict");
-    if let Some(p) = pending {
-        p.durable().await.inspect_err(|e| {
-            tracing::error!(error = %e, "event log write failed: nothing more is acknowledged; restart to recover");
-        })?;
+fn log_unknown(e: &MoneyError) {
+    if let MoneyError::Unknown(why) = e {
+        tracing::error!(%why, "a write failed: nothing more is acknowledged; restart to recover");
     }
-    verdict
 }
 
 /// Appends records that are not ledger entries (keys, bans) and returns once

@@ -18,6 +18,7 @@ use super::{AppState, commit_one, now_ms, random};
 use crate::actors::books::GetWorker;
 use crate::actors::registry::Register;
 use crate::actors::worker::{Cancel, Control, Disconnected, JobTable, WorkerActor, WorkerLink};
+use crate::money::Home;
 
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Control messages queued to one worker; a worker this far behind is dropped.
@@ -127,6 +128,7 @@ async fn ensure_registered(state: &AppState, key: PublicKey) -> Result<WorkerId,
     {
         commit_one(
             state,
+            Home::Account(account),
             Event::AccountOpened {
                 account,
                 role: AccountRole::Worker,
@@ -138,6 +140,7 @@ async fn ensure_registered(state: &AppState, key: PublicKey) -> Result<WorkerId,
     }
     commit_one(
         state,
+        Home::Worker(worker),
         Event::WorkerRegistered {
             worker,
             key,

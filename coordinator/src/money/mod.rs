@@ -1,0 +1,153 @@
+//! The port through which balance changes reach the books. On one node the
+//! embedded books judge them ([`crate::actors::books::Embedded`]); on a
+//! cluster node the owner of the change's ledger partition does, in this
+//! process or over the internal API ([`crate::cluster::internal::ClusterBooks`]).
+//! Both pass one suite, [`conformance`].
+//!
+//! A verdict is acknowledged only once [`Judged::durable`] says the accepted
+//! events are recorded: before that a crash could lose them.
+
+pub mod conformance;
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use troop_ledger::fold::FoldError;
+use troop_schemas::{AccountId, Event, WorkerId};
+
+use crate::eventlog::Pending;
+
+/// Whose change it is. In a cluster this picks the judge: every event whose
+/// checks could conflict goes to the same one (CLUSTER.md, "Which partition
+/// judges an event").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Home {
+    /// Opens or moves the account's money: its holds and their outcomes,
+    /// grants to it, transfers out of it.
+    Account(AccountId),
+    /// Registers or rewards the worker.
+    Worker(WorkerId),
+    /// The network's own facts: price schedules and keys.
+    Network,
+}
+
+/// How much was missing, for the 402 a refused hold becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shortfall {
+    pub available_micro: i128,
+    pub needed_micro: u64,
+}
+
+/// Why the books refused one event: a word a caller can act on
+/// ([`Refusal::INSUFFICIENT_FUNDS`], …), the books' own message, and for a
+/// shortfall the numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shortfall: Option<Shortfall>,
+}
+
+impl Refusal {
+    pub const INSUFFICIENT_FUNDS: &'static str = "insufficient_funds";
+    pub const UNKNOWN_MODEL: &'static str = "unknown_model";
+    pub const UNKNOWN_ACCOUNT: &'static str = "unknown_account";
+    pub const HOLD_NOT_OPEN: &'static str = "hold_not_open";
+    /// Any other rule of the fold.
+    pub const REFUSED: &'static str = "refused";
+
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+            shortfall: None,
+        }
+    }
+
+    /// The fold's refusal, with its code.
+    pub fn of(e: &FoldError) -> Self {
+        let code = match e {
+            FoldError::InsufficientFunds { .. } => Self::INSUFFICIENT_FUNDS,
+            FoldError::UnknownModel(_)
+            | FoldError::NoPriceSchedule
+            | FoldError::UnknownScheduleVersion(_) => Self::UNKNOWN_MODEL,
+            FoldError::UnknownAccount(_) => Self::UNKNOWN_ACCOUNT,
+            FoldError::HoldNotOpen(_) => Self::HOLD_NOT_OPEN,
+            _ => Self::REFUSED,
+        };
+        let shortfall = match e {
+            FoldError::InsufficientFunds {
+                available, needed, ..
+            } => Some(Shortfall {
+                available_micro: *available,
+                needed_micro: *needed,
+            }),
+            _ => None,
+        };
+        Self {
+            shortfall,
+            ..Self::new(code, e.to_string())
+        }
+    }
+}
+
+/// One event's verdict: its record number in the event log, or why not.
+pub type Verdict = Result<u64, Refusal>;
+
+/// The verdicts on a change, and the write that makes the accepted ones
+/// durable (none when nothing was accepted, or it already is).
+#[derive(Debug)]
+pub struct Judged {
+    pub verdicts: Vec<Verdict>,
+    pub pending: Option<Pending>,
+}
+
+impl Judged {
+    /// The verdicts, once they may be acknowledged.
+    pub async fn durable(self) -> Result<Vec<Verdict>, MoneyError> {
+        if let Some(pending) = self.pending {
+            pending
+                .durable()
+                .await
+                .map_err(|e| MoneyError::Unknown(e.to_string()))?;
+        }
+        Ok(self.verdicts)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MoneyError {
+    /// Nothing of the change was judged; it may be sent again.
+    #[error("the books cannot judge now: {0}")]
+    Unavailable(String),
+    /// Accepted, but whether it was recorded is unknown: never acknowledged,
+    /// never sent again (a restart, or the partition's next owner, resolves it
+    /// from the log).
+    #[error("the outcome is unknown: {0}")]
+    Unknown(String),
+    /// The one event of a single-event commit was refused.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+}
+
+/// The books, as request handlers and actors see them.
+pub trait Money: Send + Sync + std::fmt::Debug {
+    /// Judges `events` in order and starts recording the accepted ones. The
+    /// change is handed over before this returns, so changes sent one after
+    /// another by one caller are judged in that order by the embedded books;
+    /// in a cluster only a change sent after an earlier one's verdict is sure
+    /// to come after it (a settlement after its hold always does).
+    fn change(
+        &self,
+        home: Home,
+        events: Vec<Event>,
+    ) -> BoxFuture<'static, Result<Judged, MoneyError>>;
+}
+
+/// Commits one event and returns its record number once it is durable.
+pub async fn commit_one(money: &dyn Money, home: Home, event: Event) -> Result<u64, MoneyError> {
+    let verdicts = money.change(home, vec![event]).await?.durable().await?;
+    let verdict = verdicts.into_iter().next().expect("one verdict per event");
+    Ok(verdict?)
+}
