@@ -8,6 +8,8 @@
 //!   active account, per worker connection and per request, and the registry
 //!   of connected workers (placement).
 //! - [`books`]: balances as a projection of the event log, published as the signed ledger.
+//! - [`money`]: the port through which balance changes reach the books (the
+//!   embedded books, or a cluster's partition owners), and its conformance suite.
 //! - [`history`]: worker events (jobs started and failed, heartbeat summaries)
 //!   and their projection.
 //! - [`keys`]: API keys, event-sourced.
