@@ -10,7 +10,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::cluster::{Job, Traffic, micro};
+use common::cluster::{Job, Traffic, account_row, micro};
 use troop_coordinator::cluster::internal::{self, ClusterBooks, Internal, Secret, Verdict};
 use troop_coordinator::cluster::ledger_node::{self, LedgerNode};
 use troop_coordinator::cluster::owned::{OwnedBooks, OwnedSettings};
@@ -243,21 +243,13 @@ async fn a_new_owner_fences_the_old_one_and_no_account_is_overdrawn_across_the_h
         "the fenced owner's hold is not in the ledger"
     );
     // Postgres's balance of the consumer is B's.
-    let row = client
-        .query_one(
-            "select debits_posted::text, credits_posted::text, debits_pending::text from accounts where account = $1",
-            &[&consumer.to_string()],
-        )
-        .await
-        .expect("the consumer's row");
     let account = b.ledger().account(consumer).expect("in B's fold").clone();
-    let column = |i: usize| row.get::<_, String>(i).parse::<u128>().expect("a number");
     assert_eq!(
-        (column(0), column(1), column(2)),
+        account_row(&client, consumer).await,
         (
-            account.debits_posted,
-            account.credits_posted,
-            account.debits_pending
+            account.credits_posted.to_string(),
+            account.debits_posted.to_string(),
+            account.debits_pending.to_string()
         )
     );
     assert_eq!(account.debits_pending, 50_000, "hold j1 is open");
@@ -470,15 +462,11 @@ async fn owned_partitions_follow_the_group_and_an_account_keeps_its_money_across
 
     // Everything accepted is sequenced (the sequencer stops on a refusal).
     sequenced(&progress, entries).await;
-    let pending: String = client
-        .query_one(
-            "select debits_pending::text from accounts where account = $1",
-            &[&consumer.to_string()],
-        )
-        .await
-        .expect("the consumer's row")
-        .get(0);
-    assert_eq!(pending, "50000", "hold j1 is open");
+    assert_eq!(
+        account_row(&client, consumer).await.2,
+        "50000",
+        "hold j1 is open"
+    );
     b.stop().await;
     sequencer.stop().await.expect("stops");
 }
@@ -564,15 +552,7 @@ async fn the_same_account_hammered_through_three_nodes_is_never_overdrawn() {
 
     // The ledger agrees: every hold that fit, and the account fully held.
     sequenced(&progress, entries).await;
-    let pending: String = client
-        .query_one(
-            "select debits_pending::text from accounts where account = $1",
-            &[&consumer.to_string()],
-        )
-        .await
-        .expect("the consumer's row")
-        .get(0);
-    assert_eq!(pending, "1000000");
+    assert_eq!(account_row(&client, consumer).await.2, "1000000");
     for node in nodes {
         node.stop().await;
     }
@@ -699,22 +679,18 @@ async fn a_schedule_and_key_sequenced_behind_an_owners_back_do_not_stop_the_sequ
         position(t, rotated_at) < position(p, settled_at),
         "the rotation was sequenced before the settlement"
     );
-    let row = client
-        .query_one(
-            "select debits_posted::text, debits_pending::text from accounts where account = $1",
-            &[&consumer.to_string()],
-        )
-        .await
-        .expect("the consumer's row");
-    let column = |i: usize| row.get::<_, String>(i).parse::<u128>().expect("a number");
+    let (_, debits, pending) = account_row(&client, &consumer).await;
     let account = owners[pi]
         .ledger()
         .account(&consumer)
         .expect("folded")
         .clone();
     assert_eq!(
-        (column(0), column(1)),
-        (account.debits_posted, account.debits_pending)
+        (debits, pending),
+        (
+            account.debits_posted.to_string(),
+            account.debits_pending.to_string()
+        )
     );
     assert_eq!(
         (account.debits_posted, account.debits_pending),

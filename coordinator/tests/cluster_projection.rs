@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::cluster::{leaves, micro, migrated_database, order_of, prices};
+use common::cluster::{account_row, leaves, micro, migrated_database, order_of, prices};
 use troop_coordinator::cluster::projection::{
     Applied, Checked, ProjectionError, Sequencer, Sourced, partition_of,
 };
@@ -53,18 +53,6 @@ fn read_to(batch: &[Sourced]) -> BTreeMap<i32, i64> {
         *next = (*next).max(s.offset + 1);
     }
     to
-}
-
-/// (credits, debits, pending) of an account as Postgres has it.
-async fn row(client: &tokio_postgres::Client, account: &AccountId) -> (String, String, String) {
-    let r = client
-        .query_one(
-            "select credits_posted::text, debits_posted::text, debits_pending::text from accounts where account = $1",
-            &[&account.to_string()],
-        )
-        .await
-        .expect("account row");
-    (r.get(0), r.get(1), r.get(2))
 }
 
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
@@ -129,11 +117,11 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
         }
     );
     assert_eq!(
-        row(&client, &consumer).await,
+        account_row(&client, &consumer).await,
         ("1000000".into(), "0".into(), "300000".into())
     );
     assert_eq!(
-        row(&client, &AccountId::TREASURY).await,
+        account_row(&client, &AccountId::TREASURY).await,
         ("0".into(), "1000000".into(), "0".into())
     );
     assert_eq!(count(&client, "select count(*) from holds").await, 1);
@@ -177,11 +165,11 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
         }
     );
     assert_eq!(
-        row(&client, &consumer).await,
+        account_row(&client, &consumer).await,
         ("1000000".into(), "100000".into(), "200000".into())
     );
     assert_eq!(
-        row(&client, &worker).await,
+        account_row(&client, &worker).await,
         ("100000".into(), "0".into(), "0".into())
     );
     let holds: Vec<String> = client
@@ -225,7 +213,7 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
     // Every account row is what the fold says.
     for (id, a) in sequencer.ledger().accounts() {
         assert_eq!(
-            row(&client, id).await,
+            account_row(&client, id).await,
             (
                 a.credits_posted.to_string(),
                 a.debits_posted.to_string(),

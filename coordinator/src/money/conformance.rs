@@ -136,28 +136,10 @@ pub async fn a_hold_resolves_once(f: Fixture<'_>, account: AccountId) {
 /// changes nothing and does not stop the ones after it.
 pub async fn each_event_gets_its_own_verdict(f: Fixture<'_>, account: AccountId) {
     f.open(account, 1_000).await;
-    let unpriced = match f.hold(account, 1, 10) {
-        Event::HoldPlaced {
-            hold,
-            job,
-            account,
-            amount_micro,
-            expires_at_ms,
-            schedule_version,
-            at_ms,
-            ..
-        } => Event::HoldPlaced {
-            hold,
-            job,
-            account,
-            model: "no such model".into(),
-            amount_micro,
-            expires_at_ms,
-            schedule_version,
-            at_ms,
-        },
-        _ => unreachable!(),
-    };
+    let mut unpriced = f.hold(account, 1, 10);
+    if let Event::HoldPlaced { model, .. } = &mut unpriced {
+        *model = "no such model".into();
+    }
     let verdicts = f
         .change(
             account,

@@ -67,6 +67,21 @@ pub async fn cluster(
     (db, broker, config, client)
 }
 
+/// (credits, debits, pending) of an account as Postgres has it, in decimal.
+pub async fn account_row(
+    client: &tokio_postgres::Client,
+    account: &AccountId,
+) -> (String, String, String) {
+    let r = client
+        .query_one(
+            "select credits_posted::text, debits_posted::text, debits_pending::text from accounts where account = $1",
+            &[&account.to_string()],
+        )
+        .await
+        .expect("account row");
+    (r.get(0), r.get(1), r.get(2))
+}
+
 /// The leaves in Postgres, in order, as (partition, record number).
 pub async fn leaves(client: &tokio_postgres::Client) -> Vec<(i32, u64)> {
     client
