@@ -259,12 +259,7 @@ impl Money for ClusterBooks {
             let verdicts = books
                 .change_in(partition, &events)
                 .await
-                .map_err(|e| match e {
-                    InternalError::Unknown(_) => MoneyError::Unknown(e.to_string()),
-                    // The owner answered 500: it accepted, its write failed.
-                    InternalError::Owner { status: 500, .. } => MoneyError::Unknown(e.to_string()),
-                    _ => MoneyError::Unavailable(e.to_string()),
-                })?;
+                .map_err(money_error)?;
             if verdicts.len() != events.len() {
                 return Err(MoneyError::Unknown(format!(
                     "the owner of partition {partition} answered {} verdicts for {} events",
@@ -283,6 +278,30 @@ impl Money for ClusterBooks {
                 pending: None,
             })
         })
+    }
+}
+
+/// Whether a change that failed may be sent again ([`MoneyError::Unavailable`])
+/// or may have been judged ([`MoneyError::Unknown`]): only what surely never
+/// reached a judge is safe to resend.
+fn money_error(e: InternalError) -> MoneyError {
+    match &e {
+        // Surely not judged: sending it again is safe.
+        InternalError::NoOwner(_)
+        | InternalError::Postgres(_)
+        | InternalError::Unavailable(..)
+        | InternalError::WeakSecret => MoneyError::Unavailable(e.to_string()),
+        InternalError::Call { source, .. } if source.is_connect() => {
+            MoneyError::Unavailable(e.to_string())
+        }
+        // Refused before judging (421, 503 after every attempt,
+        // or a request the owner would not take).
+        InternalError::Owner { status, .. } if *status != 500 => {
+            MoneyError::Unavailable(e.to_string())
+        }
+        // A 500 (accepted, its write failed), a timeout, or a
+        // call cut after it was sent: the owner may have it.
+        _ => MoneyError::Unknown(e.to_string()),
     }
 }
 
@@ -451,5 +470,41 @@ impl RemoteOwners {
             }
         }
         Err(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_what_never_reached_a_judge_may_be_sent_again() {
+        let unavailable = |e| matches!(money_error(e), MoneyError::Unavailable(_));
+        assert!(unavailable(InternalError::NoOwner(1)));
+        assert!(unavailable(InternalError::Unavailable(1, "loading".into())));
+        for status in [400, 401, 421, 503] {
+            assert!(unavailable(InternalError::Owner {
+                partition: 1,
+                status,
+                body: String::new(),
+            }));
+        }
+        // Nothing listens on port 1: the connection is refused.
+        let refused = reqwest::Client::new()
+            .post("http://127.0.0.1:1/")
+            .send()
+            .await
+            .expect_err("nothing listens");
+        assert!(refused.is_connect());
+        assert!(unavailable(InternalError::Call {
+            partition: 1,
+            source: refused,
+        }));
+        assert!(!unavailable(InternalError::Owner {
+            partition: 1,
+            status: 500,
+            body: String::new(),
+        }));
+        assert!(!unavailable(InternalError::Unknown(1)));
     }
 }
