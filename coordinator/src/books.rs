@@ -16,14 +16,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use troop_ledger::fold::{FoldError, Ledger};
+use troop_ledger::fold::{FoldError, Hold, Ledger};
 use troop_ledger::note::NoteSigner;
-use troop_ledger::proof::TlogProof;
 use troop_ledger::store::CHECKPOINT_PATH;
 use troop_ledger::store::DirStore;
-use troop_ledger::tile::{self, TileHashReader, TileId, TileSource as _};
+use troop_ledger::tile::TileSource as _;
 use troop_ledger::writer::{LogWriter, WriterError};
-use troop_schemas::{EntryError, Event, JobId, VoidReason, decode_entry, encode_entry};
+use troop_schemas::{EntryError, Event, HoldId, JobId, VoidReason, decode_entry, encode_entry};
 
 use crate::eventlog::{EventLog, EventLogError, Pending};
 
@@ -95,6 +94,30 @@ pub fn fold_ledger_record<'a>(
 /// applying the accepted ones: one verdict per event (the accepted event's
 /// place among the accepted, or why it was refused: a refusal changes nothing
 /// and does not stop the others), and the accepted ones' canonical entries.
+/// The most holds one expiry round expires; the rest wait for the next
+/// round (a second later), so a backlog never makes one huge batch.
+pub const MAX_EXPIRIES_PER_ROUND: usize = 4_096;
+
+/// The expiries of the open holds in `ledger` whose deadline is at or before
+/// `now_ms` and that `mine` takes (a cluster owner: its own accounts'), in
+/// hold id order, at most [`MAX_EXPIRIES_PER_ROUND`]. The embedded books and
+/// a partition's owner both expire with it.
+pub fn due_expiries(ledger: &Ledger, now_ms: u64, mine: impl Fn(&Hold) -> bool) -> Vec<Event> {
+    let mut due: Vec<HoldId> = ledger
+        .open_holds()
+        .filter(|(_, h)| h.expires_at_ms <= now_ms && mine(h))
+        .map(|(id, _)| *id)
+        .collect();
+    due.sort_unstable();
+    due.truncate(MAX_EXPIRIES_PER_ROUND);
+    due.into_iter()
+        .map(|hold| Event::HoldExpired {
+            hold,
+            at_ms: now_ms,
+        })
+        .collect()
+}
+
 /// The embedded books and a cluster partition's owner judge with this one
 /// function; they differ only in where the records go ([`ledger_record`]).
 pub fn judge<E: From<FoldError> + From<EntryError>>(
@@ -154,16 +177,6 @@ impl std::fmt::Debug for Books {
             self.entries, self.poisoned
         )
     }
-}
-
-/// A receipt as logged, with the proof that it is in the signed ledger.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoggedReceipt {
-    pub index: u64,
-    /// The `hold_settled` entry, canonical JSON.
-    pub entry: Vec<u8>,
-    /// `c2sp.org/tlog-proof@v1` text.
-    pub tlog_proof: String,
 }
 
 /// Outcome of replaying the event log on start.
@@ -392,7 +405,10 @@ impl Books {
 
     /// A settled job's receipt: its ledger entry, published (a checkpoint is
     /// signed now if the entry is newer than the last one) and proved.
-    pub fn receipt(&mut self, job: &JobId) -> Result<Option<LoggedReceipt>, BooksError> {
+    pub fn receipt(
+        &mut self,
+        job: &JobId,
+    ) -> Result<Option<crate::reads::LoggedReceipt>, BooksError> {
         let Some(&index) = self.receipts.get(job) else {
             return Ok(None);
         };
@@ -405,31 +421,14 @@ impl Books {
             self.publish()?;
         }
         let store = self.writer.store();
-        let size = self.writer.published().size;
-        let corrupt = |why: String| BooksError::Corrupt { offset: index, why };
-        let id = TileId::for_size(None, index / 256, size)
-            .ok_or_else(|| corrupt("entry beyond the log".into()))?;
-        let bundle = store
-            .read(&id.path())
-            .map_err(&corrupt)?
-            .ok_or_else(|| corrupt(format!("{} missing", id.path())))?;
-        let entries = tile::decode_bundle(&bundle, usize::from(id.width))
-            .map_err(|e| corrupt(e.to_string()))?;
-        let entry = entries[usize::try_from(index % 256).expect("< 256")].to_vec();
         let note = store
             .read(CHECKPOINT_PATH)
-            .map_err(&corrupt)?
-            .ok_or_else(|| corrupt("no checkpoint".into()))?;
-        let note =
-            String::from_utf8(note).map_err(|_| corrupt("checkpoint is not UTF-8".into()))?;
-        let reader = TileHashReader::new(store, size);
-        let proof = TlogProof::build(&reader, &note, self.writer.published(), index)
-            .map_err(|e| corrupt(e.to_string()))?;
-        Ok(Some(LoggedReceipt {
-            index,
-            entry,
-            tlog_proof: proof.to_text(),
-        }))
+            .and_then(|n| n.ok_or_else(|| "no checkpoint".to_owned()))
+            .and_then(|n| String::from_utf8(n).map_err(|_| "checkpoint is not UTF-8".to_owned()))
+            .map_err(|why| BooksError::Corrupt { offset: index, why })?;
+        crate::reads::prove(store, &note, self.writer.published(), index)
+            .map(Some)
+            .map_err(|why| BooksError::Corrupt { offset: index, why })
     }
 
     /// One event; its refusal is an error.
@@ -448,29 +447,16 @@ impl Books {
         Ok((cp.size, cp.root))
     }
 
-    /// Expires every open hold whose deadline is at or before `now_ms`,
-    /// releasing its credits. A hold outlives its request only if the request
+    /// Expires the open holds whose deadline is at or before `now_ms` (at
+    /// most [`MAX_EXPIRIES_PER_ROUND`] a call), releasing their credits. A hold outlives its request only if the request
     /// was lost (a stuck handler, a dead node); this bounds how long credits
     /// stay locked. Queued, not awaited: nobody waits on an expiry, and the
     /// ledger log takes the entries once they are durable.
     pub fn expire_holds(&mut self, now_ms: u64) -> Result<usize, BooksError> {
-        let mut due: Vec<_> = self
-            .ledger
-            .open_holds()
-            .filter(|(_, h)| h.expires_at_ms <= now_ms)
-            .map(|(id, _)| *id)
-            .collect();
-        if due.is_empty() {
+        let expiries = due_expiries(&self.ledger, now_ms, |_| true);
+        if expiries.is_empty() {
             return Ok(0);
         }
-        due.sort_unstable();
-        let expiries: Vec<Event> = due
-            .into_iter()
-            .map(|hold| Event::HoldExpired {
-                hold,
-                at_ms: now_ms,
-            })
-            .collect();
         let (verdicts, _pending) = self.submit(&expiries)?;
         let mut expired = 0;
         for verdict in verdicts {

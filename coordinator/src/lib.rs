@@ -10,6 +10,9 @@
 //! - [`books`]: balances as a projection of the event log, published as the signed ledger.
 //! - [`money`]: the port through which balance changes reach the books (the
 //!   embedded books, or a cluster's partition owners), and its conformance suite.
+//! - [`reads`]: the port through which the API reads the books (accounts,
+//!   workers, receipts with proofs, `/ledger/`): the embedded books, or a
+//!   cluster's Postgres projection; its conformance suite.
 //! - [`history`]: worker events (jobs started and failed, heartbeat summaries)
 //!   and their projection.
 //! - [`keys`]: API keys, event-sourced.
@@ -22,8 +25,8 @@
 //! - [`cluster`]: Kafka and Postgres for a cluster of nodes (CLUSTER.md):
 //!   `migrate`, the Kafka event log, the ledger's sequencer and its projection,
 //!   `replay`, partition ownership and the owners' judgement of balance
-//!   changes (`owner`, `owned`, the internal API), a node's `/ledger/` and
-//!   `/metrics`.
+//!   changes (`owner`, `owned`, the internal API), reads from Postgres
+//!   (`reads`), a node's `/ledger/` and `/metrics`.
 //! - [`api`]: OpenAI request validation and error shapes; [`config`]; [`metrics`].
 
 #![forbid(unsafe_code)]
@@ -39,6 +42,7 @@ pub mod history;
 pub mod keys;
 pub mod metrics;
 pub mod money;
+pub mod reads;
 
 pub use troop_ledger as ledger;
 pub mod server;

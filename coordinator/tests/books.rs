@@ -8,12 +8,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
-use troop_coordinator::books::{Books, BooksError};
+use troop_coordinator::books::{Books, BooksError, MAX_EXPIRIES_PER_ROUND, due_expiries};
 use troop_coordinator::eventlog::file::{FileLog, FileLogConfig};
 use troop_coordinator::eventlog::{EventLog, EventLogError, Pending, Record};
-use troop_ledger::fold::FoldError;
+use troop_ledger::fold::{FoldError, Hold, Ledger};
 use troop_ledger::note::NoteSigner;
-use troop_schemas::Event;
+use troop_schemas::{Event, HoldId, JobId};
 
 fn signer() -> NoteSigner {
     NoteSigner::new("books.example/ledger", log_key()).expect("signer")
@@ -117,6 +117,51 @@ fn holds_of_dead_requests_are_voided_on_restart() {
     assert_eq!(c.balance(), 10_000_000, "nothing was charged");
     books.publish().expect("publish");
     assert_eq!(audit(dir.path()).ledger.open_holds().count(), 0);
+}
+
+/// The expiries the embedded books and every cluster owner make: due holds
+/// only (the deadline inclusive), those the caller takes, in hold id order,
+/// at most a round's worth.
+#[test]
+fn due_expiries_are_the_due_holds_taken_in_id_order_a_round_at_a_time() {
+    let mut ledger = Ledger::new();
+    let max = MAX_EXPIRIES_PER_ROUND as u64;
+    let events = genesis()
+        .into_iter()
+        .chain((1..=max + 2).map(|n| hold(n, 1)));
+    for event in events {
+        ledger.apply(&event).expect("folds");
+    }
+    assert!(due_expiries(&ledger, T0 + 60_000, |_| true).is_empty());
+    // Each expiry's hold, checked to be dated `now_ms`.
+    let ids = |due: Vec<Event>, now_ms: u64| -> Vec<HoldId> {
+        due.into_iter()
+            .map(|e| match e {
+                Event::HoldExpired { hold, at_ms } if at_ms == now_ms => hold,
+                other => panic!("not an expiry at {now_ms}: {other:?}"),
+            })
+            .collect()
+    };
+    let mut expected: Vec<HoldId> = [1u64, 2]
+        .iter()
+        .map(|n| HoldId::derive(&n.to_le_bytes()))
+        .collect();
+    expected.sort_unstable();
+    let now_ms = T0 + 60_002;
+    assert_eq!(
+        ids(due_expiries(&ledger, now_ms, |_| true), now_ms),
+        expected,
+        "holds 1 and 2, at their deadlines"
+    );
+    let second = |h: &Hold| h.job == JobId::derive(&2u64.to_le_bytes());
+    assert_eq!(
+        ids(due_expiries(&ledger, now_ms, second), now_ms),
+        [HoldId::derive(&2u64.to_le_bytes())]
+    );
+    let now_ms = T0 + 60_000 + max + 2;
+    let all_ids = ids(due_expiries(&ledger, now_ms, |_| true), now_ms);
+    assert_eq!(all_ids.len(), MAX_EXPIRIES_PER_ROUND, "a round's worth");
+    assert!(all_ids.windows(2).all(|w| w[0] < w[1]), "in id order");
 }
 
 #[test]

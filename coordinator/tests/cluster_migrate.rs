@@ -75,6 +75,7 @@ async fn creates_the_schema_and_the_topics_once() {
         "nodes",
         "partition_owners",
         "worker_presence",
+        "worker_registrations",
     ] {
         let n: i64 = client
             .query_one(&format!("select count(*) from {table}"), &[])

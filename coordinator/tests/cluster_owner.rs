@@ -17,9 +17,11 @@ use troop_coordinator::cluster::owned::{OwnedBooks, OwnedSettings};
 use troop_coordinator::cluster::owner::{OwnerError, PartitionBooks, home_partition};
 use troop_coordinator::cluster::ownership::Ownership;
 use troop_coordinator::cluster::projection::partition_of;
+use troop_coordinator::cluster::reads::PgReads;
 use troop_coordinator::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
 use troop_coordinator::money::Refusal;
 use troop_coordinator::money::conformance::{Fixture, run_all};
+use troop_coordinator::reads;
 use troop_ledger::fold::{FoldError, Ledger};
 use troop_schemas::event::AccountRole;
 use troop_schemas::{AccountId, Event, HoldId, JobId};
@@ -295,6 +297,17 @@ struct MoneyNode {
 
 impl MoneyNode {
     async fn start(config: &troop_coordinator::config::ClusterConfig, name: &str) -> Self {
+        // The tests' events carry a fixed 2026 clock: the wall clock would
+        // expire their holds at once.
+        Self::start_with(config, name, None).await
+    }
+
+    /// Expiring overdue holds every `expire_every`.
+    async fn start_with(
+        config: &troop_coordinator::config::ClusterConfig,
+        name: &str,
+        expire_every: Option<Duration>,
+    ) -> Self {
         let membership = Ownership::start(config, name).expect("joins");
         let owned = std::sync::Arc::new(OwnedBooks::start(
             config.clone(),
@@ -302,6 +315,7 @@ impl MoneyNode {
             OwnedSettings {
                 follow_every: Duration::from_millis(50),
                 retake_after: Duration::from_millis(200),
+                expire_every,
             },
         ));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -704,12 +718,13 @@ async fn a_schedule_and_key_sequenced_behind_an_owners_back_do_not_stop_the_sequ
     sequencer.stop().await.expect("stops");
 }
 
-/// The cluster's `Money` adapter passes the suite the embedded books pass
-/// (`money_embedded.rs`): asked on one node, with accounts of the partition
-/// that node owns (judged in-process) and of the other node's (over the
-/// internal API).
+/// The cluster's `Money` and `Reads` adapters pass the suites the embedded
+/// books pass (`embedded_ports.rs`): changes asked of one node, with accounts
+/// of the partition that node owns (judged in-process) and of the other
+/// node's (over the internal API); reads from Postgres as the sequencer
+/// projects and publishes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cluster_books_pass_the_money_suite() {
+async fn the_cluster_books_pass_the_money_and_reads_suites() {
     let (_db, _broker, config, _client) = common::cluster::cluster("money", PARTITIONS).await;
     let sequencer = start_sequencer(&config);
     let progress = std::sync::Arc::clone(&sequencer.progress);
@@ -730,17 +745,119 @@ async fn the_cluster_books_pass_the_money_suite() {
         schedule_version: 1,
         at_ms: AT_MS,
     };
+    let mut fold = Ledger::new();
+    for event in &traffic.setup {
+        fold.apply(event).expect("the setup folds");
+    }
+    let schedule = fold.schedule().expect("published").clone();
+    let reads = PgReads::new(&config.postgres, signer().verifier());
+    let reads_fixture = reads::conformance::Fixture {
+        books: fixture,
+        reads: &reads,
+        schedule: &schedule,
+        coordinator: &Traffic::coordinator(),
+        verifier: &signer().verifier(),
+    };
     let here = *b.books.owned.loaded().first().expect("one");
     for partition in [here, 1 - here] {
         let partition = u32::try_from(partition).expect("small");
-        run_all(fixture, &|test| {
+        let account = |test: &str| {
             (0u32..)
                 .map(|n| AccountId::derive(format!("money-{test}-{n}").as_bytes()))
                 .find(|a| partition_of(a, PARTITIONS) == partition)
                 .expect("some account lands there")
-        })
-        .await;
+        };
+        run_all(fixture, &account).await;
+        reads::conformance::run_all(reads_fixture, &account).await;
     }
+    a.stop().await;
+    b.stop().await;
+    sequencer.stop().await.expect("stops");
+}
+
+/// Each owner expires the overdue holds of its own accounts by the wall
+/// clock: with two nodes, each following the other's partition (so each
+/// fold holds both holds), every hold gets exactly one expiry in the ledger,
+/// the sequencer accepts them and the credits are released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_expire_their_own_accounts_overdue_holds_once() {
+    let (_db, _broker, config, client) = common::cluster::cluster("expire", PARTITIONS).await;
+    let sequencer = start_sequencer(&config);
+    let progress = std::sync::Arc::clone(&sequencer.progress);
+    let every = Some(Duration::from_millis(100));
+    let (a, b) = (
+        MoneyNode::start_with(&config, "node-a", every).await,
+        MoneyNode::start_with(&config, "node-b", every).await,
+    );
+    until("the two nodes share the partitions", || async {
+        a.books.owned.loaded().len() == 1 && b.books.owned.loaded().len() == 1
+    })
+    .await;
+    let traffic = Traffic::new(0, 0, AT_MS);
+    set_up(&[&a, &b], &a, &traffic.setup, &progress).await;
+    let now_ms = troop_coordinator::server::now_ms();
+    let mut accounts = Vec::new();
+    for partition in 0..PARTITIONS {
+        let account = (0u32..)
+            .map(|n| AccountId::derive(format!("expire-{n}").as_bytes()))
+            .find(|a| partition_of(a, PARTITIONS) == partition)
+            .expect("some account lands there");
+        let id = format!("expire-{account}");
+        let events = [
+            Event::AccountOpened {
+                account,
+                role: AccountRole::Consumer,
+                at_ms: now_ms,
+            },
+            Event::Grant {
+                account,
+                amount_micro: micro(1_000),
+                memo: "expire".into(),
+                at_ms: now_ms,
+            },
+            Event::HoldPlaced {
+                hold: HoldId::derive(id.as_bytes()),
+                job: JobId::derive(id.as_bytes()),
+                account,
+                model: "m".into(),
+                amount_micro: micro(600),
+                expires_at_ms: now_ms + 300,
+                schedule_version: 1,
+                at_ms: now_ms,
+            },
+        ];
+        // Asked of node a: one account judged here, one over the internal API.
+        for verdict in a.change(partition, &events).await {
+            assert!(matches!(verdict, Verdict::Record(_)), "{verdict:?}");
+        }
+        accounts.push(account);
+    }
+    until("both holds expired, sequenced and released", || async {
+        let ids: Vec<String> = accounts.iter().map(ToString::to_string).collect();
+        let released: i64 = client
+            .query_one(
+                "select count(*) from accounts where account = any($1)
+                 and credits_posted = 1000 and debits_posted = 0 and debits_pending = 0",
+                &[&ids],
+            )
+            .await
+            .expect("accounts")
+            .get(0);
+        released == 2
+    })
+    .await;
+    // More rounds pass; nobody expires a hold twice, nor another's.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let entries = client
+        .query("select entry from ledger_entries order by leaf_index", &[])
+        .await
+        .expect("entries");
+    let expiries = entries
+        .iter()
+        .map(|r| troop_schemas::decode_entry(r.get(0)).expect("an entry"))
+        .filter(|e| matches!(e, Event::HoldExpired { .. }))
+        .count();
+    assert_eq!(expiries, accounts.len());
     a.stop().await;
     b.stop().await;
     sequencer.stop().await.expect("stops");

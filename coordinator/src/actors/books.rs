@@ -3,11 +3,15 @@
 use std::sync::{Arc, RwLock};
 
 use actix::prelude::*;
-use troop_ledger::fold::{Account, Hold, Schedule};
-use troop_schemas::{AccountId, Event, HoldId};
+use std::path::PathBuf;
+
+use troop_ledger::fold::{Account, Hold, Schedule, Worker};
+use troop_ledger::tile::TileSource as _;
+use troop_schemas::{AccountId, Event, HoldId, JobId, WorkerId};
 
 use crate::books::{Books, BooksError, Submitted};
 use crate::money::{Home, Judged, Money, MoneyError, Refusal};
+use crate::reads::{AccountView, Lag, LoggedReceipt, MAX_LIST_ACCOUNTS, Read, ReadError, Reads};
 
 #[derive(Debug)]
 pub struct BooksActor {
@@ -61,9 +65,14 @@ impl Handler<Commit> for BooksActor {
     }
 }
 
-/// The embedded books behind the [`Money`] port: one judge for every account.
+/// The embedded books behind the [`Money`] and [`Reads`] ports: one judge
+/// for every account, read on the books' own thread (exact as of the last
+/// change), and the ledger published in `ledger_dir`.
 #[derive(Debug, Clone)]
-pub struct Embedded(pub Addr<BooksActor>);
+pub struct Embedded {
+    pub books: Addr<BooksActor>,
+    pub ledger_dir: PathBuf,
+}
 
 impl Money for Embedded {
     fn change(
@@ -72,7 +81,7 @@ impl Money for Embedded {
         events: Vec<Event>,
     ) -> futures_util::future::BoxFuture<'static, Result<Judged, MoneyError>> {
         // Queued on the books' mailbox here, in the caller's order.
-        let request = self.0.send(Commit(events));
+        let request = self.books.send(Commit(events));
         Box::pin(async move {
             let (verdicts, pending) = request
                 .await
@@ -118,12 +127,6 @@ impl Handler<Publish> for BooksActor {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct AccountView {
-    pub account: Account,
-    pub holds: Vec<(HoldId, Hold)>,
-}
-
 #[derive(Debug, Message)]
 #[rtype(result = "Option<AccountView>")]
 pub struct GetAccount(pub AccountId);
@@ -145,11 +148,11 @@ impl Handler<GetAccount> for BooksActor {
 
 /// The key the ledger says countersigns receipts, and whether a worker is registered.
 #[derive(Debug, Message)]
-#[rtype(result = "Option<troop_ledger::fold::Worker>")]
+#[rtype(result = "Option<Worker>")]
 pub struct GetWorker(pub troop_schemas::WorkerId);
 
 impl Handler<GetWorker> for BooksActor {
-    type Result = Option<troop_ledger::fold::Worker>;
+    type Result = Option<Worker>;
     fn handle(&mut self, msg: GetWorker, _: &mut Self::Context) -> Self::Result {
         self.books.ledger().worker(&msg.0).cloned()
     }
@@ -157,11 +160,11 @@ impl Handler<GetWorker> for BooksActor {
 
 /// A settled job's receipt with its inclusion proof.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Option<crate::books::LoggedReceipt>, crate::books::BooksError>")]
+#[rtype(result = "Result<Option<LoggedReceipt>, BooksError>")]
 pub struct GetReceipt(pub troop_schemas::JobId);
 
 impl Handler<GetReceipt> for BooksActor {
-    type Result = Result<Option<crate::books::LoggedReceipt>, crate::books::BooksError>;
+    type Result = Result<Option<LoggedReceipt>, BooksError>;
     fn handle(&mut self, msg: GetReceipt, _: &mut Self::Context) -> Self::Result {
         self.books.receipt(&msg.0)
     }
@@ -179,20 +182,82 @@ impl Handler<GetLag> for BooksActor {
     }
 }
 
+/// Up to `limit` accounts in id order after `after`.
 #[derive(Debug, Message)]
 #[rtype(result = "Vec<(AccountId, Account)>")]
-pub struct ListAccounts;
+pub struct ListAccounts {
+    pub after: Option<AccountId>,
+    pub limit: usize,
+}
 
 impl Handler<ListAccounts> for BooksActor {
     type Result = Vec<(AccountId, Account)>;
-    fn handle(&mut self, _: ListAccounts, _: &mut Self::Context) -> Self::Result {
-        let mut all: Vec<_> = self
+    fn handle(&mut self, msg: ListAccounts, _: &mut Self::Context) -> Self::Result {
+        let mut page: Vec<_> = self
             .books
             .ledger()
             .accounts()
+            .filter(|(id, _)| msg.after.is_none_or(|after| **id > after))
             .map(|(id, a)| (*id, a.clone()))
             .collect();
-        all.sort_by_key(|(id, _)| *id);
-        all
+        page.sort_by_key(|(id, _)| *id);
+        page.truncate(msg.limit.min(MAX_LIST_ACCOUNTS));
+        page
+    }
+}
+
+fn stopped(_: MailboxError) -> ReadError {
+    ReadError::Unavailable("the books stopped".into())
+}
+
+impl Reads for Embedded {
+    fn account(&self, account: AccountId) -> Read<Option<AccountView>> {
+        let asked = self.books.send(GetAccount(account));
+        Box::pin(async move { asked.await.map_err(stopped) })
+    }
+
+    fn accounts(&self, after: Option<AccountId>, limit: usize) -> Read<Vec<(AccountId, Account)>> {
+        let asked = self.books.send(ListAccounts { after, limit });
+        Box::pin(async move { asked.await.map_err(stopped) })
+    }
+
+    fn worker(&self, worker: WorkerId) -> Read<Option<Worker>> {
+        let asked = self.books.send(GetWorker(worker));
+        Box::pin(async move { asked.await.map_err(stopped) })
+    }
+
+    fn receipt(&self, job: JobId) -> Read<Option<LoggedReceipt>> {
+        let asked = self.books.send(GetReceipt(job));
+        Box::pin(async move {
+            asked.await.map_err(stopped)?.map_err(|e| match e {
+                BooksError::Corrupt { .. } => ReadError::Corrupt(e.to_string()),
+                other => ReadError::Unavailable(other.to_string()),
+            })
+        })
+    }
+
+    fn ledger_file(&self, path: String) -> Read<Option<Vec<u8>>> {
+        let dir = self.ledger_dir.clone();
+        Box::pin(async move {
+            // A file read: off the async runtime.
+            tokio::task::spawn_blocking(move || {
+                let store = troop_ledger::store::DirStore::open(&dir)
+                    .map_err(|e| ReadError::Unavailable(e.to_string()))?;
+                store.read(&path).map_err(ReadError::Unavailable)
+            })
+            .await
+            .map_err(|e| ReadError::Unavailable(e.to_string()))?
+        })
+    }
+
+    fn lag(&self) -> Read<Lag> {
+        let asked = self.books.send(GetLag);
+        Box::pin(async move {
+            let (ledger_entries, log_records) = asked.await.map_err(stopped)?;
+            Ok(Lag {
+                ledger_entries,
+                log_records: Some(log_records),
+            })
+        })
     }
 }

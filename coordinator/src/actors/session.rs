@@ -299,6 +299,11 @@ async fn open(
                 s.available_micro,
             ));
         }
+        Err(MoneyError::Unavailable(why)) => {
+            return Err(ApiError::unavailable(format!(
+                "the hold could not be placed now: {why}"
+            )));
+        }
         Err(e) => {
             return Err(ApiError::upstream(format!(
                 "the books refused the hold: {e}"

@@ -108,6 +108,14 @@ impl ApiError {
             )
         }
     }
+    /// The books or the database cannot answer now (an owner moving, a
+    /// database restarting): nothing was done, asking again may work.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retry_after_s: Some(1),
+            ..Self::new(503, "server_error", Some("service_unavailable"), message)
+        }
+    }
     pub fn upstream(message: impl Into<String>) -> Self {
         Self::new(502, "server_error", Some("worker_failed"), message)
     }

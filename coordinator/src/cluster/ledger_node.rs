@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 
+use crate::cluster::Reconnecting;
 use crate::cluster::kafka_log::TopicReader;
 use crate::cluster::ledger_store::read_file;
 use crate::cluster::projection::Sequencer;
@@ -16,29 +17,10 @@ use crate::config::ClusterConfig;
 use crate::eventlog::EventLogError;
 use crate::metrics::Metrics;
 
-/// A Postgres client that reconnects after its connection ended (a database
-/// restart must not take `/ledger/` down for good).
-struct Pg {
-    url: String,
-    client: tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>,
-}
-
-impl Pg {
-    async fn get(&self) -> Result<Arc<tokio_postgres::Client>, tokio_postgres::Error> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(Arc::clone(c));
-        }
-        let client = Arc::new(super::connect(&self.url, "ledger node").await?);
-        *slot = Some(Arc::clone(&client));
-        Ok(client)
-    }
-}
-
 /// The state behind a node's ledger endpoints.
 pub struct LedgerNode {
     cluster: ClusterConfig,
-    pg: Pg,
+    pg: Reconnecting,
     progress: Arc<SequencerProgress>,
     metrics: Metrics,
     /// Asks the broker where each ledger partition ends (opened on first use).
@@ -55,10 +37,7 @@ impl LedgerNode {
     /// `progress` is this node's sequencer task's (leading or standing by).
     pub fn new(cluster: ClusterConfig, progress: Arc<SequencerProgress>) -> Self {
         Self {
-            pg: Pg {
-                url: cluster.postgres.clone(),
-                client: tokio::sync::Mutex::new(None),
-            },
+            pg: Reconnecting::new(&cluster.postgres, "ledger node"),
             cluster,
             progress,
             metrics: Metrics::new(),
@@ -141,15 +120,8 @@ async fn metrics(node: web::Data<LedgerNode>) -> HttpResponse {
         m.ledger_lag_entries
             .set(gauge(size.saturating_sub(published)));
     } else if let Ok(client) = node.pg.get().await
-        && let Ok(row) = client
-            .query_one(
-                "select h.tree_size, coalesce(c.tree_size, 0) from ledger_head h
-                 left join ledger_checkpoint c on true",
-                &[],
-            )
-            .await
+        && let Ok((size, published)) = crate::cluster::reads::sizes(&client).await
     {
-        let (size, published): (i64, i64) = (row.get(0), row.get(1));
         m.ledger_entries.set(size);
         m.ledger_lag_entries.set((size - published).max(0));
     }

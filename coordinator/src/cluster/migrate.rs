@@ -24,6 +24,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "ledger_publication",
         include_str!("../../migrations/0002_ledger_publication.sql"),
     ),
+    (3, "reads", include_str!("../../migrations/0003_reads.sql")),
 ];
 
 /// Held while migrating so that nodes starting together do not race.

@@ -15,6 +15,7 @@ pub mod owned;
 pub mod owner;
 pub mod ownership;
 pub mod projection;
+pub mod reads;
 pub mod replay;
 pub mod sequence_log;
 pub mod sequencer;
@@ -32,4 +33,36 @@ pub async fn connect(
         }
     });
     Ok(client)
+}
+
+/// A Postgres client that reconnects after its connection ended: a database
+/// restart must not take a node's reads down for good.
+#[derive(Debug)]
+pub struct Reconnecting {
+    url: String,
+    what: &'static str,
+    client: tokio::sync::Mutex<Option<std::sync::Arc<tokio_postgres::Client>>>,
+}
+
+impl Reconnecting {
+    /// Connects on first use (libpq string `postgres`; logged as `what`'s).
+    pub fn new(postgres: &str, what: &'static str) -> Self {
+        Self {
+            url: postgres.to_owned(),
+            what,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn get(
+        &self,
+    ) -> Result<std::sync::Arc<tokio_postgres::Client>, tokio_postgres::Error> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(std::sync::Arc::clone(c));
+        }
+        let client = std::sync::Arc::new(connect(&self.url, self.what).await?);
+        *slot = Some(std::sync::Arc::clone(&client));
+        Ok(client)
+    }
 }

@@ -28,6 +28,9 @@ pub struct OwnedSettings {
     pub follow_every: Duration,
     /// The pause before a partition that failed is taken again.
     pub retake_after: Duration,
+    /// How often the owned partitions' overdue holds are expired (by the
+    /// wall clock); `None`: never (tests whose events carry a fixed clock).
+    pub expire_every: Option<Duration>,
 }
 
 impl Default for OwnedSettings {
@@ -35,6 +38,7 @@ impl Default for OwnedSettings {
         Self {
             follow_every: Duration::from_millis(100),
             retake_after: Duration::from_secs(1),
+            expire_every: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -142,6 +146,7 @@ async fn run(
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
     let mut failed_at: BTreeMap<i32, Instant> = BTreeMap::new();
+    let mut expired_at = Instant::now();
     loop {
         tokio::select! {
             _ = &mut stopped => break,
@@ -206,6 +211,12 @@ async fn run(
         if let Err(e) = follow(client, &loaded, &mut diverged).await {
             tracing::warn!(error = %e, "following the sequenced ledger failed");
         }
+        if let Some(every) = settings.expire_every
+            && expired_at.elapsed() >= every
+        {
+            expired_at = Instant::now();
+            expire(&loaded, crate::server::now_ms(), &mut diverged).await;
+        }
         for (p, books) in diverged {
             failed_at.insert(p, Instant::now());
             let removed = remove_if_same(&loaded, p, &books);
@@ -215,6 +226,34 @@ async fn run(
     }
     let all: Vec<Shared> = std::mem::take(&mut *write(&loaded)).into_values().collect();
     let_go(all).await;
+}
+
+/// Expires every owned partition's overdue holds; a partition whose log
+/// failed (fenced) goes to `failed`, to be let go.
+async fn expire(loaded: &Loaded, now_ms: u64, failed: &mut Vec<(i32, Shared)>) {
+    let partitions: Vec<(i32, Shared)> = read(loaded)
+        .iter()
+        .map(|(p, b)| (*p, Arc::clone(b)))
+        .collect();
+    for (p, books) in partitions {
+        if failed.iter().any(|(d, _)| *d == p) {
+            continue;
+        }
+        let expired = books.lock().await.expire_due(now_ms);
+        match expired {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                partition = p,
+                holds = n,
+                "expired holds whose requests were lost"
+            ),
+            Err(e @ (OwnerError::EventLog(_) | OwnerError::Poisoned)) => {
+                tracing::warn!(partition = p, error = %e, "expiring holds failed; letting the partition go");
+                failed.push((p, books));
+            }
+            Err(e) => tracing::error!(partition = p, error = %e, "an expiry was refused"),
+        }
+    }
 }
 
 /// Folds newly sequenced entries into every owned partition, reading them

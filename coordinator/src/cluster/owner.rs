@@ -363,6 +363,27 @@ impl PartitionBooks {
         Ok(())
     }
 
+    /// Expires the overdue holds of this partition's own accounts (the fold
+    /// also holds other partitions' holds, from the sequenced ledger: their
+    /// owners expire those) and queues the expiries; returns how many.
+    /// Nobody waits on an expiry: the log commits it with its next group.
+    pub fn expire_due(&mut self, now_ms: u64) -> Result<usize, OwnerError> {
+        let (here, partitions) = (self.partition, self.partitions);
+        let due = crate::books::due_expiries(&self.ledger, now_ms, |hold| {
+            i64::from(partition_of(&hold.account, partitions)) == i64::from(here)
+        });
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let (verdicts, _pending) = self.submit(&due)?;
+        let mut expired = 0;
+        for verdict in verdicts {
+            verdict?;
+            expired += 1;
+        }
+        Ok(expired)
+    }
+
     /// Judges `events` in order and queues the accepted ones on the
     /// partition's log; acknowledge them only once the pending resolves. An
     /// event another partition judges is refused ([`OwnerError::NotHere`]).

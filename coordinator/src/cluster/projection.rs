@@ -259,6 +259,9 @@ struct Rows<'a> {
     receipt_worker: Vec<String>,
     /// Charged, worker earned, fee.
     receipt_amounts: Vec<[i64; 3]>,
+    registered_worker: Vec<String>,
+    registered_key: Vec<&'a [u8]>,
+    registered_account: Vec<String>,
 }
 
 impl<'a> Rows<'a> {
@@ -293,6 +296,18 @@ impl<'a> Rows<'a> {
                 "insert into receipts (job, leaf_index, consumer, worker, charged_micro, worker_earned_micro, fee_micro)
                  select * from unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])",
                 &[&self.receipt_job, &self.receipt_leaf, &self.receipt_consumer, &self.receipt_worker, &column(0), &column(1), &column(2)],
+            )
+            .await?;
+        }
+        if !self.registered_worker.is_empty() {
+            tx.execute(
+                "insert into worker_registrations (worker, worker_key, account)
+                 select * from unnest($1::text[], $2::bytea[], $3::text[])",
+                &[
+                    &self.registered_worker,
+                    &self.registered_key,
+                    &self.registered_account,
+                ],
             )
             .await?;
         }
@@ -507,6 +522,17 @@ impl Sequencer {
                 rows.receipt_worker.push(r.worker.to_string());
                 rows.receipt_amounts.push([charged, earned, fee]);
             }
+            if let Event::WorkerRegistered {
+                worker,
+                key,
+                account,
+                ..
+            } = event
+            {
+                rows.registered_worker.push(worker.to_string());
+                rows.registered_key.push(&key.0);
+                rows.registered_account.push(account.to_string());
+            }
         }
         let sequenced = rows.leaf.len() as u64;
         rows.write(&tx).await?;
@@ -612,7 +638,7 @@ impl Sequencer {
         holds: &BTreeSet<HoldId>,
     ) -> Result<(), ProjectionError> {
         let mut open = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut amounts = (Vec::new(), Vec::new());
+        let mut amounts = (Vec::new(), Vec::new(), Vec::new());
         let mut closed = Vec::new();
         for id in holds {
             match self.ledger.hold(id) {
@@ -627,16 +653,19 @@ impl Sequencer {
                     amounts
                         .1
                         .push(i64::try_from(h.expires_at_ms).unwrap_or(i64::MAX));
+                    amounts
+                        .2
+                        .push(i64::try_from(h.schedule_version).unwrap_or(i64::MAX));
                 }
                 None => closed.push(id.to_string()),
             }
         }
         if !open.0.is_empty() {
             tx.execute(
-                "insert into holds (hold, account, job, model, amount_micro, expires_at_ms)
-                 select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[])
+                "insert into holds (hold, account, job, model, amount_micro, expires_at_ms, schedule_version)
+                 select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])
                  on conflict (hold) do nothing",
-                &[&open.0, &open.1, &open.2, &open.3, &amounts.0, &amounts.1],
+                &[&open.0, &open.1, &open.2, &open.3, &amounts.0, &amounts.1, &amounts.2],
             )
             .await?;
         }

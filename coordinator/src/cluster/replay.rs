@@ -251,7 +251,7 @@ pub struct LedgerState {
 
 /// Each projection table replay rebuilds, as a query of its rows in key
 /// order (every column as text: numeric(39,0) has no binary Rust type here).
-const TABLES: [(&str, &str); 4] = [
+const TABLES: [(&str, &str); 5] = [
     (
         "ledger_entries",
         "select leaf_index::text, partition_id::text, event_offset::text, encode(entry, 'hex')
@@ -265,13 +265,19 @@ const TABLES: [(&str, &str); 4] = [
     ),
     (
         "holds",
-        "select hold, account, job, model, amount_micro::text, expires_at_ms::text
+        "select hold, account, job, model, amount_micro::text, expires_at_ms::text,
+         coalesce(schedule_version::text, '')
          from holds order by hold",
     ),
     (
         "receipts",
         "select job, leaf_index::text, consumer, worker, charged_micro::text,
          worker_earned_micro::text, fee_micro::text from receipts order by job",
+    ),
+    (
+        "worker_registrations",
+        "select worker, encode(worker_key, 'hex'), account
+         from worker_registrations order by worker",
     ),
 ];
 

@@ -25,8 +25,10 @@ fn micro(n: u64) -> CreditsMicro {
     CreditsMicro::new(n).expect("a small amount")
 }
 
+/// The suite's own moves, also used by the reads suite
+/// ([`crate::reads::conformance`]).
 impl Fixture<'_> {
-    async fn change(&self, account: AccountId, events: Vec<Event>) -> Vec<Verdict> {
+    pub async fn change(&self, account: AccountId, events: Vec<Event>) -> Vec<Verdict> {
         self.money
             .change(Home::Account(account), events)
             .await
@@ -36,7 +38,7 @@ impl Fixture<'_> {
             .expect("durable")
     }
 
-    async fn open(&self, account: AccountId, credits_micro: u64) {
+    pub async fn open(&self, account: AccountId, credits_micro: u64) {
         let verdicts = self
             .change(
                 account,
@@ -60,7 +62,7 @@ impl Fixture<'_> {
         }
     }
 
-    fn hold(&self, account: AccountId, n: u32, amount_micro: u64) -> Event {
+    pub fn hold(&self, account: AccountId, n: u32, amount_micro: u64) -> Event {
         let id = format!("{account}-{n}");
         Event::HoldPlaced {
             hold: HoldId::derive(id.as_bytes()),

@@ -12,7 +12,8 @@ pub mod conformance;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use troop_ledger::fold::FoldError;
-use troop_schemas::{AccountId, Event, WorkerId};
+use troop_schemas::event::AccountRole;
+use troop_schemas::{AccountId, Event, PublicKey, WorkerId};
 
 use crate::eventlog::Pending;
 
@@ -54,6 +55,9 @@ impl Refusal {
     pub const UNKNOWN_MODEL: &'static str = "unknown_model";
     pub const UNKNOWN_ACCOUNT: &'static str = "unknown_account";
     pub const HOLD_NOT_OPEN: &'static str = "hold_not_open";
+    /// The account or worker is there already: opening or registering it
+    /// again is done.
+    pub const ALREADY_EXISTS: &'static str = "already_exists";
     /// Any other rule of the fold.
     pub const REFUSED: &'static str = "refused";
 
@@ -74,6 +78,7 @@ impl Refusal {
             | FoldError::UnknownScheduleVersion(_) => Self::UNKNOWN_MODEL,
             FoldError::UnknownAccount(_) => Self::UNKNOWN_ACCOUNT,
             FoldError::HoldNotOpen(_) => Self::HOLD_NOT_OPEN,
+            FoldError::DuplicateAccount(_) | FoldError::DuplicateWorker(_) => Self::ALREADY_EXISTS,
             _ => Self::REFUSED,
         };
         let shortfall = match e {
@@ -150,4 +155,53 @@ pub async fn commit_one(money: &dyn Money, home: Home, event: Event) -> Result<u
     let verdicts = money.change(home, vec![event]).await?.durable().await?;
     let verdict = verdicts.into_iter().next().expect("one verdict per event");
     Ok(verdict?)
+}
+
+/// How long a worker's registration waits for its account to reach the
+/// worker's judge (in a cluster, the owner of another partition follows the
+/// opening once sequenced: a fraction of a second when idle).
+pub const REGISTRATION_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Opens the earnings account of the worker with `key` and registers the
+/// worker, each unless it is done already; returns the worker's id once both
+/// are durable. In a cluster the two are judged by different owners (the
+/// account's partition and the worker's), so the registration is asked again
+/// while its judge does not know the account yet, up to [`REGISTRATION_WAIT`].
+pub async fn register_worker(
+    money: &dyn Money,
+    key: PublicKey,
+    at_ms: u64,
+) -> Result<WorkerId, MoneyError> {
+    let worker = WorkerId::from_key(&key);
+    let account = AccountId::derive(&key.0);
+    let done =
+        |r: &MoneyError| matches!(r, MoneyError::Refused(r) if r.code == Refusal::ALREADY_EXISTS);
+    let opened = Event::AccountOpened {
+        account,
+        role: AccountRole::Worker,
+        at_ms,
+    };
+    match commit_one(money, Home::Account(account), opened).await {
+        Err(e) if !done(&e) => return Err(e),
+        _ => {}
+    }
+    let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
+    loop {
+        let registered = Event::WorkerRegistered {
+            worker,
+            key,
+            account,
+            at_ms,
+        };
+        match commit_one(money, Home::Worker(worker), registered).await {
+            Ok(_) => return Ok(worker),
+            Err(e) if done(&e) => return Ok(worker),
+            Err(MoneyError::Refused(r))
+                if r.code == Refusal::UNKNOWN_ACCOUNT && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }

@@ -9,6 +9,7 @@ use super::{AppState, commit_as, commit_one, error_response, now_ms, random};
 use crate::api::openai::ApiError;
 use crate::keys::admin_token_matches;
 use crate::money::Home;
+use crate::reads::MAX_LIST_ACCOUNTS;
 
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let given = req
@@ -108,13 +109,10 @@ pub async fn issue_key(
     if let Err(e) = authorize(&req, &state) {
         return error_response(&e);
     }
-    let known = state
-        .books
-        .send(crate::actors::books::GetAccount(body.account))
-        .await
-        .ok()
-        .flatten()
-        .is_some();
+    let known = match state.reads.account(body.account).await {
+        Ok(view) => view.is_some(),
+        Err(e) => return error_response(&ApiError::unavailable(e.to_string())),
+    };
     if !known {
         return refused(format!("account {} does not exist", body.account));
     }
@@ -168,15 +166,36 @@ pub async fn revoke_key(
     HttpResponse::Ok().json(json!({"key": body.key.to_string(), "revoked": true}))
 }
 
-pub async fn list_accounts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+/// `GET /admin/accounts?after=ID&limit=N`: one page in id order; the answer
+/// names `next_after` while there may be more.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsPage {
+    #[serde(default)]
+    pub after: Option<AccountId>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+pub async fn list_accounts(
+    req: HttpRequest,
+    page: web::Query<AccountsPage>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     if let Err(e) = authorize(&req, &state) {
         return error_response(&e);
     }
-    let accounts = state
-        .books
-        .send(crate::actors::books::ListAccounts)
-        .await
-        .unwrap_or_default();
+    let limit = page
+        .limit
+        .unwrap_or(MAX_LIST_ACCOUNTS)
+        .clamp(1, MAX_LIST_ACCOUNTS);
+    let accounts = match state.reads.accounts(page.after, limit).await {
+        Ok(a) => a,
+        Err(e) => return error_response(&ApiError::unavailable(e.to_string())),
+    };
+    let next_after = (accounts.len() == limit)
+        .then(|| accounts.last().map(|(id, _)| id.to_string()))
+        .flatten();
     let list: Vec<_> = accounts
         .into_iter()
         .map(|(id, a)| {
@@ -184,7 +203,7 @@ pub async fn list_accounts(req: HttpRequest, state: web::Data<AppState>) -> Http
                 "pending_micro": a.debits_pending.to_string(), "available_micro": a.available().to_string()})
         })
         .collect();
-    HttpResponse::Ok().json(json!({"accounts": list}))
+    HttpResponse::Ok().json(json!({"accounts": list, "next_after": next_after}))
 }
 
 pub async fn list_workers(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {

@@ -16,12 +16,12 @@ use troop_schemas::sse::{Meter, Reading};
 use troop_schemas::{AccountId, Event, JobId};
 
 use super::{AppState, error_response, now_ms, random};
-use crate::actors::books::GetAccount;
 use crate::actors::registry::Models;
 use crate::actors::session::{Deliver, Open, Session};
 use crate::api::openai::{ApiError, Endpoint, Validated, validate};
 use crate::domain::billing;
 use crate::domain::ratelimit::Refusal;
+use crate::reads::ReadError;
 
 fn authenticate(req: &HttpRequest, state: &AppState) -> Result<AccountId, ApiError> {
     let header = req
@@ -72,10 +72,14 @@ pub async fn account(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
         Ok(a) => a,
         Err(e) => return error_response(&e),
     };
-    let Some(view) = state.books.send(GetAccount(account)).await.ok().flatten() else {
-        return error_response(&ApiError::unauthorized(
-            "The key's account no longer exists.",
-        ));
+    let view = match state.reads.account(account).await {
+        Ok(Some(view)) => view,
+        Ok(None) => {
+            return error_response(&ApiError::unauthorized(
+                "The key's account no longer exists.",
+            ));
+        }
+        Err(e) => return error_response(&ApiError::unavailable(e.to_string())),
     };
     let holds: Vec<_> = view
         .holds
@@ -183,14 +187,12 @@ pub async fn receipt(
     let Ok(job) = id.parse::<JobId>() else {
         return not_found();
     };
-    let logged = match state
-        .books
-        .send(crate::actors::books::GetReceipt(job))
-        .await
-    {
-        Ok(Ok(Some(l))) => l,
-        Ok(Ok(None)) => return not_found(),
-        Ok(Err(e)) => return error_response(&ApiError::upstream(e.to_string())),
+    let logged = match state.reads.receipt(job).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return not_found(),
+        Err(e @ ReadError::Unavailable(_)) => {
+            return error_response(&ApiError::unavailable(e.to_string()));
+        }
         Err(e) => return error_response(&ApiError::upstream(e.to_string())),
     };
     let Ok(Event::HoldSettled {

@@ -7,7 +7,7 @@ mod admin;
 mod consumer;
 mod worker;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -29,15 +29,18 @@ use crate::eventlog::file::{FileLog, FileLogConfig};
 use crate::history::WorkerEventSink;
 use crate::keys::ApiKeys;
 use crate::money::{Home, Money, MoneyError};
+use crate::reads::Reads;
 use crate::snapshot::Snapshot;
 
 /// Everything a request handler needs; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    /// The embedded books, for reads; changes go through `money`.
+    /// The embedded books' actor: its timer expires holds and publishes.
     pub books: Addr<BooksActor>,
     /// Where balance changes are judged (the port; the books here).
     pub money: Arc<dyn Money>,
+    /// Where accounts, workers, receipts and the ledger are read (the port).
+    pub reads: Arc<dyn Reads>,
     /// The books' price schedule, readable without asking them.
     pub schedule: PublishedSchedule,
     pub registry: Addr<Registry>,
@@ -45,7 +48,6 @@ pub struct AppState {
     pub events: Arc<dyn EventLog>,
     pub coordinator_key: Arc<SigningKey>,
     pub config: Arc<Config>,
-    pub ledger_dir: PathBuf,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Banned workers: refused at connect, never offered work.
     pub bans: Arc<RwLock<std::collections::HashSet<troop_schemas::WorkerId>>>,
@@ -291,17 +293,21 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
     .start();
     let config_limits = config.rate_limits;
     let account_idle_check = Duration::from_millis(config.account_idle_check_ms);
-    let money: Arc<dyn Money> = Arc::new(Embedded(books.clone()));
+    let embedded = Arc::new(Embedded {
+        books: books.clone(),
+        ledger_dir,
+    });
+    let money: Arc<dyn Money> = embedded.clone();
     Ok(AppState {
         books,
         money: Arc::clone(&money),
+        reads: embedded,
         schedule,
         registry,
         keys: Arc::new(RwLock::new(keys)),
         events,
         coordinator_key: Arc::new(coordinator_key),
         config: Arc::new(config),
-        ledger_dir,
         metrics: Arc::new(crate::metrics::Metrics::new()),
         bans: Arc::new(RwLock::new(bans)),
         accounts: Accounts::new(money, config_limits, account_idle_check),
@@ -311,16 +317,18 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
 
 async fn ledger_file(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let path = req.match_info().query("path").to_owned();
-    let store = match troop_ledger::store::DirStore::open(&state.ledger_dir) {
-        Ok(s) => s,
-        Err(_) => return HttpResponse::ServiceUnavailable().finish(),
-    };
-    ledger_response(
-        &path,
-        troop_ledger::tile::TileSource::read(&store, &path)
-            .ok()
-            .flatten(),
-    )
+    if troop_ledger::store::check_path(&path).is_err() {
+        return HttpResponse::NotFound().finish();
+    }
+    match state.reads.ledger_file(path.clone()).await {
+        Ok(body) => ledger_response(&path, body),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the ledger failed");
+            HttpResponse::ServiceUnavailable()
+                .insert_header(("Retry-After", "1"))
+                .finish()
+        }
+    }
 }
 
 /// One file of `/ledger/` (the tiles layout), or 404, with the caching an
@@ -358,10 +366,15 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             .workers_online
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
-    if let Ok((ledger, queued)) = state.books.send(crate::actors::books::GetLag).await {
+    if let Ok(lag) = state.reads.lag().await {
         let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        state.metrics.ledger_lag_entries.set(gauge(ledger));
-        state.metrics.event_log_lag_records.set(gauge(queued));
+        state
+            .metrics
+            .ledger_lag_entries
+            .set(gauge(lag.ledger_entries));
+        if let Some(queued) = lag.log_records {
+            state.metrics.event_log_lag_records.set(gauge(queued));
+        }
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

@@ -12,13 +12,11 @@ use base64::Engine as _;
 use ed25519_dalek::VerifyingKey;
 use tokio::sync::mpsc;
 use troop_schemas::protocol::{self, CoordinatorMsg, DataFrame, WorkerMsg};
-use troop_schemas::{AccountId, AccountRole, Event, PublicKey, WorkerId};
+use troop_schemas::{PublicKey, WorkerId};
 
-use super::{AppState, commit_one, now_ms, random};
-use crate::actors::books::GetWorker;
+use super::{AppState, now_ms, random};
 use crate::actors::registry::Register;
 use crate::actors::worker::{Cancel, Control, Disconnected, JobTable, WorkerActor, WorkerLink};
-use crate::money::Home;
 
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Control messages queued to one worker; a worker this far behind is dropped.
@@ -105,52 +103,23 @@ async fn handshake(
     Ok(key)
 }
 
-/// First connection of a key: open its earnings account and register it in the ledger.
+/// First connection of a key: open its earnings account and register it in
+/// the ledger (the read spares a reconnecting worker the books' judgement).
 async fn ensure_registered(state: &AppState, key: PublicKey) -> Result<WorkerId, String> {
     let worker = WorkerId::from_key(&key);
     if state
-        .books
-        .send(GetWorker(worker))
+        .reads
+        .worker(worker)
         .await
         .map_err(|e| e.to_string())?
         .is_some()
     {
         return Ok(worker);
     }
-    let account = AccountId::derive(&key.0);
-    let now = now_ms();
-    if state
-        .books
-        .send(crate::actors::books::GetAccount(account))
+    crate::money::register_worker(&*state.money, key, now_ms())
         .await
-        .map_err(|e| e.to_string())?
-        .is_none()
-    {
-        commit_one(
-            state,
-            Home::Account(account),
-            Event::AccountOpened {
-                account,
-                role: AccountRole::Worker,
-                at_ms: now,
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    }
-    commit_one(
-        state,
-        Home::Worker(worker),
-        Event::WorkerRegistered {
-            worker,
-            key,
-            account,
-            at_ms: now,
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    Ok(worker)
+        .inspect_err(super::log_unknown)
+        .map_err(|e| e.to_string())
 }
 
 async fn run(
