@@ -1,10 +1,9 @@
 //! The books as an actor: one thread, one writer, group-committed batches.
 
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use actix::prelude::*;
-use std::path::PathBuf;
-
 use troop_ledger::fold::{Account, Hold, Schedule, Worker};
 use troop_ledger::tile::TileSource as _;
 use troop_schemas::{AccountId, Event, HoldId, JobId, WorkerId};
