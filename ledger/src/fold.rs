@@ -134,6 +134,37 @@ pub struct Hold {
     pub schedule_version: u64,
 }
 
+impl Hold {
+    /// The hold a `hold_placed` event opens, with its id; `None` for any
+    /// other event.
+    pub fn placed(event: &Event) -> Option<(HoldId, Self)> {
+        let Event::HoldPlaced {
+            hold,
+            job,
+            account,
+            model,
+            amount_micro,
+            expires_at_ms,
+            schedule_version,
+            ..
+        } = event
+        else {
+            return None;
+        };
+        Some((
+            *hold,
+            Self {
+                account: *account,
+                job: *job,
+                model: model.clone(),
+                amount: *amount_micro,
+                expires_at_ms: *expires_at_ms,
+                schedule_version: *schedule_version,
+            },
+        ))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Price {
     pub input_micro_per_1k: u64,
@@ -602,34 +633,16 @@ impl Ledger {
             } => {
                 self.post(AccountId::TREASURY, *account, amount_micro.get());
             }
-            Event::HoldPlaced {
-                hold,
-                job,
-                account,
-                model,
-                amount_micro,
-                expires_at_ms,
-                schedule_version,
-                ..
-            } => {
+            Event::HoldPlaced { .. } => {
+                let (id, hold) = Hold::placed(event).expect("a hold_placed event");
                 if self
                     .schedule()
-                    .is_some_and(|s| s.version != *schedule_version)
+                    .is_some_and(|s| s.version != hold.schedule_version)
                 {
                     self.holds_priced_stale += 1;
                 }
-                self.pend(*account, i128::from(amount_micro.get()));
-                self.holds.insert(
-                    *hold,
-                    Hold {
-                        account: *account,
-                        job: *job,
-                        model: model.clone(),
-                        amount: *amount_micro,
-                        expires_at_ms: *expires_at_ms,
-                        schedule_version: *schedule_version,
-                    },
-                );
+                self.pend(hold.account, i128::from(hold.amount.get()));
+                self.holds.insert(id, hold);
             }
             Event::HoldSettled {
                 hold,

@@ -62,30 +62,7 @@ fn micro(n: u64) -> CreditsMicro {
 }
 
 fn hold_of(event: &Event) -> (HoldId, Hold) {
-    let Event::HoldPlaced {
-        hold,
-        job,
-        account,
-        model,
-        amount_micro,
-        expires_at_ms,
-        schedule_version,
-        ..
-    } = event
-    else {
-        unreachable!("built as a hold")
-    };
-    (
-        *hold,
-        Hold {
-            account: *account,
-            job: *job,
-            model: model.clone(),
-            amount: *amount_micro,
-            expires_at_ms: *expires_at_ms,
-            schedule_version: *schedule_version,
-        },
-    )
+    Hold::placed(event).expect("built as a hold")
 }
 
 /// A worker with a key of its own, registered with its earnings account.
