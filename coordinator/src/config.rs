@@ -39,6 +39,11 @@ pub struct ClusterConfig {
     pub worker_partitions: u32,
     /// Copies of each partition (3 in production, with min.insync.replicas=2).
     pub replication_factor: u32,
+    /// The nodes' shared secret for their internal API (at least 16
+    /// characters; whoever holds it can move money): set it by
+    /// `TROOP_CLUSTER__SECRET` rather than in a file others can read.
+    #[serde(skip_serializing)]
+    pub secret: String,
 }
 
 impl ClusterConfig {
@@ -57,6 +62,7 @@ impl Default for ClusterConfig {
             ledger_partitions: 12,
             worker_partitions: 12,
             replication_factor: 1,
+            secret: String::new(),
         }
     }
 }

@@ -175,6 +175,26 @@ impl ApiKeys {
     pub fn exists(&self, key: &ApiKeyId) -> bool {
         self.keys.contains_key(key)
     }
+
+    /// The account `key` spends from, if it was ever issued.
+    pub fn account_of(&self, key: &ApiKeyId) -> Option<AccountId> {
+        self.keys.get(key).map(|k| k.account)
+    }
+
+    /// Puts a key as a cluster's directory holds it (its hash made under
+    /// the same hashing key). A revoked key stays revoked: revocation is
+    /// final, whatever order the copies arrive in.
+    pub fn set(&mut self, key: ApiKeyId, account: AccountId, hash: [u8; 32], revoked: bool) {
+        let revoked = revoked || self.keys.get(&key).is_some_and(|k| k.revoked);
+        self.keys.insert(
+            key,
+            Stored {
+                account,
+                hash,
+                revoked,
+            },
+        );
+    }
 }
 
 /// The admin token is compared in constant time too.

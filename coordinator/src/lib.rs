@@ -15,7 +15,8 @@
 //!   cluster's Postgres projection; its conformance suite.
 //! - [`history`]: worker events (jobs started and failed, heartbeat summaries)
 //!   and their projection.
-//! - [`keys`]: API keys, event-sourced.
+//! - [`keys`]: API keys, event-sourced; [`directory`]: key and ban records,
+//!   which share a home's log with its ledger entries.
 //! - [`snapshot`]: every projection at one offset, so start-up replays only
 //!   what came after; a background snapshotter keeps them fresh.
 //! - [`domain`]: pure decisions — placement, hold sizing, billing, rate limits,
@@ -36,6 +37,7 @@ pub mod api;
 pub mod books;
 pub mod cluster;
 pub mod config;
+pub mod directory;
 pub mod domain;
 pub mod eventlog;
 pub mod history;

@@ -23,6 +23,7 @@ fn cluster(db: &Database, broker: &Broker, prefix: &str) -> ClusterConfig {
         ledger_partitions: 3,
         worker_partitions: 2,
         replication_factor: 1,
+        ..ClusterConfig::default()
     }
 }
 

@@ -55,7 +55,7 @@ async fn drain(
         let positions = Sequencer::positions(client, topic)
             .await
             .expect("positions");
-        let (batch, read_to) =
+        let (batch, _, read_to) =
             tokio::task::block_in_place(|| feed.poll(&positions, 3)).expect("poll");
         if read_to.is_empty() {
             return total;
@@ -175,7 +175,7 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     );
 
     // Everything delivered again from the start: nothing is sequenced twice.
-    let (again, read_to) =
+    let (again, _, read_to) =
         tokio::task::block_in_place(|| feed.poll(&BTreeMap::new(), 100)).expect("poll");
     assert_eq!(again.len(), 7);
     let again = Checked::check(again).expect("checks");

@@ -222,6 +222,7 @@ pub async fn run(args: SequencerArgs) -> Result<serde_json::Value> {
         ledger_partitions: args.partitions,
         worker_partitions: 1,
         replication_factor: 1,
+        ..ClusterConfig::default()
     };
     let mut client = connect_postgres(&config).await?;
     migrate_postgres(&mut client).await?;

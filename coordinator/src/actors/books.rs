@@ -9,8 +9,12 @@ use troop_ledger::tile::TileSource as _;
 use troop_schemas::{AccountId, Event, HoldId, JobId, WorkerId};
 
 use crate::books::{Books, BooksError, Submitted};
+use crate::directory::Directory;
+use crate::eventlog::EventLog;
 use crate::money::{Home, Judged, Money, MoneyError, Refusal};
-use crate::reads::{AccountView, Lag, LoggedReceipt, MAX_LIST_ACCOUNTS, Read, ReadError, Reads};
+use crate::reads::{
+    AccountView, Lag, LoggedReceipt, MAX_LIST_ACCOUNTS, Network, Read, ReadError, Reads,
+};
 
 #[derive(Debug)]
 pub struct BooksActor {
@@ -31,7 +35,11 @@ impl PublishedSchedule {
 
     /// Takes the books' schedule if its version moved.
     pub fn refresh(&self, books: &Books) {
-        let current = books.ledger().schedule();
+        self.set(books.ledger().schedule());
+    }
+
+    /// Takes `current` if its version is not the one held.
+    pub fn set(&self, current: Option<&Schedule>) {
         let held = self.get().map(|s| s.version);
         if current.map(|s| s.version) != held {
             *self.0.write().expect("schedule lock") = current.cloned().map(Arc::new);
@@ -67,10 +75,21 @@ impl Handler<Commit> for BooksActor {
 /// The embedded books behind the [`Money`] and [`Reads`] ports: one judge
 /// for every account, read on the books' own thread (exact as of the last
 /// change), and the ledger published in `ledger_dir`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Embedded {
     pub books: Addr<BooksActor>,
+    /// The books' event log: directory records go there directly (no fold
+    /// judges them), sharing its group commits.
+    pub events: Arc<dyn EventLog>,
     pub ledger_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Embedded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedded")
+            .field("ledger_dir", &self.ledger_dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Money for Embedded {
@@ -96,6 +115,24 @@ impl Money for Embedded {
                 })
                 .collect();
             Ok(Judged { verdicts, pending })
+        })
+    }
+
+    fn append(
+        &self,
+        _: Home,
+        records: Vec<Directory>,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), MoneyError>> {
+        let submitted = self
+            .events
+            .submit(records.iter().map(Directory::to_record).collect());
+        Box::pin(async move {
+            submitted
+                .map_err(|e| MoneyError::Unavailable(e.to_string()))?
+                .durable()
+                .await
+                .map_err(|e| MoneyError::Unknown(e.to_string()))?;
+            Ok(())
         })
     }
 }
@@ -154,6 +191,18 @@ impl Handler<GetWorker> for BooksActor {
     type Result = Option<Worker>;
     fn handle(&mut self, msg: GetWorker, _: &mut Self::Context) -> Self::Result {
         self.books.ledger().worker(&msg.0).cloned()
+    }
+}
+
+/// The network's prices and keys in force.
+#[derive(Debug, Message)]
+#[rtype(result = "Network")]
+pub struct GetNetwork;
+
+impl Handler<GetNetwork> for BooksActor {
+    type Result = MessageResult<GetNetwork>;
+    fn handle(&mut self, _: GetNetwork, _: &mut Self::Context) -> Self::Result {
+        MessageResult(Network::of(self.books.ledger()))
     }
 }
 
@@ -258,5 +307,10 @@ impl Reads for Embedded {
                 log_records: Some(log_records),
             })
         })
+    }
+
+    fn network(&self) -> Read<Network> {
+        let asked = self.books.send(GetNetwork);
+        Box::pin(async move { asked.await.map_err(stopped) })
     }
 }

@@ -576,7 +576,12 @@ async fn settle(
         fee_micro: m(charge.fee),
         at_ms: now_ms(),
     };
-    match commit_as(&state, account, settled).await {
+    // A worker registered a moment ago in another partition may not have
+    // reached the consumer's judge yet: the settlement waits for it.
+    let settlement = crate::money::until_known(crate::money::Refusal::UNKNOWN_WORKER, || {
+        commit_as(&state, account, settled.clone())
+    });
+    match settlement.await {
         Ok(_) => {
             state.metrics.receipts_settled.inc();
             Some(bill)

@@ -116,6 +116,11 @@ impl ApiError {
             ..Self::new(503, "server_error", Some("service_unavailable"), message)
         }
     }
+    /// A write whose outcome is unknown: not acknowledged, and not to be
+    /// sent again blindly (look before retrying).
+    pub fn not_durable(message: impl Into<String>) -> Self {
+        Self::new(500, "server_error", Some("not_durable"), message)
+    }
     pub fn upstream(message: impl Into<String>) -> Self {
         Self::new(502, "server_error", Some("worker_failed"), message)
     }

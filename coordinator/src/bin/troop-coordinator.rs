@@ -66,6 +66,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a cluster node (`[cluster]` settings, after `migrate`): the same
+    /// API as `serve`, with the books on Kafka and Postgres, shared with the
+    /// other nodes. Needs the network's `ledger.key`, `coordinator.key` and
+    /// `apikey-hash.key` in `data_dir` (the same on every node) and the
+    /// cluster's secret (`TROOP_CLUSTER__SECRET`).
+    Node {
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        listen: String,
+        /// Unique among the cluster's live nodes; default: host:port listened on.
+        #[arg(long)]
+        name: Option<String>,
+        /// Where the other nodes reach this one; default: http://<listen address>.
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Overrides `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Serve the OpenAI API, the worker endpoint and the ledger.
     Serve {
         #[arg(long, default_value = "127.0.0.1:8787")]
@@ -249,18 +267,10 @@ fn migrate(cluster: &troop_coordinator::config::ClusterConfig, json: bool) -> an
 
 /// The network's ledger key from `<data_dir>/ledger.key`.
 fn ledger_signer(config: &Config) -> anyhow::Result<troop_ledger::note::NoteSigner> {
-    let path = config.data_dir.join("ledger.key");
     // Never created here: a node with a key of its own would sign checkpoints
     // no auditor can follow across a change of leader.
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading the ledger key {} (every node signs with the network's one key: copy it there)",
-            path.display()
-        )
-    })?;
-    let mut seed = [0u8; 32];
-    hex::decode_to_slice(text.trim(), &mut seed)
-        .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+    let seed =
+        troop_coordinator::cluster::node::shared_secret(&config.data_dir.join("ledger.key"))?;
     Ok(troop_ledger::note::NoteSigner::new(
         &config.ledger_name,
         ed25519_dalek::SigningKey::from_bytes(&seed),
@@ -400,6 +410,28 @@ fn main() -> anyhow::Result<()> {
             no_compare,
             json,
         } => replay(&config, &into, !no_compare, json),
+        Command::Node {
+            listen,
+            name,
+            advertise,
+            data_dir,
+        } => {
+            if let Some(d) = data_dir {
+                config.data_dir = d;
+            }
+            let listener = std::net::TcpListener::bind(&listen)
+                .with_context(|| format!("binding {listen}"))?;
+            let addr = listener.local_addr()?;
+            let me = troop_coordinator::cluster::node::NodeIdentity {
+                name: name.unwrap_or_else(|| addr.to_string()),
+                internal_url: advertise.unwrap_or_else(|| format!("http://{addr}")),
+            };
+            tracing::info!(%addr, node = %me.name, "serving as a cluster node");
+            println!("listening on {addr}");
+            actix_web::rt::System::new().block_on(troop_coordinator::cluster::node::serve(
+                config, me, listener,
+            ))
+        }
         Command::Serve { listen, data_dir } => {
             if let Some(d) = data_dir {
                 config.data_dir = d;

@@ -20,6 +20,7 @@ use troop_schemas::Event;
 use crate::api::openai::ApiError;
 use crate::cluster::owned::OwnedBooks;
 use crate::cluster::owner::{OwnerError, partition_of_home};
+use crate::directory::Directory;
 use crate::money::{Home, Judged, Money, MoneyError, Refusal};
 use crate::server::error_response;
 
@@ -52,6 +53,17 @@ pub enum Verdict {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct ChangeResponse {
     pub verdicts: Vec<Verdict>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct AppendRequest {
+    pub records: Vec<Directory>,
+}
+
+/// Directory records appended and durable: the first one's record number.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct AppendResponse {
+    pub first_record: u64,
 }
 
 /// An owner's refusal of one event, as the caller answers its client.
@@ -107,6 +119,10 @@ pub fn routes(internal: Internal) -> impl FnOnce(&mut web::ServiceConfig) {
                 .route(
                     "/ledger/{partition}/changes",
                     web::post().to(change_handler),
+                )
+                .route(
+                    "/ledger/{partition}/directory",
+                    web::post().to(append_handler),
                 ),
         );
     }
@@ -123,12 +139,12 @@ fn internal_error(status: u16, code: &'static str, message: impl Into<String>) -
     }
 }
 
-async fn change_handler(
-    internal: web::Data<Internal>,
-    partition: web::Path<i32>,
-    request: HttpRequest,
-    body: web::Bytes,
-) -> HttpResponse {
+/// The body of an internal call from a node holding the cluster's secret.
+fn admitted<T: serde::de::DeserializeOwned>(
+    internal: &Internal,
+    request: &HttpRequest,
+    body: &[u8],
+) -> Result<T, ApiError> {
     let presented = request
         .headers()
         .get("authorization")
@@ -136,22 +152,59 @@ async fn change_handler(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
     if !internal.secret.admits(presented) {
-        return error_response(&ApiError::unauthorized(
+        return Err(ApiError::unauthorized(
             "This is a cluster node's internal API: a node's secret is required.",
         ));
     }
-    let change: ChangeRequest = match serde_json::from_slice(&body) {
+    serde_json::from_slice(body).map_err(ApiError::malformed_json)
+}
+
+fn count_error(field: &'static str) -> HttpResponse {
+    error_response(&ApiError::invalid(
+        field,
+        format!("a call holds 1 to {MAX_EVENTS_PER_CHANGE} {field}"),
+    ))
+}
+
+async fn change_handler(
+    internal: web::Data<Internal>,
+    partition: web::Path<i32>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let change: ChangeRequest = match admitted(&internal, &request, &body) {
         Ok(c) => c,
-        Err(e) => return error_response(&ApiError::malformed_json(e)),
+        Err(refused) => return error_response(&refused),
     };
     if change.events.is_empty() || change.events.len() > MAX_EVENTS_PER_CHANGE {
-        return error_response(&ApiError::invalid(
-            "events",
-            format!("a change holds 1 to {MAX_EVENTS_PER_CHANGE} events"),
-        ));
+        return count_error("events");
     }
-    match judge_here(&internal.owned, partition.into_inner(), &change.events).await {
-        Ok(verdicts) => HttpResponse::Ok().json(ChangeResponse { verdicts }),
+    let judged = judge_here(&internal.owned, partition.into_inner(), &change.events).await;
+    answer(judged.map(|verdicts| ChangeResponse { verdicts }))
+}
+
+async fn append_handler(
+    internal: web::Data<Internal>,
+    partition: web::Path<i32>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let append: AppendRequest = match admitted(&internal, &request, &body) {
+        Ok(a) => a,
+        Err(refused) => return error_response(&refused),
+    };
+    if append.records.is_empty() || append.records.len() > MAX_EVENTS_PER_CHANGE {
+        return count_error("records");
+    }
+    let appended = append_here(&internal.owned, partition.into_inner(), &append.records).await;
+    answer(appended.map(|first_record| AppendResponse { first_record }))
+}
+
+/// The owner's answer: 200 once durable, or why not in a status the caller
+/// knows how to take.
+fn answer(outcome: Result<impl serde::Serialize, Here>) -> HttpResponse {
+    match outcome {
+        Ok(body) => HttpResponse::Ok().json(body),
         // 421: the caller's map of owners is stale; it looks again.
         Err(Here::NotOwned(why)) => error_response(&internal_error(421, "not_owner", why)),
         Err(Here::Unavailable(why)) => {
@@ -204,6 +257,24 @@ async fn judge_here(
         .collect())
 }
 
+/// Appends directory records to `partition` on this node, which must own
+/// it, and waits until they are durable.
+async fn append_here(
+    owned: &OwnedBooks,
+    partition: i32,
+    records: &[Directory],
+) -> Result<u64, Here> {
+    let pending = match owned.append(partition, records).await {
+        Ok(pending) => pending,
+        Err(e @ OwnerError::NotOwned(_)) => return Err(Here::NotOwned(e.to_string())),
+        Err(e) => return Err(Here::Unavailable(e.to_string())),
+    };
+    pending
+        .durable()
+        .await
+        .map_err(|e| Here::Unknown(e.to_string()))
+}
+
 /// A node's door to the ledger's money, the cluster's [`Money`] adapter: a
 /// change is judged here when this node owns its partition, and by the owner
 /// over the internal API otherwise. Verdicts come back durable.
@@ -244,6 +315,34 @@ impl ClusterBooks {
             Err(Here::Unknown(_)) => Err(InternalError::Unknown(partition)),
         }
     }
+
+    /// Directory records appended to `partition`: the first one's number.
+    pub async fn append_in(
+        &self,
+        partition: i32,
+        records: &[Directory],
+    ) -> Result<u64, InternalError> {
+        match append_here(&self.owned, partition, records).await {
+            Ok(first) => Ok(first),
+            Err(Here::NotOwned(_)) => {
+                let body = AppendRequest {
+                    records: records.to_vec(),
+                };
+                let answer: AppendResponse = self
+                    .remote
+                    .call(&self.postgres, partition, "directory", &body)
+                    .await?;
+                Ok(answer.first_record)
+            }
+            Err(Here::Unavailable(why)) => Err(InternalError::Unavailable(partition, why)),
+            Err(Here::Unknown(_)) => Err(InternalError::Unknown(partition)),
+        }
+    }
+
+    fn partition(&self, home: Home) -> i32 {
+        i32::try_from(partition_of_home(home, self.partitions))
+            .expect("partition numbers fit Kafka's i32")
+    }
 }
 
 impl Money for ClusterBooks {
@@ -253,8 +352,7 @@ impl Money for ClusterBooks {
         events: Vec<Event>,
     ) -> futures_util::future::BoxFuture<'static, Result<Judged, MoneyError>> {
         let books = self.clone();
-        let partition = i32::try_from(partition_of_home(home, self.partitions))
-            .expect("partition numbers fit Kafka's i32");
+        let partition = self.partition(home);
         Box::pin(async move {
             let verdicts = books
                 .change_in(partition, &events)
@@ -277,6 +375,22 @@ impl Money for ClusterBooks {
                     .collect(),
                 pending: None,
             })
+        })
+    }
+
+    fn append(
+        &self,
+        home: Home,
+        records: Vec<Directory>,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), MoneyError>> {
+        let books = self.clone();
+        let partition = self.partition(home);
+        Box::pin(async move {
+            books
+                .append_in(partition, &records)
+                .await
+                .map(|_| ())
+                .map_err(money_error)
         })
     }
 }
@@ -408,6 +522,19 @@ impl RemoteOwners {
         let body = ChangeRequest {
             events: events.to_vec(),
         };
+        let answer: ChangeResponse = self.call(client, partition, "changes", &body).await?;
+        Ok(answer.verdicts)
+    }
+
+    /// `body` posted to `route` of the owner of `partition`, under the same
+    /// rule as [`Self::change`]: sent again only when surely not taken.
+    async fn call<R: serde::de::DeserializeOwned>(
+        &self,
+        client: &tokio_postgres::Client,
+        partition: i32,
+        route: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<R, InternalError> {
         let mut last = InternalError::NoOwner(partition);
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
@@ -425,9 +552,9 @@ impl RemoteOwners {
             };
             let sent = self
                 .http
-                .post(format!("{url}/internal/v1/ledger/{partition}/changes"))
+                .post(format!("{url}/internal/v1/ledger/{partition}/{route}"))
                 .header("authorization", &self.bearer)
-                .json(&body)
+                .json(body)
                 .send()
                 .await;
             let response = match sent {
@@ -450,12 +577,10 @@ impl RemoteOwners {
             };
             let status = response.status().as_u16();
             if status == 200 {
-                let parsed: ChangeResponse =
-                    response.json().await.map_err(|e| InternalError::Call {
-                        partition,
-                        source: e,
-                    })?;
-                return Ok(parsed.verdicts);
+                return response.json().await.map_err(|e| InternalError::Call {
+                    partition,
+                    source: e,
+                });
             }
             let text = response.text().await.unwrap_or_default();
             last = InternalError::Owner {

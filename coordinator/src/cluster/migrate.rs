@@ -25,6 +25,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0002_ledger_publication.sql"),
     ),
     (3, "reads", include_str!("../../migrations/0003_reads.sql")),
+    (
+        4,
+        "directory",
+        include_str!("../../migrations/0004_directory.sql"),
+    ),
 ];
 
 /// Held while migrating so that nodes starting together do not race.

@@ -6,11 +6,13 @@
 //! API through which any node has a change judged by its owner), and a node's
 //! `/ledger/` and `/metrics` served from the shared services.
 
+pub mod directory;
 pub mod internal;
 pub mod kafka_log;
 pub mod ledger_node;
 pub mod ledger_store;
 pub mod migrate;
+pub mod node;
 pub mod owned;
 pub mod owner;
 pub mod ownership;

@@ -17,6 +17,8 @@ use crate::cluster::owner::{
     FOLLOW_BATCH_ENTRIES, OwnerError, PartitionBooks, Submitted, sequenced_since,
 };
 use crate::config::ClusterConfig;
+use crate::directory::Directory;
+use crate::eventlog::Pending;
 
 type Shared = Arc<tokio::sync::Mutex<PartitionBooks>>;
 type Loaded = Arc<RwLock<BTreeMap<i32, Shared>>>;
@@ -74,18 +76,39 @@ impl OwnedBooks {
     /// log ([`PartitionBooks::submit`]); [`OwnerError::NotOwned`] if this node
     /// does not hold it now.
     pub async fn submit(&self, partition: i32, events: &[Event]) -> Result<Submitted, OwnerError> {
+        self.write(partition, |books| books.submit(events)).await
+    }
+
+    /// Queues directory records on `partition`'s log
+    /// ([`PartitionBooks::append`]); [`OwnerError::NotOwned`] if this node
+    /// does not hold it now.
+    pub async fn append(
+        &self,
+        partition: i32,
+        records: &[Directory],
+    ) -> Result<Pending, OwnerError> {
+        self.write(partition, |books| books.append(records)).await
+    }
+
+    /// `f` on `partition`'s books, which write to its log: a partition whose
+    /// write failed is let go.
+    async fn write<T>(
+        &self,
+        partition: i32,
+        f: impl FnOnce(&mut PartitionBooks) -> Result<T, OwnerError>,
+    ) -> Result<T, OwnerError> {
         let books = read(&self.loaded)
             .get(&partition)
             .cloned()
             .ok_or(OwnerError::NotOwned(partition))?;
-        let submitted = books.lock().await.submit(events);
-        if let Err(OwnerError::EventLog(_) | OwnerError::Poisoned) = &submitted {
+        let written = f(&mut *books.lock().await);
+        if let Err(OwnerError::EventLog(_) | OwnerError::Poisoned) = &written {
             // Fenced or failed: this copy of the partition judges no more.
             let removed = remove_if_same(&self.loaded, partition, &books);
             drop(books);
             tokio::spawn(let_go(removed.into_iter().collect()));
         }
-        submitted
+        written
     }
 
     /// `f` on the fold of `partition`, if this node holds it.

@@ -27,6 +27,7 @@ use crate::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use crate::cluster::projection::{ProjectionError, Sequencer, partition_of, partition_of_key};
 use crate::cluster::sequencer::blocking;
 use crate::config::ClusterConfig;
+use crate::directory::Directory;
 use crate::eventlog::{EventLog, EventLogError, Pending};
 use crate::money::Home;
 
@@ -382,6 +383,27 @@ impl PartitionBooks {
             expired += 1;
         }
         Ok(expired)
+    }
+
+    /// Queues directory records (keys, bans) on the partition's log, after
+    /// everything it judged before; nothing judges them, and the fold only
+    /// moves past them. Wait for the pending before acknowledging.
+    pub fn append(&mut self, records: &[Directory]) -> Result<Pending, OwnerError> {
+        if self.poisoned {
+            return Err(OwnerError::Poisoned);
+        }
+        let here = self.partition;
+        let count = records.len() as u64;
+        let pending = self
+            .log
+            .submit(records.iter().map(Directory::to_record).collect())?;
+        assert_eq!(
+            pending.first,
+            self.next(here),
+            "the partition's one writer numbers its records without gaps"
+        );
+        self.applied_to.insert(here, pending.first + count);
+        Ok(pending)
     }
 
     /// Judges `events` in order and queues the accepted ones on the

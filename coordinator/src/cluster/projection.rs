@@ -15,6 +15,7 @@ use troop_ledger::receipt::{self, KeyCache, ReceiptError};
 use troop_schemas::{AccountId, Event, HoldId, decode_entry, decode_entry_spans};
 
 use crate::cluster::sequence_log::OrderRecord;
+use crate::directory::Directory;
 
 /// The consumer group whose offsets the sequencer keeps in Postgres.
 pub const SEQUENCER_GROUP: &str = "troop-sequencer";
@@ -55,13 +56,14 @@ impl LedgerFeed {
 
     /// Up to `max_per_partition` committed records of each partition after
     /// `positions` (next record numbers; absent means from the start):
-    /// the ledger entries among them, and how far each partition was read.
-    /// Blocks on the broker: call it off the async runtime.
+    /// the ledger entries among them, the directory records (keys, bans),
+    /// and how far each partition was read. Blocks on the broker: call it
+    /// off the async runtime.
     pub fn poll(
         &mut self,
         positions: &BTreeMap<i32, i64>,
         max_per_partition: usize,
-    ) -> Result<(Vec<Sourced>, BTreeMap<i32, i64>), crate::eventlog::EventLogError> {
+    ) -> Result<Fed, crate::eventlog::EventLogError> {
         let from: BTreeMap<i32, u64> = (0..self.partitions)
             .map(|p| {
                 let partition = i32::try_from(p).unwrap_or(i32::MAX);
@@ -70,6 +72,7 @@ impl LedgerFeed {
             })
             .collect();
         let mut batch = Vec::new();
+        let mut directory = Vec::new();
         let mut read_to = BTreeMap::new();
         // Partition by partition, in order: the batch's order is deterministic.
         for (partition, records) in self.reader.read_visible(&from, max_per_partition)? {
@@ -79,8 +82,17 @@ impl LedgerFeed {
                 i64::try_from(last.offset + 1).unwrap_or(i64::MAX),
             );
             for r in records {
-                // Ledger entries only; keys and other records just move the position.
                 if r.payload.first() != Some(&crate::books::TAG_LEDGER_ENTRY) {
+                    // Not a leaf: a directory record is projected beside the
+                    // batch; anything else only moves the position.
+                    match Directory::from_record(&r.payload) {
+                        Some(Ok(d)) => directory.push(d),
+                        Some(Err(why)) => {
+                            // Its owner wrote it; the ledger must not stop for it.
+                            tracing::error!(partition, offset = r.offset, %why, "a directory record that does not parse is skipped");
+                        }
+                        None => {}
+                    }
                     continue;
                 }
                 batch.push(Sourced {
@@ -90,9 +102,13 @@ impl LedgerFeed {
                 });
             }
         }
-        Ok((batch, read_to))
+        Ok((batch, directory, read_to))
     }
 }
+
+/// One poll: the ledger entries, the directory records, how far each
+/// partition was read.
+pub type Fed = (Vec<Sourced>, Vec<Directory>, BTreeMap<i32, i64>);
 
 /// One judged event as the sequencer read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +129,8 @@ pub struct Sourced {
 #[derive(Debug, Default)]
 pub struct Checked {
     items: Vec<(Sourced, Event)>,
+    /// Keys and bans read with the batch, projected in its transaction.
+    directory: Vec<Directory>,
 }
 
 impl Checked {
@@ -155,7 +173,17 @@ impl Checked {
                 source,
             }
         })?;
-        Ok(Self { items })
+        Ok(Self {
+            items,
+            directory: Vec::new(),
+        })
+    }
+
+    /// The batch with the directory records read beside it.
+    #[must_use]
+    pub fn with_directory(mut self, directory: Vec<Directory>) -> Self {
+        self.directory = directory;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -262,6 +290,8 @@ struct Rows<'a> {
     registered_worker: Vec<String>,
     registered_key: Vec<&'a [u8]>,
     registered_account: Vec<String>,
+    /// Leaves that publish prices or keys: every node reads them whole.
+    network_leaf: Vec<i64>,
 }
 
 impl<'a> Rows<'a> {
@@ -296,6 +326,13 @@ impl<'a> Rows<'a> {
                 "insert into receipts (job, leaf_index, consumer, worker, charged_micro, worker_earned_micro, fee_micro)
                  select * from unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])",
                 &[&self.receipt_job, &self.receipt_leaf, &self.receipt_consumer, &self.receipt_worker, &column(0), &column(1), &column(2)],
+            )
+            .await?;
+        }
+        if !self.network_leaf.is_empty() {
+            tx.execute(
+                "insert into network_entries (leaf_index) select * from unnest($1::bigint[])",
+                &[&self.network_leaf],
             )
             .await?;
         }
@@ -522,6 +559,9 @@ impl Sequencer {
                 rows.receipt_worker.push(r.worker.to_string());
                 rows.receipt_amounts.push([charged, earned, fee]);
             }
+            if let Event::PriceSchedulePublished { .. } | Event::KeyRotated { .. } = event {
+                rows.network_leaf.push(index);
+            }
             if let Event::WorkerRegistered {
                 worker,
                 key,
@@ -536,6 +576,7 @@ impl Sequencer {
         }
         let sequenced = rows.leaf.len() as u64;
         rows.write(&tx).await?;
+        crate::cluster::directory::project(&tx, &batch.directory).await?;
         self.write_accounts(&tx, &accounts).await?;
         self.write_holds(&tx, &holds).await?;
         let (parts, nexts): (Vec<i32>, Vec<i64>) = read_to.iter().map(|(p, n)| (*p, *n)).unzip();

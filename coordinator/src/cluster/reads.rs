@@ -7,14 +7,16 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use troop_ledger::fold::{Account, Hold, Worker};
+use troop_ledger::fold::{Account, Hold, Ledger, Worker};
 use troop_ledger::note::{Checkpoint, NoteVerifier};
 use troop_ledger::tile::TileSource;
 use troop_schemas::{AccountId, AccountRole, CreditsMicro, JobId, PublicKey, WorkerId};
 
 use super::Reconnecting;
 use super::ledger_store::read_file;
-use crate::reads::{AccountView, Lag, LoggedReceipt, MAX_LIST_ACCOUNTS, Read, ReadError, Reads};
+use crate::reads::{
+    AccountView, Lag, LoggedReceipt, MAX_LIST_ACCOUNTS, Network, Read, ReadError, Reads,
+};
 
 /// The most tiles one proof may fetch: a proof reads one bundle and a few
 /// tiles per level, and 256^5 entries are five levels.
@@ -262,6 +264,33 @@ impl Reads for PgReads {
                 ledger_entries: unsigned("lag", (size - published).max(0))?,
                 log_records: None,
             })
+        })
+    }
+
+    fn network(&self) -> Read<Network> {
+        let pg = Arc::clone(&self.pg);
+        Box::pin(async move {
+            let client = pg.get().await.map_err(unavailable)?;
+            let rows = client
+                .query(
+                    "select e.leaf_index, e.entry from network_entries n
+                     join ledger_entries e using (leaf_index) order by leaf_index",
+                    &[],
+                )
+                .await
+                .map_err(unavailable)?;
+            // Prices and keys need nothing else of the ledger: folded alone,
+            // in order, they are what the whole fold holds of them.
+            let mut ledger = Ledger::new();
+            for row in rows {
+                let leaf: i64 = row.get(0);
+                let event = troop_schemas::decode_entry(row.get(1))
+                    .map_err(|e| corrupt(&format!("leaf {leaf}"), e))?;
+                ledger
+                    .apply(&event)
+                    .map_err(|e| corrupt(&format!("leaf {leaf}"), e))?;
+            }
+            Ok(Network::of(&ledger))
         })
     }
 }

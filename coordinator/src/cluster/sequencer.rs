@@ -293,10 +293,11 @@ type Polled = Result<(Checked, BTreeMap<i32, i64>), SequencerError>;
 /// (on the blocking pool, while the previous round is applied), handing the
 /// feed back for the next one.
 fn poll(mut feed: LedgerFeed, from: &BTreeMap<i32, i64>, max: usize) -> (LedgerFeed, Polled) {
-    let polled = feed
-        .poll(from, max)
-        .map_err(SequencerError::from)
-        .and_then(|(batch, read_to)| Ok((Checked::check(batch)?, read_to)));
+    let polled = feed.poll(from, max).map_err(SequencerError::from).and_then(
+        |(batch, directory, read_to)| {
+            Ok((Checked::check(batch)?.with_directory(directory), read_to))
+        },
+    );
     (feed, polled)
 }
 

@@ -15,6 +15,7 @@ use troop_ledger::fold::FoldError;
 use troop_schemas::event::AccountRole;
 use troop_schemas::{AccountId, Event, PublicKey, WorkerId};
 
+use crate::directory::Directory;
 use crate::eventlog::Pending;
 
 /// Whose change it is. In a cluster this picks the judge: every event whose
@@ -54,6 +55,9 @@ impl Refusal {
     pub const INSUFFICIENT_FUNDS: &'static str = "insufficient_funds";
     pub const UNKNOWN_MODEL: &'static str = "unknown_model";
     pub const UNKNOWN_ACCOUNT: &'static str = "unknown_account";
+    /// A settlement names a worker its judge does not know (yet, in a
+    /// cluster: registered in another partition and not followed).
+    pub const UNKNOWN_WORKER: &'static str = "unknown_worker";
     pub const HOLD_NOT_OPEN: &'static str = "hold_not_open";
     /// The account or worker is there already: opening or registering it
     /// again is done.
@@ -77,6 +81,7 @@ impl Refusal {
             | FoldError::NoPriceSchedule
             | FoldError::UnknownScheduleVersion(_) => Self::UNKNOWN_MODEL,
             FoldError::UnknownAccount(_) => Self::UNKNOWN_ACCOUNT,
+            FoldError::UnknownWorker(_) => Self::UNKNOWN_WORKER,
             FoldError::HoldNotOpen(_) => Self::HOLD_NOT_OPEN,
             FoldError::DuplicateAccount(_) | FoldError::DuplicateWorker(_) => Self::ALREADY_EXISTS,
             _ => Self::REFUSED,
@@ -148,6 +153,15 @@ pub trait Money: Send + Sync + std::fmt::Debug {
         home: Home,
         events: Vec<Event>,
     ) -> BoxFuture<'static, Result<Judged, MoneyError>>;
+
+    /// Appends `records` (keys, bans: nothing a fold judges) to `home`'s log
+    /// and returns once they are durable; the one writer of the home's log
+    /// writes them, in order with its ledger entries.
+    fn append(
+        &self,
+        home: Home,
+        records: Vec<Directory>,
+    ) -> BoxFuture<'static, Result<(), MoneyError>>;
 }
 
 /// Commits one event and returns its record number once it is durable.
@@ -157,10 +171,30 @@ pub async fn commit_one(money: &dyn Money, home: Home, event: Event) -> Result<u
     Ok(verdict?)
 }
 
-/// How long a worker's registration waits for its account to reach the
-/// worker's judge (in a cluster, the owner of another partition follows the
-/// opening once sequenced: a fraction of a second when idle).
+/// How long a change waits for what it names (an account, a worker) to
+/// reach its judge (in a cluster, the owner of another partition follows it
+/// once sequenced: a fraction of a second when idle).
 pub const REGISTRATION_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `attempt`, asked again every 50 ms while its judge refuses it with `code`
+/// (something judged in another partition has not reached it yet), up to
+/// [`REGISTRATION_WAIT`]. A refusal wrote nothing, so asking again is safe.
+pub async fn until_known<T, F>(code: &str, mut attempt: impl FnMut() -> F) -> Result<T, MoneyError>
+where
+    F: std::future::Future<Output = Result<T, MoneyError>>,
+{
+    let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
+    loop {
+        match attempt().await {
+            Err(MoneyError::Refused(r))
+                if r.code == code && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
 
 /// Opens the earnings account of the worker with `key` and registers the
 /// worker, each unless it is done already; returns the worker's id once both
@@ -185,23 +219,18 @@ pub async fn register_worker(
         Err(e) if !done(&e) => return Err(e),
         _ => {}
     }
-    let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
-    loop {
-        let registered = Event::WorkerRegistered {
-            worker,
-            key,
-            account,
-            at_ms,
-        };
-        match commit_one(money, Home::Worker(worker), registered).await {
-            Ok(_) => return Ok(worker),
-            Err(e) if done(&e) => return Ok(worker),
-            Err(MoneyError::Refused(r))
-                if r.code == Refusal::UNKNOWN_ACCOUNT && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e),
-        }
+    let registered = Event::WorkerRegistered {
+        worker,
+        key,
+        account,
+        at_ms,
+    };
+    match until_known(Refusal::UNKNOWN_ACCOUNT, || {
+        commit_one(money, Home::Worker(worker), registered.clone())
+    })
+    .await
+    {
+        Err(e) if !done(&e) => Err(e),
+        _ => Ok(worker),
     }
 }

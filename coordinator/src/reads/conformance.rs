@@ -263,8 +263,32 @@ pub async fn accounts_list_in_pages(f: Fixture<'_>, accounts: [AccountId; 3]) {
     assert_eq!(walked, ids);
 }
 
+/// The network's facts read as the ledger has them: the schedule the suite
+/// prices at (or a newer one), the keys that sign checkpoints and receipts.
+pub async fn the_network_reads_as_published(f: Fixture<'_>) {
+    let network = eventually(
+        "the network's schedule and keys",
+        || f.reads.network(),
+        |n| {
+            n.as_ref().is_ok_and(|n| {
+                n.schedule
+                    .as_ref()
+                    .is_some_and(|s| s.version >= f.schedule.version)
+            })
+        },
+    )
+    .await
+    .expect("read");
+    let schedule = network.schedule.expect("shown");
+    if schedule.version == f.schedule.version {
+        assert_eq!(&schedule, f.schedule);
+    }
+    assert!(network.log_key.is_some() && network.coordinator_key.is_some());
+}
+
 /// Every test of the suite: `account(test)` is a new account for each.
 pub async fn run_all(f: Fixture<'_>, account: &dyn Fn(&str) -> AccountId) {
+    the_network_reads_as_published(f).await;
     an_account_reads_as_judged(f, account("reads-account")).await;
     a_worker_reads_once_registered(f, &format!("{}", account("reads-worker"))).await;
     a_receipt_reads_with_a_proof(

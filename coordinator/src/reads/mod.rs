@@ -12,11 +12,11 @@
 pub mod conformance;
 
 use futures_util::future::BoxFuture;
-use troop_ledger::fold::{Account, Hold, Worker};
+use troop_ledger::fold::{Account, Hold, Ledger, Schedule, Worker};
 use troop_ledger::note::Checkpoint;
 use troop_ledger::proof::TlogProof;
 use troop_ledger::tile::{self, TileHashReader, TileId, TileSource};
-use troop_schemas::{AccountId, HoldId, JobId, WorkerId};
+use troop_schemas::{AccountId, HoldId, JobId, PublicKey, WorkerId};
 
 /// An account and its open holds (sorted by id).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +49,25 @@ pub struct Lag {
     pub log_records: Option<u64>,
 }
 
+/// The network's own facts in force, as the ledger says: the price schedule
+/// and the keys that sign checkpoints and countersign receipts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Network {
+    pub schedule: Option<Schedule>,
+    pub log_key: Option<(String, PublicKey)>,
+    pub coordinator_key: Option<PublicKey>,
+}
+
+impl Network {
+    pub fn of(ledger: &Ledger) -> Self {
+        Self {
+            schedule: ledger.schedule().cloned(),
+            log_key: ledger.log_key().cloned(),
+            coordinator_key: ledger.coordinator_key().copied(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReadError {
     /// The books or the database cannot answer now; asking again may work.
@@ -75,6 +94,7 @@ pub trait Reads: Send + Sync + std::fmt::Debug + 'static {
     /// with [`troop_ledger::store::check_path`]).
     fn ledger_file(&self, path: String) -> Read<Option<Vec<u8>>>;
     fn lag(&self) -> Read<Lag>;
+    fn network(&self) -> Read<Network>;
 }
 
 /// Entry `index` of the tree that the signed `note` (stating `checkpoint`)

@@ -7,9 +7,13 @@ use troop_schemas::{AccountId, AccountRole, CreditsMicro, Event};
 
 use super::{AppState, commit_as, commit_one, error_response, now_ms, random};
 use crate::api::openai::ApiError;
+use crate::directory::{BanEvent, Directory};
 use crate::keys::admin_token_matches;
-use crate::money::Home;
+use crate::money::{Home, MoneyError};
 use crate::reads::MAX_LIST_ACCOUNTS;
+
+/// How long the admin API waits for a read to catch up with a change.
+const READ_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let given = req
@@ -27,6 +31,19 @@ fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
 
 fn refused(e: impl std::fmt::Display) -> HttpResponse {
     error_response(&ApiError::invalid("body", e.to_string()))
+}
+
+/// Appends a directory record to `home`'s log; returns once it is durable,
+/// or the error to answer instead.
+async fn append(state: &AppState, home: Home, record: Directory) -> Result<(), ApiError> {
+    state
+        .money
+        .append(home, vec![record])
+        .await
+        .map_err(|e| match e {
+            MoneyError::Unavailable(why) => ApiError::unavailable(why),
+            other => ApiError::not_durable(other.to_string()),
+        })
 }
 
 #[derive(Deserialize)]
@@ -109,9 +126,17 @@ pub async fn issue_key(
     if let Err(e) = authorize(&req, &state) {
         return error_response(&e);
     }
-    let known = match state.reads.account(body.account).await {
-        Ok(view) => view.is_some(),
-        Err(e) => return error_response(&ApiError::unavailable(e.to_string())),
+    // A cluster's reads follow the sequencer: an account opened a moment
+    // ago through another node may not be read yet, so look again for a
+    // while before saying it does not exist.
+    let deadline = std::time::Instant::now() + READ_CATCH_UP;
+    let known = loop {
+        match state.reads.account(body.account).await {
+            Ok(Some(_)) => break true,
+            Ok(None) if std::time::Instant::now() >= deadline => break false,
+            Ok(None) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            Err(e) => return error_response(&ApiError::unavailable(e.to_string())),
+        }
     };
     if !known {
         return refused(format!("account {} does not exist", body.account));
@@ -123,9 +148,9 @@ pub async fn issue_key(
             .expect("keys lock")
             .issue(body.account, &random::<48>(), now_ms());
     // Durable before it is shown, as every decision.
-    if let Err(e) = super::append_durable(&state, vec![event.to_record()]).await {
-        return HttpResponse::ServiceUnavailable()
-            .json(json!({"error": {"message": e.to_string(), "type": "server_error"}}));
+    let home = Home::Account(body.account);
+    if let Err(e) = append(&state, home, Directory::Key(event.clone())).await {
+        return error_response(&e);
     }
     state.keys.write().expect("keys lock").apply(&event);
     let crate::keys::KeyEvent::Issued { key, .. } = event else {
@@ -149,18 +174,25 @@ pub async fn revoke_key(
     if let Err(e) = authorize(&req, &state) {
         return error_response(&e);
     }
-    if !state.keys.read().expect("keys lock").exists(&body.key) {
+    let Some(account) = state.keys.read().expect("keys lock").account_of(&body.key) else {
         return error_response(&ApiError {
             status: 404,
             ..ApiError::invalid("key", format!("No key {}.", body.key))
         });
-    }
+    };
     let event = crate::keys::KeyEvent::Revoked {
         key: body.key,
         at_ms: now_ms(),
     };
-    if let Err(e) = super::append_durable(&state, vec![event.to_record()]).await {
-        return error_response(&ApiError::upstream(e.to_string()));
+    // In the key's account's log, after its issue.
+    if let Err(e) = append(
+        &state,
+        Home::Account(account),
+        Directory::Key(event.clone()),
+    )
+    .await
+    {
+        return error_response(&e);
     }
     state.keys.write().expect("keys lock").apply(&event);
     HttpResponse::Ok().json(json!({"key": body.key.to_string(), "revoked": true}))
@@ -232,13 +264,12 @@ pub async fn ban_worker(
     if let Err(e) = authorize(&req, &state) {
         return error_response(&e);
     }
-    let record = super::BanEvent::Banned {
+    let ban = BanEvent::Banned {
         worker: body.worker,
         at_ms: now_ms(),
-    }
-    .to_record();
-    if let Err(e) = super::append_durable(&state, vec![record]).await {
-        return error_response(&ApiError::upstream(e.to_string()));
+    };
+    if let Err(e) = append(&state, Home::Worker(body.worker), Directory::Ban(ban)).await {
+        return error_response(&e);
     }
     state.bans.write().expect("bans lock").insert(body.worker);
     state

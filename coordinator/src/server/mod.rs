@@ -36,7 +36,9 @@ use crate::snapshot::Snapshot;
 #[derive(Clone)]
 pub struct AppState {
     /// The embedded books' actor: its timer expires holds and publishes.
-    pub books: Addr<BooksActor>,
+    /// `None` on a cluster node, whose owners expire holds and whose
+    /// sequencer publishes.
+    pub books: Option<Addr<BooksActor>>,
     /// Where balance changes are judged (the port; the books here).
     pub money: Arc<dyn Money>,
     /// Where accounts, workers, receipts and the ledger are read (the port).
@@ -45,7 +47,6 @@ pub struct AppState {
     pub schedule: PublishedSchedule,
     pub registry: Addr<Registry>,
     pub keys: Arc<RwLock<ApiKeys>>,
-    pub events: Arc<dyn EventLog>,
     pub coordinator_key: Arc<SigningKey>,
     pub config: Arc<Config>,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -57,25 +58,7 @@ pub struct AppState {
     pub worker_events: WorkerEventSink,
 }
 
-/// Event-log tag of worker bans (ledger entries are 0x01, keys 0x02).
-pub const TAG_BAN_EVENT: u8 = 0x03;
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum BanEvent {
-    Banned {
-        worker: troop_schemas::WorkerId,
-        at_ms: u64,
-    },
-}
-
-impl BanEvent {
-    pub fn to_record(&self) -> Vec<u8> {
-        let mut r = vec![TAG_BAN_EVENT];
-        r.extend(serde_json::to_vec(self).expect("ban events serialize"));
-        r
-    }
-}
+pub use crate::directory::{BanEvent, TAG_BAN_EVENT};
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -203,60 +186,8 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
     );
 
     let now = now_ms();
-    let mut genesis = Vec::new();
-    let key_of = |k: &SigningKey| PublicKey(k.verifying_key().to_bytes());
-    let ledger = books.ledger();
-    if ledger.log_key().map(|(n, k)| (n.as_str(), *k))
-        != Some((config.ledger_name.as_str(), key_of(&log_key)))
-    {
-        genesis.push(Event::KeyRotated {
-            role: KeyRole::Log,
-            name: config.ledger_name.clone(),
-            key: key_of(&log_key),
-            at_ms: now,
-        });
-    }
-    if ledger.coordinator_key() != Some(&key_of(&coordinator_key)) {
-        genesis.push(Event::KeyRotated {
-            role: KeyRole::Coordinator,
-            name: "coordinator".into(),
-            key: key_of(&coordinator_key),
-            at_ms: now,
-        });
-    }
-    let wanted: Vec<ModelPrice> = config
-        .prices
-        .iter()
-        .map(|p| {
-            Ok(ModelPrice {
-                model: p.model.clone(),
-                input_micro_per_1k: CreditsMicro::new(p.input_micro_per_1k)
-                    .context("price too large")?,
-                output_micro_per_1k: CreditsMicro::new(p.output_micro_per_1k)
-                    .context("price too large")?,
-            })
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let current = ledger.schedule();
-    let same = current.is_some_and(|s| {
-        s.fee_bps == config.fee_bps
-            && s.prices.len() == wanted.len()
-            && wanted.iter().all(|w| {
-                s.prices.get(&w.model).is_some_and(|p| {
-                    p.input_micro_per_1k == w.input_micro_per_1k.get()
-                        && p.output_micro_per_1k == w.output_micro_per_1k.get()
-                })
-            })
-    });
-    if !same {
-        let version = current.map_or(0, |s| s.version) + 1;
-        genesis.push(Event::PriceSchedulePublished {
-            version,
-            fee_bps: config.fee_bps,
-            prices: wanted,
-            at_ms: now,
-        });
-    }
+    let network = crate::reads::Network::of(books.ledger());
+    let genesis = genesis(&network, &config, &log_key, &coordinator_key, now)?;
     for verdict in books.commit(&genesis)? {
         verdict?;
     }
@@ -295,17 +226,17 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
     let account_idle_check = Duration::from_millis(config.account_idle_check_ms);
     let embedded = Arc::new(Embedded {
         books: books.clone(),
+        events: Arc::clone(&events),
         ledger_dir,
     });
     let money: Arc<dyn Money> = embedded.clone();
     Ok(AppState {
-        books,
+        books: Some(books),
         money: Arc::clone(&money),
         reads: embedded,
         schedule,
         registry,
         keys: Arc::new(RwLock::new(keys)),
-        events,
         coordinator_key: Arc::new(coordinator_key),
         config: Arc::new(config),
         metrics: Arc::new(crate::metrics::Metrics::new()),
@@ -409,35 +340,115 @@ pub fn spawn(config: Config, listener: std::net::TcpListener) -> anyhow::Result<
         .map_err(|_| anyhow::anyhow!("the coordinator thread died while opening"))?
 }
 
+/// What the ledger should say of the network's keys and prices that
+/// `network` (what it says now) does not: the events to publish at start.
+pub fn genesis(
+    network: &crate::reads::Network,
+    config: &Config,
+    log_key: &SigningKey,
+    coordinator_key: &SigningKey,
+    now: u64,
+) -> anyhow::Result<Vec<Event>> {
+    let mut genesis = Vec::new();
+    let key_of = |k: &SigningKey| PublicKey(k.verifying_key().to_bytes());
+    if network.log_key.as_ref().map(|(n, k)| (n.as_str(), *k))
+        != Some((config.ledger_name.as_str(), key_of(log_key)))
+    {
+        genesis.push(Event::KeyRotated {
+            role: KeyRole::Log,
+            name: config.ledger_name.clone(),
+            key: key_of(log_key),
+            at_ms: now,
+        });
+    }
+    if network.coordinator_key != Some(key_of(coordinator_key)) {
+        genesis.push(Event::KeyRotated {
+            role: KeyRole::Coordinator,
+            name: "coordinator".into(),
+            key: key_of(coordinator_key),
+            at_ms: now,
+        });
+    }
+    let wanted: Vec<ModelPrice> = config
+        .prices
+        .iter()
+        .map(|p| {
+            Ok(ModelPrice {
+                model: p.model.clone(),
+                input_micro_per_1k: CreditsMicro::new(p.input_micro_per_1k)
+                    .context("price too large")?,
+                output_micro_per_1k: CreditsMicro::new(p.output_micro_per_1k)
+                    .context("price too large")?,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let current = network.schedule.as_ref();
+    let same = current.is_some_and(|s| {
+        s.fee_bps == config.fee_bps
+            && s.prices.len() == wanted.len()
+            && wanted.iter().all(|w| {
+                s.prices.get(&w.model).is_some_and(|p| {
+                    p.input_micro_per_1k == w.input_micro_per_1k.get()
+                        && p.output_micro_per_1k == w.output_micro_per_1k.get()
+                })
+            })
+    });
+    if !same {
+        let version = current.map_or(0, |s| s.version) + 1;
+        genesis.push(Event::PriceSchedulePublished {
+            version,
+            fee_bps: config.fee_bps,
+            prices: wanted,
+            at_ms: now,
+        });
+    }
+    Ok(genesis)
+}
+
+/// The embedded books' clock: a fresh checkpoint every second while there
+/// is traffic (publish is a no-op otherwise); holds past their deadline
+/// expire on the same clock.
+async fn embedded_timer(books: Addr<BooksActor>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        match books.send(ExpireHolds { now_ms: now_ms() }).await {
+            Ok(Ok(0)) | Err(_) => {}
+            Ok(Ok(n)) => tracing::warn!(holds = n, "expired holds whose requests were lost"),
+            Ok(Err(e)) => tracing::error!(error = %e, "expiring holds failed"),
+        }
+        if let Ok(Err(e)) = books.send(Publish).await {
+            tracing::error!(error = %e, "publishing the ledger failed");
+        }
+    }
+}
+
 /// Runs the coordinator on `listener` until the returned server is stopped.
 pub fn serve(
     state: AppState,
     listener: std::net::TcpListener,
 ) -> anyhow::Result<actix_web::dev::Server> {
+    serve_with(state, listener, |_| {})
+}
+
+/// [`serve`], with `more` routes mounted beside the usual ones (a cluster
+/// node's internal API).
+pub fn serve_with(
+    state: AppState,
+    listener: std::net::TcpListener,
+    more: impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+) -> anyhow::Result<actix_web::dev::Server> {
     let data = web::Data::new(state.clone());
     let max_body = state.config.max_body_bytes;
     let http_workers = state.config.http_workers;
-    // A fresh checkpoint every second while there is traffic (publish is a
-    // no-op otherwise); holds past their deadline expire on the same clock.
-    let books = state.books.clone();
-    actix_web::rt::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            match books.send(ExpireHolds { now_ms: now_ms() }).await {
-                Ok(Ok(0)) | Err(_) => {}
-                Ok(Ok(n)) => tracing::warn!(holds = n, "expired holds whose requests were lost"),
-                Ok(Err(e)) => tracing::error!(error = %e, "expiring holds failed"),
-            }
-            if let Ok(Err(e)) = books.send(Publish).await {
-                tracing::error!(error = %e, "publishing the ledger failed");
-            }
-        }
-    });
+    if let Some(books) = state.books.clone() {
+        actix_web::rt::spawn(embedded_timer(books));
+    }
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
             .app_data(web::PayloadConfig::new(max_body))
+            .configure(more.clone())
             .route("/v1/chat/completions", web::post().to(consumer::chat))
             .route("/v1/completions", web::post().to(consumer::completions))
             .route("/v1/models", web::get().to(consumer::models))
@@ -493,13 +504,4 @@ fn log_unknown(e: &MoneyError) {
     if let MoneyError::Unknown(why) = e {
         tracing::error!(%why, "a write failed: nothing more is acknowledged; restart to recover");
     }
-}
-
-/// Appends records that are not ledger entries (keys, bans) and returns once
-/// they are durable, without blocking the async runtime.
-pub async fn append_durable(
-    state: &AppState,
-    records: Vec<Vec<u8>>,
-) -> Result<u64, crate::eventlog::EventLogError> {
-    state.events.submit(records)?.durable().await
 }

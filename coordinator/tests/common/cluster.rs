@@ -60,6 +60,7 @@ pub async fn cluster(
         ledger_partitions,
         worker_partitions: 1,
         replication_factor: 1,
+        ..ClusterConfig::default()
     };
     let mut client = connect_postgres(&config).await.expect("postgres");
     migrate_postgres(&mut client).await.expect("migrate");

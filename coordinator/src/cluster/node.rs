@@ -1,0 +1,301 @@
+//! A cluster node (`troop-coordinator node`): the same HTTP API as the
+//! embedded coordinator — the OpenAI API, the worker endpoint, `/ledger/`,
+//! `/admin/`, `/metrics` — over the cluster's books: balance changes judged
+//! by the partitions' owners ([`ClusterBooks`]), reads from the sequencer's
+//! projection ([`PgReads`]), keys and bans from the directory, prices from
+//! the network's entries; plus the internal API through which the other
+//! nodes reach the partitions this node owns, and a sequencer that leads
+//! when no other node does.
+//!
+//! Not here yet (CLUSTER.md slices 6–7): a request is placed only on this
+//! node's own workers, and worker history (jobs, heartbeat summaries) stays
+//! in this node's `<data_dir>/events`.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use ed25519_dalek::SigningKey;
+use troop_ledger::note::NoteSigner;
+
+use crate::actors::account::Accounts;
+use crate::actors::books::PublishedSchedule;
+use crate::actors::registry::{Ban, Registry};
+use crate::cluster::internal::{self, ClusterBooks, Internal, Secret};
+use crate::cluster::owned::{OwnedBooks, OwnedSettings};
+use crate::cluster::ownership::Ownership;
+use crate::cluster::reads::PgReads;
+use crate::cluster::sequencer::{SequencerSettings, SequencerTask};
+use crate::cluster::{Reconnecting, directory};
+use crate::config::Config;
+use crate::eventlog::file::{FileLog, FileLogConfig};
+use crate::history::WorkerEventSink;
+use crate::keys::ApiKeys;
+use crate::money::{Home, Money, MoneyError};
+use crate::reads::Reads;
+use crate::server::AppState;
+
+/// How often a node says it is alive, reads the prices in force and looks
+/// for new keys and bans.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// How long a starting node tries to get its keys and prices into the ledger
+/// (the network's partition may have no owner yet).
+pub const GENESIS_WAIT: Duration = Duration::from_secs(60);
+
+/// Who this node is to the others.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    /// Unique among live nodes (the owners' group member and `nodes` row).
+    pub name: String,
+    /// Where the other nodes reach its internal API (`http://host:port`).
+    pub internal_url: String,
+}
+
+/// A 32-byte secret every node must hold the same copy of (the ledger key,
+/// the coordinator key, the API keys' hashing key): never made here, since a
+/// node with its own would sign or hash what no other node can follow.
+pub fn shared_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading {} (every node holds the network's one copy: copy it there)",
+            path.display()
+        )
+    })?;
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut seed)
+        .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+    Ok(seed)
+}
+
+/// What runs beside the HTTP server, until [`Node::stop`].
+#[derive(Debug)]
+pub struct Node {
+    ownership: Ownership,
+    owned: Arc<OwnedBooks>,
+    sequencer: SequencerTask,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Node {
+    /// Leaves the owners' group, lets the owned partitions go, stops the
+    /// sequencer (giving up the lead) and the refreshers.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.abort();
+        }
+        if let Err(e) = self.ownership.stop().await {
+            tracing::warn!(error = %e, "removing this node's partition owners failed");
+        }
+        if let Ok(owned) = Arc::try_unwrap(self.owned) {
+            owned.stop().await;
+        }
+        if let Err(e) = self.sequencer.stop().await {
+            tracing::warn!(error = %e, "stopping the sequencer failed");
+        }
+    }
+}
+
+/// Opens a node: joins the owners' group, starts the owned books, the
+/// sequencer and the refreshers, and returns the state to serve and the
+/// internal API to mount beside it. Must run inside an actix system. Call
+/// [`publish_genesis`] once the server listens (this node may own the
+/// network's partition, which the others then reach through it).
+pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState, Internal, Node)> {
+    let cluster = config.cluster.clone();
+    let secret = Secret::new(&cluster.secret).context("[cluster] secret")?;
+    let dir = config.data_dir.clone();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log_key = SigningKey::from_bytes(&shared_secret(&dir.join("ledger.key"))?);
+    let coordinator_key = SigningKey::from_bytes(&shared_secret(&dir.join("coordinator.key"))?);
+    let hash_key = shared_secret(&dir.join("apikey-hash.key"))?;
+    let signer = NoteSigner::new(&config.ledger_name, log_key)?;
+    let verifier = signer.verifier();
+
+    let ownership = Ownership::start(&cluster, &me.name).context("joining the owners' group")?;
+    let owned = Arc::new(OwnedBooks::start(
+        cluster.clone(),
+        ownership.watch(),
+        OwnedSettings::default(),
+    ));
+    let sequencer = SequencerTask::spawn(SequencerSettings::new(cluster.clone()), signer);
+    let client = crate::cluster::connect(&cluster.postgres, "cluster books")
+        .await
+        .context("connecting to postgres")?;
+    let money: Arc<dyn Money> = Arc::new(ClusterBooks::new(
+        Arc::clone(&owned),
+        &cluster.secret,
+        client,
+        cluster.ledger_partitions,
+    ));
+    let reads: Arc<dyn Reads> = Arc::new(PgReads::new(&cluster.postgres, verifier));
+
+    // Worker history stays on this node for now (module docs).
+    let events: Arc<dyn crate::eventlog::EventLog> =
+        Arc::new(FileLog::open(dir.join("events"), FileLogConfig::default())?);
+    let worker_events = WorkerEventSink {
+        events,
+        history: Arc::default(),
+    };
+    let registry = Registry::new(
+        config.heartbeat_timeout_ms,
+        config.heartbeat_epoch_ms,
+        worker_events.clone(),
+    )
+    .start();
+    let keys = Arc::new(RwLock::new(ApiKeys::new(hash_key)));
+    let bans = Arc::new(RwLock::new(HashSet::new()));
+    let schedule = PublishedSchedule::default();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let pg = Arc::new(Reconnecting::new(&cluster.postgres, "node refresh"));
+    let banned = {
+        let registry = registry.clone();
+        move |worker| registry.do_send(Ban(worker))
+    };
+    let tasks = vec![
+        tokio::spawn(directory::follow(
+            Arc::clone(&pg),
+            Arc::clone(&keys),
+            Arc::clone(&bans),
+            banned,
+            REFRESH_EVERY,
+            stopped.clone(),
+        )),
+        tokio::spawn(refresh_schedule(Arc::clone(&reads), schedule.clone())),
+        tokio::spawn(advertise(pg, me)),
+    ];
+    let state = AppState {
+        books: None,
+        money: Arc::clone(&money),
+        reads,
+        schedule,
+        registry,
+        keys,
+        coordinator_key: Arc::new(coordinator_key),
+        config: Arc::new(config.clone()),
+        metrics: Arc::new(crate::metrics::Metrics::new()),
+        bans,
+        accounts: Accounts::new(
+            money,
+            config.rate_limits,
+            Duration::from_millis(config.account_idle_check_ms),
+        ),
+        worker_events,
+    };
+    let internal = Internal {
+        owned: Arc::clone(&owned),
+        secret,
+    };
+    let node = Node {
+        ownership,
+        owned,
+        sequencer,
+        stop,
+        tasks,
+    };
+    Ok((state, internal, node))
+}
+
+/// Puts this node's keys and configured prices into the ledger where it
+/// says otherwise, as the embedded coordinator does at start
+/// ([`crate::server::genesis`]); asks again while the network's partition
+/// has no owner or another node published first, up to [`GENESIS_WAIT`].
+pub async fn publish_genesis(state: &AppState) -> anyhow::Result<()> {
+    let log_key = shared_secret(&state.config.data_dir.join("ledger.key"))?;
+    let started = tokio::time::Instant::now();
+    loop {
+        let attempt = async {
+            let network = state.reads.network().await?;
+            let events = crate::server::genesis(
+                &network,
+                &state.config,
+                &SigningKey::from_bytes(&log_key),
+                &state.coordinator_key,
+                crate::server::now_ms(),
+            )?;
+            if events.is_empty() {
+                return anyhow::Ok(true);
+            }
+            let verdicts = state
+                .money
+                .change(Home::Network, events)
+                .await?
+                .durable()
+                .await?;
+            // Refused: another node published first; look again.
+            Ok(verdicts.iter().all(Result::is_ok))
+        }
+        .await;
+        match attempt {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) if started.elapsed() >= GENESIS_WAIT => {
+                return Err(e.context("publishing this node's keys and prices"));
+            }
+            Err(e) => {
+                if let Some(MoneyError::Unknown(_)) = e.downcast_ref() {
+                    // Its outcome shows in the ledger; the next look sees it.
+                    tracing::warn!(error = %e, "publishing keys and prices: outcome unknown");
+                }
+            }
+        }
+        anyhow::ensure!(
+            started.elapsed() < GENESIS_WAIT,
+            "the ledger still disagrees with this node's keys and prices after {GENESIS_WAIT:?}"
+        );
+        // The sequencer puts what was judged into Postgres, where it is read.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Keeps `schedule` at the ledger's price schedule.
+async fn refresh_schedule(reads: Arc<dyn Reads>, schedule: PublishedSchedule) {
+    loop {
+        match reads.network().await {
+            Ok(network) => schedule.set(network.schedule.as_ref()),
+            Err(e) => tracing::warn!(error = %e, "reading the prices in force failed"),
+        }
+        tokio::time::sleep(REFRESH_EVERY).await;
+    }
+}
+
+/// Says where this node answers internal calls, every [`REFRESH_EVERY`].
+async fn advertise(pg: Arc<Reconnecting>, me: NodeIdentity) {
+    loop {
+        let said = async {
+            let client = pg.get().await?;
+            internal::advertise(&client, &me.name, &me.internal_url).await
+        }
+        .await;
+        if let Err(e) = said {
+            tracing::warn!(error = %e, "advertising this node failed");
+        }
+        tokio::time::sleep(REFRESH_EVERY).await;
+    }
+}
+
+/// Opens a node and serves it on `listener` until the returned server stops;
+/// the node's background work stops with it.
+pub async fn serve(
+    config: Config,
+    me: NodeIdentity,
+    listener: std::net::TcpListener,
+) -> anyhow::Result<()> {
+    let (state, internal, node) = open(config, me).await?;
+    let server = crate::server::serve_with(state.clone(), listener, move |cfg| {
+        internal::routes(internal.clone())(cfg);
+    })?;
+    let genesis = actix_web::rt::spawn(async move {
+        if let Err(e) = publish_genesis(&state).await {
+            tracing::error!(error = %e, "this node's keys and prices are not in the ledger");
+        }
+    });
+    let served = server.await;
+    genesis.abort();
+    node.stop().await;
+    served.context("serving")
+}

@@ -1,0 +1,228 @@
+//! Two cluster nodes (`troop-coordinator node`, in-process) on noida-db and
+//! Postgres, serving the same API as the embedded coordinator: an account
+//! opened, granted and keyed through one node is known to the other; a
+//! worker on node A serves a chat completion paid from that account, whose
+//! judge may be either node; the receipt and the balance read back from node
+//! B (Postgres) with a proof troop-audit's checks accept; a key revoked and a
+//! worker banned through node B take effect on node A.
+
+mod common;
+
+use std::time::Duration;
+
+use common::harness::{admin, wait_for};
+use common::scripted::{MODEL, Script};
+use serde_json::{Value, json};
+use troop_coordinator::cluster::node::{self, NodeIdentity};
+use troop_coordinator::config::{ClusterConfig, Config, PriceConfig};
+
+const ADMIN: &str = "cluster-node-admin";
+const SECRET: &str = "a cluster secret for the node tests";
+const GRANT: u64 = 1_000_000;
+
+/// Starts a node on `dir` (holding the network's shared keys) in a thread of
+/// its own; returns its URL once it answers.
+fn start_node(name: &str, dir: &std::path::Path, cluster: &ClusterConfig) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let config = Config {
+        data_dir: dir.to_path_buf(),
+        admin_token: ADMIN.into(),
+        heartbeat_interval_ms: 1_000,
+        prices: vec![PriceConfig {
+            model: MODEL.into(),
+            input_micro_per_1k: 1_000,
+            output_micro_per_1k: 10_000,
+        }],
+        cluster: ClusterConfig {
+            secret: SECRET.into(),
+            ..cluster.clone()
+        },
+        ..Config::default()
+    };
+    let me = NodeIdentity {
+        name: name.into(),
+        internal_url: url.clone(),
+    };
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            actix_web::rt::System::new()
+                .block_on(node::serve(config, me, listener))
+                .expect("the node serves");
+        })
+        .expect("thread");
+    wait_for("the node", || {
+        ureq::get(&format!("{url}/v1/models")).call().is_ok()
+    });
+    url
+}
+
+fn get(url: &str, key: &str, path: &str) -> Result<Value, u16> {
+    match ureq::get(&format!("{url}{path}"))
+        .set("authorization", &format!("Bearer {key}"))
+        .call()
+    {
+        Ok(r) => Ok(r.into_json().expect("json")),
+        Err(ureq::Error::Status(code, _)) => Err(code),
+        Err(e) => panic!("{path}: {e}"),
+    }
+}
+
+#[test]
+fn two_nodes_serve_one_network_through_kafka_and_postgres() {
+    // The nodes' warnings, shown with a failure.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("warn")
+        .try_init();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (_db, _broker, cluster, client) = runtime.block_on(common::cluster::cluster("node", 4));
+    // The network's keys, the same on every node.
+    let dirs = [
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    ];
+    for file in ["ledger.key", "coordinator.key", "apikey-hash.key"] {
+        let seed = hex::encode(
+            rand_core::RngCore::next_u64(&mut rand_core::OsRng)
+                .to_le_bytes()
+                .repeat(4),
+        );
+        for d in &dirs {
+            std::fs::write(d.path().join(file), &seed).expect("key file");
+        }
+    }
+    let a = start_node("node-a", dirs[0].path(), &cluster);
+    let b = start_node("node-b", dirs[1].path(), &cluster);
+
+    // An account opened and granted through node A, its key issued through
+    // node A too (it waits for the account to be read there).
+    let account = admin(&a, ADMIN, "/admin/accounts", json!({}))["account"]
+        .as_str()
+        .expect("account")
+        .to_owned();
+    admin(
+        &a,
+        ADMIN,
+        "/admin/grants",
+        json!({"account": account, "amount_micro": GRANT}),
+    );
+    let key = admin(&a, ADMIN, "/admin/keys", json!({"account": account}))["secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    // Node B learns the key from the directory and reads the grant.
+    wait_for("node B to know the key and the grant", || {
+        get(&b, &key, "/v1/account")
+            .is_ok_and(|v| v["balance_micro"].as_str() == Some(&GRANT.to_string()))
+    });
+
+    // A worker on node A; the prices reached both nodes through the ledger.
+    let worker = common::scripted::spawn(a.clone(), Script::Inflate);
+    common::harness::wait_for_models(&a);
+    let models = get(&b, &key, "/v1/models").expect("models");
+    assert!(models["data"].as_array().is_some(), "{models}");
+    let response = ureq::post(&format!("{a}/v1/chat/completions"))
+        .set("authorization", &format!("Bearer {key}"))
+        .send_json(json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}))
+        .expect("a chat completion through node A");
+    let job = response
+        .header("troop-receipt")
+        .expect("receipt header")
+        .to_owned();
+    let body: Value = response.into_json().expect("json");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Hello there friend"
+    );
+    // Paid for the three tokens streamed, not the thousand claimed.
+    assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
+    worker.join().expect("worker");
+
+    // The receipt, read from Postgres through node B, once in a checkpoint.
+    let mut receipt = Value::Null;
+    wait_for("the receipt on node B", || {
+        get(&b, &key, &format!("/v1/receipts/{job}")).is_ok_and(|r| {
+            receipt = r;
+            true
+        })
+    });
+    let charged = receipt["charged_micro"].as_u64().expect("charged");
+    assert!(charged > 0, "{receipt}");
+    assert!(
+        receipt["tlog_proof"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("c2sp.org/tlog-proof@v1")),
+        "{receipt}"
+    );
+    let row = runtime
+        .block_on(client.query_one(
+            "select consumer, charged_micro from receipts where job = $1",
+            &[&job],
+        ))
+        .expect("the receipt's row");
+    assert_eq!(row.get::<_, String>(0), account);
+    assert_eq!(row.get::<_, i64>(1), i64::try_from(charged).expect("fits"));
+    wait_for("the settlement on node B", || {
+        get(&b, &key, "/v1/account").is_ok_and(|v| {
+            v["holds"].as_array().is_some_and(Vec::is_empty)
+                && v["balance_micro"].as_str() == Some(&(GRANT - charged).to_string())
+        })
+    });
+    // The checkpoint both nodes serve is the one signed with the network's key.
+    let checkpoint = |url: &str| {
+        ureq::get(&format!("{url}/ledger/checkpoint"))
+            .call()
+            .expect("checkpoint")
+            .into_string()
+            .expect("text")
+    };
+    wait_for("the same checkpoint on both nodes", || {
+        checkpoint(&a) == checkpoint(&b)
+    });
+
+    // Revoked through node B: node A refuses the key soon after.
+    let key_id = key
+        .strip_prefix("troop-sk-")
+        .and_then(|r| r.split_once('-'))
+        .map(|(id, _)| format!("key_{id}"))
+        .expect("key id");
+    admin(&b, ADMIN, "/admin/keys/revoke", json!({"key": key_id}));
+    wait_for("node A to refuse the revoked key", || {
+        get(&a, &key, "/v1/account") == Err(401)
+    });
+
+    // Banned through node B: node A refuses the worker's next connection
+    // (the scripted worker panics when its connection is closed on it).
+    let worker_key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let worker_id = troop_schemas::WorkerId::from_key(&troop_schemas::PublicKey(
+        worker_key.verifying_key().to_bytes(),
+    ));
+    admin(
+        &b,
+        ADMIN,
+        "/admin/workers/ban",
+        json!({"worker": worker_id.to_string()}),
+    );
+    wait_for("the ban in Postgres", || {
+        runtime
+            .block_on(client.query_opt(
+                "select 1 from bans where worker = $1",
+                &[&worker_id.to_string()],
+            ))
+            .expect("query")
+            .is_some()
+    });
+    // Node A looks at the directory every second.
+    std::thread::sleep(node::REFRESH_EVERY * 3);
+    let (refused_tx, refused) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = refused_tx.send(common::scripted::spawn(a, Script::Inflate).join().is_err());
+    });
+    assert_eq!(
+        refused.recv_timeout(Duration::from_secs(30)),
+        Ok(true),
+        "node A let the worker banned through node B connect"
+    );
+}
