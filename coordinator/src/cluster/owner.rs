@@ -392,11 +392,15 @@ impl PartitionBooks {
         if self.poisoned {
             return Err(OwnerError::Poisoned);
         }
+        self.write(records.iter().map(Directory::to_record).collect())
+    }
+
+    /// Queues `records` on the partition's log, numbered right after the
+    /// last record the fold reflects.
+    fn write(&mut self, records: Vec<Vec<u8>>) -> Result<Pending, OwnerError> {
         let here = self.partition;
         let count = records.len() as u64;
-        let pending = self
-            .log
-            .submit(records.iter().map(Directory::to_record).collect())?;
+        let pending = self.log.submit(records)?;
         assert_eq!(
             pending.first,
             self.next(here),
@@ -428,22 +432,10 @@ impl PartitionBooks {
         if entries.is_empty() {
             return Ok((judged.into_iter().map(|v| v.map(|_| 0)).collect(), None));
         }
-        let count = entries.len() as u64;
         let records = entries.iter().map(|e| ledger_record(e)).collect();
-        let pending = match self.log.submit(records) {
-            Ok(p) => p,
-            Err(e) => {
-                // The fold took events the log did not: it is ahead for good.
-                self.poisoned = true;
-                return Err(e.into());
-            }
-        };
-        assert_eq!(
-            pending.first,
-            self.next(here),
-            "the partition's one writer numbers its records without gaps"
-        );
-        self.applied_to.insert(here, pending.first + count);
+        // A failed write leaves the fold with events the log does not have:
+        // it is ahead for good.
+        let pending = self.write(records).inspect_err(|_| self.poisoned = true)?;
         let verdicts = judged
             .into_iter()
             .map(|v| v.map(|i| pending.first + i as u64))
