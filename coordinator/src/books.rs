@@ -13,7 +13,7 @@
 //! its event-log record is durable, so no signed checkpoint ever covers an
 //! entry a crash could lose; it is caught up on every start.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use troop_ledger::fold::{FoldError, Hold, Ledger};
@@ -99,21 +99,46 @@ pub fn fold_ledger_record<'a>(
 pub const MAX_EXPIRIES_PER_ROUND: usize = 4_096;
 
 /// The expiries of the open holds in `ledger` whose deadline is at or before
-/// `now_ms` and that `mine` takes (a cluster owner: its own accounts'), in
-/// hold id order, at most [`MAX_EXPIRIES_PER_ROUND`]. The embedded books and
-/// a partition's owner both expire with it.
-pub fn due_expiries(ledger: &Ledger, now_ms: u64, mine: impl Fn(&Hold) -> bool) -> Vec<Event> {
-    let mut due: Vec<HoldId> = ledger
+/// `now_ms`, and the voids of those whose origin (the node incarnation whose
+/// request they are for) is in `dead_origins`, among the holds `mine` takes
+/// (a cluster owner: its own accounts'), in hold id order, at most
+/// [`MAX_EXPIRIES_PER_ROUND`]. The embedded books and a partition's owner
+/// both close holds with it.
+pub fn due_expiries(
+    ledger: &Ledger,
+    now_ms: u64,
+    dead_origins: &BTreeSet<String>,
+    mine: impl Fn(&Hold) -> bool,
+) -> Vec<Event> {
+    let mut due: Vec<(HoldId, bool)> = ledger
         .open_holds()
-        .filter(|(_, h)| h.expires_at_ms <= now_ms && mine(h))
-        .map(|(id, _)| *id)
+        .filter(|(_, h)| mine(h))
+        .filter_map(|(id, h)| {
+            if h.expires_at_ms <= now_ms {
+                Some((*id, true))
+            } else {
+                let dead = h.origin.as_ref().is_some_and(|o| dead_origins.contains(o));
+                dead.then_some((*id, false))
+            }
+        })
         .collect();
     due.sort_unstable();
     due.truncate(MAX_EXPIRIES_PER_ROUND);
     due.into_iter()
-        .map(|hold| Event::HoldExpired {
-            hold,
-            at_ms: now_ms,
+        .map(|(hold, expired)| {
+            if expired {
+                Event::HoldExpired {
+                    hold,
+                    at_ms: now_ms,
+                }
+            } else {
+                // Its request died with its node.
+                Event::HoldVoided {
+                    hold,
+                    reason: VoidReason::CoordinatorRestart,
+                    at_ms: now_ms,
+                }
+            }
         })
         .collect()
 }
@@ -453,7 +478,7 @@ impl Books {
     /// stay locked. Queued, not awaited: nobody waits on an expiry, and the
     /// ledger log takes the entries once they are durable.
     pub fn expire_holds(&mut self, now_ms: u64) -> Result<usize, BooksError> {
-        let expiries = due_expiries(&self.ledger, now_ms, |_| true);
+        let expiries = due_expiries(&self.ledger, now_ms, &BTreeSet::new(), |_| true);
         if expiries.is_empty() {
             return Ok(0);
         }

@@ -4,6 +4,7 @@
 #[path = "../../ledger/tests/common/mod.rs"]
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use troop_coordinator::eventlog::file::{FileLog, FileLogConfig};
 use troop_coordinator::eventlog::{EventLog, EventLogError, Pending, Record};
 use troop_ledger::fold::{FoldError, Hold, Ledger};
 use troop_ledger::note::NoteSigner;
-use troop_schemas::{Event, HoldId, JobId};
+use troop_schemas::{Event, HoldId, JobId, VoidReason};
 
 fn signer() -> NoteSigner {
     NoteSigner::new("books.example/ledger", log_key()).expect("signer")
@@ -132,7 +133,8 @@ fn due_expiries_are_the_due_holds_taken_in_id_order_a_round_at_a_time() {
     for event in events {
         ledger.apply(&event).expect("folds");
     }
-    assert!(due_expiries(&ledger, T0 + 60_000, |_| true).is_empty());
+    let none = BTreeSet::new();
+    assert!(due_expiries(&ledger, T0 + 60_000, &none, |_| true).is_empty());
     // Each expiry's hold, checked to be dated `now_ms`.
     let ids = |due: Vec<Event>, now_ms: u64| -> Vec<HoldId> {
         due.into_iter()
@@ -149,19 +151,63 @@ fn due_expiries_are_the_due_holds_taken_in_id_order_a_round_at_a_time() {
     expected.sort_unstable();
     let now_ms = T0 + 60_002;
     assert_eq!(
-        ids(due_expiries(&ledger, now_ms, |_| true), now_ms),
+        ids(due_expiries(&ledger, now_ms, &none, |_| true), now_ms),
         expected,
         "holds 1 and 2, at their deadlines"
     );
     let second = |h: &Hold| h.job == JobId::derive(&2u64.to_le_bytes());
     assert_eq!(
-        ids(due_expiries(&ledger, now_ms, second), now_ms),
+        ids(due_expiries(&ledger, now_ms, &none, second), now_ms),
         [HoldId::derive(&2u64.to_le_bytes())]
     );
     let now_ms = T0 + 60_000 + max + 2;
-    let all_ids = ids(due_expiries(&ledger, now_ms, |_| true), now_ms);
+    let all_ids = ids(due_expiries(&ledger, now_ms, &none, |_| true), now_ms);
     assert_eq!(all_ids.len(), MAX_EXPIRIES_PER_ROUND, "a round's worth");
     assert!(all_ids.windows(2).all(|w| w[0] < w[1]), "in id order");
+}
+
+/// A cluster owner voids the holds whose node died (their origin is gone)
+/// before their deadline, and expires the overdue ones of every origin.
+#[test]
+fn holds_of_a_dead_node_are_voided_and_others_wait_for_their_deadline() {
+    let mut ledger = Ledger::new();
+    for event in genesis() {
+        ledger.apply(&event).expect("folds");
+    }
+    let from = |n: u64, origin: Option<&str>| {
+        let mut e = hold(n, 1);
+        if let Event::HoldPlaced { origin: o, .. } = &mut e {
+            *o = origin.map(str::to_owned);
+        }
+        e
+    };
+    for event in [
+        from(1, Some("gone/1")),
+        from(2, Some("alive/1")),
+        from(3, None),
+    ] {
+        ledger.apply(&event).expect("folds");
+    }
+    let dead: BTreeSet<String> = ["gone/1".to_owned()].into();
+    let held = |n: u64| HoldId::derive(&n.to_le_bytes());
+    assert_eq!(
+        due_expiries(&ledger, T0, &dead, |_| true),
+        [Event::HoldVoided {
+            hold: held(1),
+            reason: VoidReason::CoordinatorRestart,
+            at_ms: T0,
+        }],
+        "only the dead node's hold, before any deadline"
+    );
+    // Holds 1 and 2 are overdue at T0 + 60_002, hold 3 is not.
+    let overdue = due_expiries(&ledger, T0 + 60_002, &dead, |_| true);
+    assert_eq!(overdue.len(), 2, "{overdue:?}");
+    assert!(
+        overdue
+            .iter()
+            .all(|e| matches!(e, Event::HoldExpired { .. })),
+        "an overdue hold expires whatever its origin: {overdue:?}"
+    );
 }
 
 #[test]

@@ -11,63 +11,12 @@ mod common;
 use std::time::Duration;
 
 use common::harness::{admin, wait_for};
+use common::nodes::{ADMIN, get, shared_keys, start_node};
 use common::scripted::{MODEL, Script};
 use serde_json::{Value, json};
-use troop_coordinator::cluster::node::{self, NodeIdentity};
-use troop_coordinator::config::{ClusterConfig, Config, PriceConfig};
+use troop_coordinator::cluster::node;
 
-const ADMIN: &str = "cluster-node-admin";
-const SECRET: &str = "a cluster secret for the node tests";
 const GRANT: u64 = 1_000_000;
-
-/// Starts a node on `dir` (holding the network's shared keys) in a thread of
-/// its own; returns its URL once it answers.
-fn start_node(name: &str, dir: &std::path::Path, cluster: &ClusterConfig) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let config = Config {
-        data_dir: dir.to_path_buf(),
-        admin_token: ADMIN.into(),
-        heartbeat_interval_ms: 1_000,
-        prices: vec![PriceConfig {
-            model: MODEL.into(),
-            input_micro_per_1k: 1_000,
-            output_micro_per_1k: 10_000,
-        }],
-        cluster: ClusterConfig {
-            secret: SECRET.into(),
-            ..cluster.clone()
-        },
-        ..Config::default()
-    };
-    let me = NodeIdentity {
-        name: name.into(),
-        internal_url: url.clone(),
-    };
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            actix_web::rt::System::new()
-                .block_on(node::serve(config, me, listener))
-                .expect("the node serves");
-        })
-        .expect("thread");
-    wait_for("the node", || {
-        ureq::get(&format!("{url}/v1/models")).call().is_ok()
-    });
-    url
-}
-
-fn get(url: &str, key: &str, path: &str) -> Result<Value, u16> {
-    match ureq::get(&format!("{url}{path}"))
-        .set("authorization", &format!("Bearer {key}"))
-        .call()
-    {
-        Ok(r) => Ok(r.into_json().expect("json")),
-        Err(ureq::Error::Status(code, _)) => Err(code),
-        Err(e) => panic!("{path}: {e}"),
-    }
-}
 
 #[test]
 fn two_nodes_serve_one_network_through_kafka_and_postgres() {
@@ -78,21 +27,7 @@ fn two_nodes_serve_one_network_through_kafka_and_postgres() {
         .try_init();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let (_db, _broker, cluster, client) = runtime.block_on(common::cluster::cluster("node", 4));
-    // The network's keys, the same on every node.
-    let dirs = [
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    ];
-    for file in ["ledger.key", "coordinator.key", "apikey-hash.key"] {
-        let seed = hex::encode(
-            rand_core::RngCore::next_u64(&mut rand_core::OsRng)
-                .to_le_bytes()
-                .repeat(4),
-        );
-        for d in &dirs {
-            std::fs::write(d.path().join(file), &seed).expect("key file");
-        }
-    }
+    let dirs = shared_keys(2);
     let a = start_node("node-a", dirs[0].path(), &cluster);
     let b = start_node("node-b", dirs[1].path(), &cluster);
 

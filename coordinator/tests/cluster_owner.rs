@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::cluster::{Job, Traffic, account_row, micro};
-use troop_coordinator::cluster::internal::{self, ClusterBooks, Internal, Secret, Verdict};
+use troop_coordinator::cluster::internal::{ClusterBooks, Internal, Secret, Verdict};
 use troop_coordinator::cluster::ledger_node::{self, LedgerNode};
 use troop_coordinator::cluster::owned::{OwnedBooks, OwnedSettings};
 use troop_coordinator::cluster::owner::{OwnerError, PartitionBooks, home_partition};
@@ -23,7 +23,7 @@ use troop_coordinator::money::Refusal;
 use troop_coordinator::money::conformance::{Fixture, run_all};
 use troop_coordinator::reads;
 use troop_ledger::fold::{FoldError, Ledger};
-use troop_schemas::event::AccountRole;
+use troop_schemas::event::{AccountRole, VoidReason};
 use troop_schemas::{AccountId, Event, HoldId, JobId};
 
 const PARTITIONS: u32 = 2;
@@ -154,6 +154,7 @@ async fn a_new_owner_fences_the_old_one_and_no_account_is_overdrawn_across_the_h
         expires_at_ms: AT_MS + 600_000,
         schedule_version: 1,
         at_ms: AT_MS,
+        origin: None,
     };
     let from_a = hold(b"from-a", 900_000);
     // A still believes it owns p and accepts the hold, but the broker no
@@ -316,6 +317,7 @@ impl MoneyNode {
                 follow_every: Duration::from_millis(50),
                 retake_after: Duration::from_millis(200),
                 expire_every,
+                dead_after: Duration::from_secs(1),
             },
         ));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -325,6 +327,7 @@ impl MoneyNode {
             Some(Internal {
                 owned: std::sync::Arc::clone(&owned),
                 secret: Secret::new(SECRET).expect("long enough"),
+                relay: None,
             }),
             listener,
         )
@@ -334,7 +337,7 @@ impl MoneyNode {
         let postgres = troop_coordinator::cluster::connect(&config.postgres, "test node")
             .await
             .expect("postgres");
-        internal::advertise(&postgres, name, &url)
+        troop_coordinator::cluster::presence::advertise(&postgres, name, &url, name)
             .await
             .expect("advertises");
         Self {
@@ -468,6 +471,7 @@ async fn owned_partitions_follow_the_group_and_an_account_keeps_its_money_across
         expires_at_ms: AT_MS + 600_000,
         schedule_version: 1,
         at_ms: AT_MS,
+        origin: None,
     };
     assert!(matches!(
         put_on(&b.books.owned, p, &[too_much]).await[0],
@@ -524,6 +528,7 @@ async fn the_same_account_hammered_through_three_nodes_is_never_overdrawn() {
         expires_at_ms: AT_MS + 600_000,
         schedule_version: 1,
         at_ms: AT_MS,
+        origin: None,
     };
     let requests = (0..30u32).map(|n| {
         let node = &nodes[usize::try_from(n % 3).expect("small")];
@@ -609,6 +614,7 @@ async fn a_schedule_and_key_sequenced_behind_an_owners_back_do_not_stop_the_sequ
         expires_at_ms: AT_MS + 600_000,
         schedule_version: version,
         at_ms: AT_MS,
+        origin: None,
     };
     let (first, second) = (job(b"first"), job(b"second"));
     let old = owners[pi].ledger().schedule().expect("published").clone();
@@ -778,7 +784,9 @@ async fn the_cluster_books_pass_the_money_and_reads_suites() {
 /// Each owner expires the overdue holds of its own accounts by the wall
 /// clock: with two nodes, each following the other's partition (so each
 /// fold holds both holds), every hold gets exactly one expiry in the ledger,
-/// the sequencer accepts them and the credits are released.
+/// the sequencer accepts them and the credits are released. Each owner also
+/// voids its accounts' holds whose origin (a node incarnation) stopped
+/// advertising itself, and only those: a live node's holds stay open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owners_expire_their_own_accounts_overdue_holds_once() {
     let (_db, _broker, config, client) = common::cluster::cluster("expire", PARTITIONS).await;
@@ -795,6 +803,25 @@ async fn owners_expire_their_own_accounts_overdue_holds_once() {
     .await;
     let traffic = Traffic::new(0, 0, AT_MS);
     set_up(&[&a, &b], &a, &traffic.setup, &progress).await;
+    // "node-a/live" keeps advertising itself; "ghost/1" never did.
+    let advertising = {
+        let postgres = troop_coordinator::cluster::connect(&config.postgres, "advertising")
+            .await
+            .expect("postgres");
+        tokio::spawn(async move {
+            loop {
+                troop_coordinator::cluster::presence::advertise(
+                    &postgres,
+                    "node-a",
+                    "http://unused",
+                    "node-a/live",
+                )
+                .await
+                .expect("advertises");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
     let now_ms = troop_coordinator::server::now_ms();
     let mut accounts = Vec::new();
     for partition in 0..PARTITIONS {
@@ -824,6 +851,29 @@ async fn owners_expire_their_own_accounts_overdue_holds_once() {
                 expires_at_ms: now_ms + 300,
                 schedule_version: 1,
                 at_ms: now_ms,
+                origin: None,
+            },
+            Event::HoldPlaced {
+                hold: HoldId::derive(format!("{id}-ghost").as_bytes()),
+                job: JobId::derive(format!("{id}-ghost").as_bytes()),
+                account,
+                model: "m".into(),
+                amount_micro: micro(300),
+                expires_at_ms: now_ms + 3_600_000,
+                schedule_version: 1,
+                at_ms: now_ms,
+                origin: Some("ghost/1".into()),
+            },
+            Event::HoldPlaced {
+                hold: HoldId::derive(format!("{id}-live").as_bytes()),
+                job: JobId::derive(format!("{id}-live").as_bytes()),
+                account,
+                model: "m".into(),
+                amount_micro: micro(100),
+                expires_at_ms: now_ms + 3_600_000,
+                schedule_version: 1,
+                at_ms: now_ms,
+                origin: Some("node-a/live".into()),
             },
         ];
         // Asked of node a: one account judged here, one over the internal API.
@@ -832,19 +882,22 @@ async fn owners_expire_their_own_accounts_overdue_holds_once() {
         }
         accounts.push(account);
     }
-    until("both holds expired, sequenced and released", || async {
-        let ids: Vec<String> = accounts.iter().map(ToString::to_string).collect();
-        let released: i64 = client
-            .query_one(
-                "select count(*) from accounts where account = any($1)
-                 and credits_posted = 1000 and debits_posted = 0 and debits_pending = 0",
-                &[&ids],
-            )
-            .await
-            .expect("accounts")
-            .get(0);
-        released == 2
-    })
+    until(
+        "the due and the ghost's holds closed, sequenced and released",
+        || async {
+            let ids: Vec<String> = accounts.iter().map(ToString::to_string).collect();
+            let released: i64 = client
+                .query_one(
+                    "select count(*) from accounts where account = any($1)
+                 and credits_posted = 1000 and debits_posted = 0 and debits_pending = 100",
+                    &[&ids],
+                )
+                .await
+                .expect("accounts")
+                .get(0);
+            released == 2
+        },
+    )
     .await;
     // More rounds pass; nobody expires a hold twice, nor another's.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -858,6 +911,33 @@ async fn owners_expire_their_own_accounts_overdue_holds_once() {
         .filter(|e| matches!(e, Event::HoldExpired { .. }))
         .count();
     assert_eq!(expiries, accounts.len());
+    let voids = entries
+        .iter()
+        .map(|r| troop_schemas::decode_entry(r.get(0)).expect("an entry"))
+        .filter(|e| {
+            matches!(
+                e,
+                Event::HoldVoided {
+                    reason: VoidReason::CoordinatorRestart,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(voids, accounts.len(), "one void per ghost's hold");
+    let open: Vec<String> = client
+        .query("select origin_node from holds order by hold", &[])
+        .await
+        .expect("holds")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        open,
+        ["node-a/live", "node-a/live"],
+        "the live node's holds stay"
+    );
+    advertising.abort();
     a.stop().await;
     b.stop().await;
     sequencer.stop().await.expect("stops");

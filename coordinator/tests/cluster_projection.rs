@@ -81,6 +81,7 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
         expires_at_ms: at_ms + 60_000,
         schedule_version: 1,
         at_ms,
+        origin: None,
     };
     let first = sourced(
         0,
@@ -298,6 +299,7 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
             expires_at_ms: at_ms + 60_000,
             schedule_version: 1,
             at_ms,
+            origin: None,
         }],
     );
     let refused = live

@@ -132,6 +132,9 @@ pub struct Hold {
     pub expires_at_ms: u64,
     /// The schedule the hold was priced at, and its settlement is charged at.
     pub schedule_version: u64,
+    /// The node incarnation whose request it is for (cluster only).
+    #[serde(default)]
+    pub origin: Option<String>,
 }
 
 impl Hold {
@@ -146,6 +149,7 @@ impl Hold {
             amount_micro,
             expires_at_ms,
             schedule_version,
+            origin,
             ..
         } = event
         else {
@@ -160,6 +164,7 @@ impl Hold {
                 amount: *amount_micro,
                 expires_at_ms: *expires_at_ms,
                 schedule_version: *schedule_version,
+                origin: origin.clone(),
             },
         ))
     }

@@ -234,6 +234,7 @@ pub fn run(args: &LedgerArgs) -> Result<serde_json::Value> {
                 expires_at_ms: now_ms + 600_000,
                 schedule_version: schedule.version,
                 at_ms: now_ms,
+                origin: None,
             };
             w.push(&hold_event)?;
             let settle = if job_no.is_multiple_of(VOID_EVERY) {

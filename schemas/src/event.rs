@@ -100,6 +100,11 @@ pub enum Event {
         expires_at_ms: u64,
         schedule_version: u64,
         at_ms: u64,
+        /// The cluster node incarnation whose request the hold is for: when
+        /// that node dies, the account's owner voids the hold instead of
+        /// letting it wait for its expiry. Absent on the embedded default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<String>,
     },
     /// Posts a hold: consumer pays `charged_micro` (≤ reserved), of which the
     /// worker earns `worker_earned_micro` and the treasury `fee_micro`; the rest

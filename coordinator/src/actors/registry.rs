@@ -8,7 +8,7 @@ use troop_schemas::protocol::{EngineKind, GpuInfo, Heartbeat, ModelInfo};
 
 use super::worker::{Goodbye, WorkerLink};
 use crate::domain::heartbeats::Summarizer;
-use crate::domain::placement::{self, Candidate, NoWorker};
+use crate::domain::placement::{self, Candidate, NoWorker, Offer, Presence};
 use crate::history::{WorkerEvent, WorkerEventSink, WorkerRecord};
 
 #[derive(Debug)]
@@ -25,6 +25,9 @@ struct Entry {
 #[derive(Debug)]
 pub struct Registry {
     workers: HashMap<WorkerId, Entry>,
+    /// What the other nodes of a cluster offer, as last read (empty when
+    /// embedded): a request no worker here can take is relayed to one.
+    offers: Vec<Offer>,
     pub heartbeat_timeout_ms: u64,
     summarizer: Summarizer,
     sink: WorkerEventSink,
@@ -34,6 +37,7 @@ impl Registry {
     pub fn new(heartbeat_timeout_ms: u64, heartbeat_epoch_ms: u64, sink: WorkerEventSink) -> Self {
         Self {
             workers: HashMap::new(),
+            offers: Vec::new(),
             heartbeat_timeout_ms,
             summarizer: Summarizer::new(heartbeat_epoch_ms),
             sink,
@@ -138,17 +142,31 @@ impl Handler<Beat> for Registry {
     }
 }
 
-/// Picks a worker for `model` and takes one of its slots.
+/// Picks a worker for `model` and takes one of its slots: one of this
+/// node's own, or else (when `relay`) another node that offers room.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<WorkerLink, NoWorker>")]
+#[rtype(result = "Result<Placed, NoWorker>")]
 pub struct Place {
     pub model: String,
     pub exclude: Vec<WorkerId>,
+    /// Nodes already tried for this request.
+    pub exclude_nodes: Vec<String>,
+    /// Whether another node may be chosen (never for a job relayed here:
+    /// it would bounce between nodes).
+    pub relay: bool,
     pub now_ms: u64,
 }
 
+/// Where a job goes.
+#[derive(Debug)]
+pub enum Placed {
+    Local(WorkerLink),
+    /// To another node, which places it on one of its workers.
+    Remote(Offer),
+}
+
 impl Handler<Place> for Registry {
-    type Result = Result<WorkerLink, NoWorker>;
+    type Result = Result<Placed, NoWorker>;
     fn handle(&mut self, msg: Place, _: &mut Self::Context) -> Self::Result {
         let req = placement::Request {
             model: &msg.model,
@@ -156,10 +174,75 @@ impl Handler<Place> for Registry {
             now_ms: msg.now_ms,
             heartbeat_timeout_ms: self.heartbeat_timeout_ms,
         };
-        let chosen = placement::choose(self.workers.values().map(|e| &e.candidate), &req)?;
-        let e = self.workers.get_mut(&chosen).expect("chosen from the map");
-        e.candidate.free_slots = e.candidate.free_slots.saturating_sub(1);
-        Ok(e.link.clone())
+        let here = match placement::choose(self.workers.values().map(|e| &e.candidate), &req) {
+            Ok(chosen) => {
+                let e = self.workers.get_mut(&chosen).expect("chosen from the map");
+                e.candidate.free_slots = e.candidate.free_slots.saturating_sub(1);
+                return Ok(Placed::Local(e.link.clone()));
+            }
+            Err(e) if !msg.relay => return Err(e),
+            Err(e) => e,
+        };
+        match placement::choose_offer(&self.offers, &msg.model, &msg.exclude_nodes) {
+            Ok(offer) => {
+                let offer = offer.clone();
+                // Until the node publishes again, count the slot as taken.
+                if let Some(o) = self
+                    .offers
+                    .iter_mut()
+                    .find(|o| o.node == offer.node && o.presence.model == offer.presence.model)
+                {
+                    o.presence.free_slots = o.presence.free_slots.saturating_sub(1);
+                }
+                Ok(Placed::Remote(offer))
+            }
+            Err(NoWorker::UnknownModel) => Err(here),
+            Err(NoWorker::NoCapacity) => Err(NoWorker::NoCapacity),
+        }
+    }
+}
+
+/// The other nodes' offers, as just read: they replace the last ones.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Offers(pub Vec<Offer>);
+
+impl Handler<Offers> for Registry {
+    type Result = ();
+    fn handle(&mut self, msg: Offers, _: &mut Self::Context) {
+        self.offers = msg.0;
+    }
+}
+
+/// What this node's workers offer now, per model, for the other nodes.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<Presence>")]
+pub struct Present {
+    pub now_ms: u64,
+}
+
+impl Handler<Present> for Registry {
+    type Result = Vec<Presence>;
+    fn handle(&mut self, msg: Present, _: &mut Self::Context) -> Self::Result {
+        Presence::of(
+            self.workers
+                .values()
+                .map(|e| (&e.candidate, e.models.as_slice())),
+            msg.now_ms,
+            self.heartbeat_timeout_ms,
+        )
+    }
+}
+
+/// The link to a worker connected here, if it is.
+#[derive(Debug, Message)]
+#[rtype(result = "Option<WorkerLink>")]
+pub struct LinkOf(pub WorkerId);
+
+impl Handler<LinkOf> for Registry {
+    type Result = Option<WorkerLink>;
+    fn handle(&mut self, msg: LinkOf, _: &mut Self::Context) -> Self::Result {
+        self.workers.get(&msg.0).map(|e| e.link.clone())
     }
 }
 
@@ -216,6 +299,17 @@ impl Handler<Models> for Registry {
                 s.workers += 1;
                 s.context_length = s.context_length.max(m.context_length);
             }
+        }
+        // Served through another node just the same.
+        for o in &self.offers {
+            let p = &o.presence;
+            let s = by_model.entry(p.model.clone()).or_insert(ModelSummary {
+                name: p.model.clone(),
+                workers: 0,
+                context_length: None,
+            });
+            s.workers += u64::from(p.workers);
+            s.context_length = s.context_length.max(p.context_length);
         }
         by_model.into_values().collect()
     }

@@ -20,9 +20,10 @@ use troop_schemas::sse::{Meter, Reading};
 use troop_schemas::{AccountId, CreditsMicro, Digest, Event, HoldId, JobId, VoidReason, WorkerId};
 
 use super::account::Admission;
-use super::registry::{Finished, Place};
+use super::registry::{Finished, Place, Placed};
 use super::worker::{Assign, Cancel, JobEnd, JobSlot, Release, WorkerLink};
 use crate::api::openai::{ApiError, Endpoint, Validated};
+use crate::cluster::relay::RelayJob;
 use crate::domain::billing::{self, Claimed, Observed};
 use crate::domain::placement::NoWorker;
 use crate::history::WorkerEvent;
@@ -95,7 +96,7 @@ impl Actor for Session {
         // Opened, and nobody took the output: the consumer went away between
         // the first byte and its response. Nothing was delivered.
         if let Some(open) = self.open.take() {
-            open.link.addr.do_send(Cancel(self.job));
+            open.link.cancel(&self.state, self.job);
             let settling = settle(
                 self.state.clone(),
                 Arc::clone(&self.request),
@@ -119,6 +120,55 @@ enum End {
     Heard(Option<JobEnd>),
 }
 
+/// Where a job runs: on a worker connected here, or on another node's
+/// through a relay (which brings its bytes and its end into the same slot).
+#[derive(Debug, Clone)]
+enum Served {
+    Local(WorkerLink),
+    Remote {
+        worker: WorkerId,
+        internal_url: String,
+    },
+}
+
+impl Served {
+    fn worker(&self) -> WorkerId {
+        match self {
+            Self::Local(link) => link.worker,
+            Self::Remote { worker, .. } => *worker,
+        }
+    }
+
+    /// Tells the worker to stop the job; its receipt still comes.
+    fn cancel(&self, state: &AppState, job: JobId) {
+        match self {
+            Self::Local(link) => link.addr.do_send(Cancel(job)),
+            Self::Remote {
+                worker,
+                internal_url,
+            } => {
+                if let Some(relay) = &state.relay {
+                    relay.cancel(internal_url, *worker, job);
+                }
+            }
+        }
+    }
+
+    /// The session is done with the job: the worker's slot is free again and
+    /// its speed measured. A relayed job's serving node does both when the
+    /// relay ends.
+    fn release(&self, state: &AppState, job: JobId, tokens: u64, duration_ms: u64) {
+        if let Self::Local(link) = self {
+            link.addr.do_send(Release(job));
+            state.registry.do_send(Finished {
+                worker: link.worker,
+                tokens,
+                duration_ms,
+            });
+        }
+    }
+}
+
 /// A job that sent its first byte: what settlement needs.
 struct OpenJob {
     hold: HoldId,
@@ -127,7 +177,7 @@ struct OpenJob {
     /// whatever was published meanwhile.
     schedule: Arc<Schedule>,
     request_digest: Digest,
-    link: WorkerLink,
+    link: Served,
     end: End,
     started: Instant,
 }
@@ -187,7 +237,7 @@ impl Handler<Deliver> for Session {
             return Box::pin(fut::ready(None));
         };
         if msg.cancelled {
-            open.link.addr.do_send(Cancel(self.job));
+            open.link.cancel(&self.state, self.job);
         }
         self.busy = Some(ctx.address());
         let settling = settle(
@@ -231,14 +281,9 @@ async fn void(state: &AppState, account: AccountId, hold: HoldId, reason: VoidRe
 
 /// Takes a job back from a worker before any of its output was used:
 /// cancelled there, its slot freed, its place in the scheduler given back.
-fn abandon(state: &AppState, link: &WorkerLink, job: JobId) {
-    link.addr.do_send(Cancel(job));
-    link.addr.do_send(Release(job));
-    state.registry.do_send(Finished {
-        worker: link.worker,
-        tokens: 0,
-        duration_ms: 0,
-    });
+fn abandon(state: &AppState, link: &Served, job: JobId) {
+    link.cancel(state, job);
+    link.release(state, job, 0, 0);
 }
 
 async fn open(
@@ -278,6 +323,7 @@ async fn open(
         expires_at_ms: now + state.config.hold_ttl_ms,
         schedule_version: schedule.version,
         at_ms: now,
+        origin: state.origin.clone(),
     };
     // The books judge the hold at once; its record becomes durable while the
     // worker starts, and no output reaches the consumer before it is.
@@ -314,18 +360,22 @@ async fn open(
     let body = request.engine_body.to_string();
     let request_digest = Digest::of(body.as_bytes());
     let mut exclude: Vec<WorkerId> = Vec::new();
+    let mut exclude_nodes: Vec<String> = Vec::new();
+    let deadline = Duration::from_millis(state.config.first_byte_deadline_ms);
     // Retry on another worker until the first byte; after it, never.
     for _ in 0..state.config.max_attempts.max(1) {
-        let link = match state
+        let placed = match state
             .registry
             .send(Place {
                 model: request.model.clone(),
                 exclude: exclude.clone(),
+                exclude_nodes: exclude_nodes.clone(),
+                relay: state.relay.is_some(),
                 now_ms: now_ms(),
             })
             .await
         {
-            Ok(Ok(link)) => link,
+            Ok(Ok(placed)) => placed,
             // The workers tried are gone too: busy, not unknown.
             Ok(Err(NoWorker::UnknownModel)) if !exclude.is_empty() => break,
             Ok(Err(NoWorker::UnknownModel)) => {
@@ -336,31 +386,72 @@ async fn open(
         };
         let (data_tx, mut data_rx) = mpsc::channel::<Bytes>(JOB_CHANNEL);
         let (end_tx, mut end) = oneshot::channel();
-        let assign = Assign {
-            job,
-            slot: JobSlot {
-                data: data_tx,
-                end: end_tx,
-            },
-            msg: CoordinatorMsg::Job {
-                job,
-                hold,
-                consumer: account,
-                model: request.model.clone(),
-                path: endpoint.path().to_owned(),
-                body: body.clone(),
-            },
+        let slot = JobSlot {
+            data: data_tx,
+            end: end_tx,
         };
-        // An actor that is gone drops the slot: the end below says so at once.
-        link.addr.do_send(assign);
+        let started = Instant::now();
+        let first_byte_by = tokio::time::Instant::from_std(started) + deadline;
+        let link = match placed {
+            Placed::Local(link) => {
+                let assign = Assign {
+                    job,
+                    slot,
+                    msg: CoordinatorMsg::Job {
+                        job,
+                        hold,
+                        consumer: account,
+                        model: request.model.clone(),
+                        path: endpoint.path().to_owned(),
+                        body: body.clone(),
+                    },
+                };
+                // An actor that is gone drops the slot: the end below says so at once.
+                link.addr.do_send(assign);
+                Served::Local(link)
+            }
+            Placed::Remote(offer) => {
+                let relay = state
+                    .relay
+                    .as_ref()
+                    .expect("offers are used only with a relay");
+                let relayed = RelayJob {
+                    job,
+                    hold,
+                    consumer: account,
+                    model: request.model.clone(),
+                    path: endpoint.path().to_owned(),
+                    body: body.clone(),
+                    exclude: exclude.clone(),
+                };
+                // Not taken there (no room, unreachable, too slow to say):
+                // the job runs nowhere, so another node or worker may have it.
+                let opened =
+                    tokio::time::timeout_at(first_byte_by, relay.open(&offer, &relayed, slot));
+                match opened.await {
+                    Ok(Ok(worker)) => Served::Remote {
+                        worker,
+                        internal_url: offer.internal_url,
+                    },
+                    Ok(Err(e)) => {
+                        tracing::info!(node = %offer.node, error = %e, "relayed job not taken");
+                        exclude_nodes.push(offer.node);
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::warn!(node = %offer.node, "relayed job not taken before the first-byte deadline");
+                        exclude_nodes.push(offer.node);
+                        continue;
+                    }
+                }
+            }
+        };
         state.worker_events.record(WorkerEvent::JobStarted {
             job,
-            worker: link.worker,
+            worker: link.worker(),
             model: request.model.clone(),
             at_ms: now_ms(),
         });
-        let started = Instant::now();
-        let deadline = Duration::from_millis(state.config.first_byte_deadline_ms);
         let mut ended = None;
         let first = tokio::select! {
             // Data first: a fast worker's output and its end can arrive together.
@@ -371,7 +462,7 @@ async fn open(
                 ended = Some(r.ok());
                 data_rx.try_recv().ok()
             }
-            _ = tokio::time::sleep(deadline) => None,
+            _ = tokio::time::sleep_until(first_byte_by) => None,
         };
         let Some(first) = first else {
             // Failed before its first byte: free the slot and try someone else.
@@ -381,12 +472,12 @@ async fn open(
             );
             state.worker_events.record(WorkerEvent::job_failed(
                 job,
-                link.worker,
+                link.worker(),
                 &reason,
                 now_ms(),
             ));
             abandon(&state, &link, job);
-            exclude.push(link.worker);
+            exclude.push(link.worker());
             continue;
         };
         if let Some(pending) = hold_durable.take()
@@ -460,12 +551,7 @@ async fn settle(
             .and_then(Result::ok),
         End::Heard(end) => end,
     };
-    link.addr.do_send(Release(job));
-    state.registry.do_send(Finished {
-        worker: link.worker,
-        tokens: reading.deltas,
-        duration_ms,
-    });
+    link.release(&state, job, reading.deltas, duration_ms);
     let (receipt, worker_sig) = match end {
         Some(JobEnd::Done {
             receipt,
@@ -481,8 +567,8 @@ async fn settle(
             let why = failure_reason(other.as_ref(), "no receipt before the deadline");
             state
                 .worker_events
-                .record(WorkerEvent::job_failed(job, link.worker, &why, now_ms()));
-            tracing::warn!(worker = %link.worker, outcome = ?other, "no receipt; voiding the hold");
+                .record(WorkerEvent::job_failed(job, link.worker(), &why, now_ms()));
+            tracing::warn!(worker = %link.worker(), outcome = ?other, "no receipt; voiding the hold");
             state.metrics.receipts_rejected.inc();
             void(&state, account, hold, reason).await;
             return None;
@@ -494,7 +580,7 @@ async fn settle(
         || receipt.model != request.model
     {
         Some("receipt names another job")
-    } else if receipt.worker != link.worker {
+    } else if receipt.worker != link.worker() {
         Some("receipt is from another worker")
     } else if receipt.request_digest != request_digest {
         Some("request digest differs from what was sent")
@@ -513,7 +599,7 @@ async fn settle(
                 })
         });
     if let Some(why) = mismatch.or((!signed_ok).then_some("bad worker signature")) {
-        tracing::warn!(worker = %link.worker, why, "receipt rejected; voiding the hold");
+        tracing::warn!(worker = %link.worker(), why, "receipt rejected; voiding the hold");
         state.metrics.receipts_rejected.inc();
         void(&state, account, hold, VoidReason::ReceiptRejected).await;
         return None;
@@ -534,7 +620,7 @@ async fn settle(
     );
     if bill.overclaimed {
         state.metrics.overclaims.inc();
-        tracing::warn!(worker = %link.worker, claimed_out = receipt.output_tokens, billed_out = bill.output_tokens, "worker claimed more than it streamed");
+        tracing::warn!(worker = %link.worker(), claimed_out = receipt.output_tokens, billed_out = bill.output_tokens, "worker claimed more than it streamed");
     }
     if bill.output_tokens == 0 {
         void(&state, account, hold, VoidReason::Empty).await;

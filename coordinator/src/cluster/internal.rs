@@ -20,6 +20,7 @@ use troop_schemas::Event;
 use crate::api::openai::ApiError;
 use crate::cluster::owned::OwnedBooks;
 use crate::cluster::owner::{OwnerError, partition_of_home};
+use crate::cluster::relay::{self, RelayHere};
 use crate::directory::Directory;
 use crate::money::{Home, Judged, Money, MoneyError, Refusal};
 use crate::server::error_response;
@@ -108,14 +109,27 @@ impl Secret {
 pub struct Internal {
     pub owned: Arc<OwnedBooks>,
     pub secret: Secret,
+    /// This node's workers, for jobs relayed from other nodes (`None`: it
+    /// serves none).
+    pub relay: Option<RelayHere>,
 }
 
 /// Mounts `/internal/v1/` on an actix-web app.
 pub fn routes(internal: Internal) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
+        let max_job_bytes = internal
+            .relay
+            .as_ref()
+            .map_or(MAX_CHANGE_BYTES, |r| r.max_job_bytes);
         cfg.app_data(web::Data::new(internal)).service(
             web::scope("/internal/v1")
                 .app_data(web::PayloadConfig::new(MAX_CHANGE_BYTES))
+                .service(
+                    web::resource("/jobs")
+                        .app_data(web::PayloadConfig::new(max_job_bytes))
+                        .route(web::post().to(relay::job_handler)),
+                )
+                .route("/jobs/cancel", web::post().to(relay::cancel_handler))
                 .route(
                     "/ledger/{partition}/changes",
                     web::post().to(change_handler),
@@ -128,7 +142,11 @@ pub fn routes(internal: Internal) -> impl FnOnce(&mut web::ServiceConfig) {
     }
 }
 
-fn internal_error(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+pub(crate) fn internal_error(
+    status: u16,
+    code: &'static str,
+    message: impl Into<String>,
+) -> ApiError {
     ApiError {
         status,
         kind: "internal_error",
@@ -140,7 +158,7 @@ fn internal_error(status: u16, code: &'static str, message: impl Into<String>) -
 }
 
 /// The body of an internal call from a node holding the cluster's secret.
-fn admitted<T: serde::de::DeserializeOwned>(
+pub(crate) fn admitted<T: serde::de::DeserializeOwned>(
     internal: &Internal,
     request: &HttpRequest,
     body: &[u8],
@@ -444,24 +462,6 @@ pub enum InternalError {
     Unavailable(i32, String),
     #[error("the cluster secret must be at least {MIN_SECRET_CHARS} characters")]
     WeakSecret,
-}
-
-/// Records that `node` answers internal calls at `internal_url`, now.
-pub async fn advertise(
-    client: &tokio_postgres::Client,
-    node: &str,
-    internal_url: &str,
-) -> Result<(), tokio_postgres::Error> {
-    let now_ms = i64::try_from(crate::server::now_ms()).unwrap_or(i64::MAX);
-    client
-        .execute(
-            "insert into nodes (node, internal_url, last_seen_ms) values ($1, $2, $3)
-             on conflict (node) do update set internal_url = excluded.internal_url,
-               last_seen_ms = excluded.last_seen_ms",
-            &[&node, &internal_url, &now_ms],
-        )
-        .await?;
-    Ok(())
 }
 
 /// Sends balance changes to whichever node owns their partition.

@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "directory",
         include_str!("../../migrations/0004_directory.sql"),
     ),
+    (
+        5,
+        "presence",
+        include_str!("../../migrations/0005_presence.sql"),
+    ),
 ];
 
 /// Held while migrating so that nodes starting together do not race.

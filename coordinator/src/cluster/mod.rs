@@ -3,8 +3,9 @@
 //! log on a Kafka partition, the ledger's sequencer with its order log and its
 //! projection into Postgres, `replay` from Kafka, partition ownership (the
 //! owners' group, each owned partition's fenced log and fold, the internal
-//! API through which any node has a change judged by its owner), and a node's
-//! `/ledger/` and `/metrics` served from the shared services.
+//! API through which any node has a change judged by its owner), the node
+//! itself (the whole API over the shared services), and requests relayed to
+//! another node's workers (`presence`, `relay`).
 
 pub mod directory;
 pub mod internal;
@@ -16,8 +17,10 @@ pub mod node;
 pub mod owned;
 pub mod owner;
 pub mod ownership;
+pub mod presence;
 pub mod projection;
 pub mod reads;
+pub mod relay;
 pub mod replay;
 pub mod sequence_log;
 pub mod sequencer;

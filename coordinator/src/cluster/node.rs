@@ -7,9 +7,12 @@
 //! nodes reach the partitions this node owns, and a sequencer that leads
 //! when no other node does.
 //!
-//! Not here yet (CLUSTER.md slices 6–7): a request is placed only on this
-//! node's own workers, and worker history (jobs, heartbeat summaries) stays
-//! in this node's `<data_dir>/events`.
+//! A request is placed on this node's own workers when one has room, and
+//! otherwise relayed to another node that offers the model
+//! ([`crate::cluster::relay`], offers in `worker_presence`).
+//!
+//! Not here yet (CLUSTER.md slices 6–7): worker history (jobs, heartbeat
+//! summaries) stays in this node's `<data_dir>/events`.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -28,8 +31,9 @@ use crate::cluster::internal::{self, ClusterBooks, Internal, Secret};
 use crate::cluster::owned::{OwnedBooks, OwnedSettings};
 use crate::cluster::ownership::Ownership;
 use crate::cluster::reads::PgReads;
+use crate::cluster::relay::{Relay, RelayHere};
 use crate::cluster::sequencer::{SequencerSettings, SequencerTask};
-use crate::cluster::{Reconnecting, directory};
+use crate::cluster::{Reconnecting, directory, presence};
 use crate::config::Config;
 use crate::eventlog::file::{FileLog, FileLogConfig};
 use crate::history::WorkerEventSink;
@@ -73,6 +77,8 @@ pub fn shared_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
 /// What runs beside the HTTP server, until [`Node::stop`].
 #[derive(Debug)]
 pub struct Node {
+    name: String,
+    pg: Arc<Reconnecting>,
     ownership: Ownership,
     owned: Arc<OwnedBooks>,
     sequencer: SequencerTask,
@@ -87,6 +93,12 @@ impl Node {
         let _ = self.stop.send(true);
         for t in self.tasks {
             t.abort();
+        }
+        // The others stop relaying here now, not once the rows are stale.
+        if let Ok(client) = self.pg.get().await
+            && let Err(e) = presence::withdraw(&client, &self.name).await
+        {
+            tracing::warn!(error = %e, "withdrawing this node's worker presence failed");
         }
         if let Err(e) = self.ownership.stop().await {
             tracing::warn!(error = %e, "removing this node's partition owners failed");
@@ -152,6 +164,15 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
     let schedule = PublishedSchedule::default();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let pg = Arc::new(Reconnecting::new(&cluster.postgres, "node refresh"));
+    // Advertised before any request can name it as a hold's origin: the
+    // owners void the holds of an incarnation they do not see.
+    let incarnation = format!("{}/{}", me.name, hex::encode(crate::server::random::<8>()));
+    {
+        let client = pg.get().await.context("connecting to postgres")?;
+        presence::advertise(&client, &me.name, &me.internal_url, &incarnation)
+            .await
+            .context("advertising this node")?;
+    }
     let banned = {
         let registry = registry.clone();
         move |worker| registry.do_send(Ban(worker))
@@ -166,7 +187,13 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
             stopped.clone(),
         )),
         tokio::spawn(refresh_schedule(Arc::clone(&reads), schedule.clone())),
-        tokio::spawn(advertise(pg, me)),
+        tokio::spawn(presence::follow(
+            Arc::clone(&pg),
+            me.name.clone(),
+            registry.clone(),
+            REFRESH_EVERY,
+        )),
+        tokio::spawn(advertise(Arc::clone(&pg), me.clone(), incarnation.clone())),
     ];
     let state = AppState {
         books: None,
@@ -185,12 +212,24 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
             Duration::from_millis(config.account_idle_check_ms),
         ),
         worker_events,
+        relay: Some(Arc::new(Relay::new(&cluster.secret))),
+        origin: Some(incarnation),
     };
     let internal = Internal {
         owned: Arc::clone(&owned),
         secret,
+        relay: Some(RelayHere {
+            registry: state.registry.clone(),
+            // The consumer API's limit, with room for JSON's escapes.
+            max_job_bytes: config
+                .max_body_bytes
+                .saturating_mul(2)
+                .saturating_add(64 << 10),
+        }),
     };
     let node = Node {
+        name: me.name,
+        pg,
         ownership,
         owned,
         sequencer,
@@ -263,18 +302,19 @@ async fn refresh_schedule(reads: Arc<dyn Reads>, schedule: PublishedSchedule) {
     }
 }
 
-/// Says where this node answers internal calls, every [`REFRESH_EVERY`].
-async fn advertise(pg: Arc<Reconnecting>, me: NodeIdentity) {
+/// Says that this node is alive and where it answers internal calls,
+/// every [`REFRESH_EVERY`].
+async fn advertise(pg: Arc<Reconnecting>, me: NodeIdentity, incarnation: String) {
     loop {
+        tokio::time::sleep(REFRESH_EVERY).await;
         let said = async {
             let client = pg.get().await?;
-            internal::advertise(&client, &me.name, &me.internal_url).await
+            presence::advertise(&client, &me.name, &me.internal_url, &incarnation).await
         }
         .await;
         if let Err(e) = said {
             tracing::warn!(error = %e, "advertising this node failed");
         }
-        tokio::time::sleep(REFRESH_EVERY).await;
     }
 }
 

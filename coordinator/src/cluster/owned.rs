@@ -16,12 +16,17 @@ use troop_schemas::Event;
 use crate::cluster::owner::{
     FOLLOW_BATCH_ENTRIES, OwnerError, PartitionBooks, Submitted, sequenced_since,
 };
+use crate::cluster::presence;
 use crate::config::ClusterConfig;
 use crate::directory::Directory;
+use crate::domain::liveness::Suspects;
 use crate::eventlog::Pending;
 
 type Shared = Arc<tokio::sync::Mutex<PartitionBooks>>;
 type Loaded = Arc<RwLock<BTreeMap<i32, Shared>>>;
+
+/// A node missing this long (about ten missed advertisements) is gone.
+pub const DEAD_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy)]
 pub struct OwnedSettings {
@@ -33,6 +38,9 @@ pub struct OwnedSettings {
     /// How often the owned partitions' overdue holds are expired (by the
     /// wall clock); `None`: never (tests whose events carry a fixed clock).
     pub expire_every: Option<Duration>,
+    /// How long a node must be seen missing from `nodes` before the holds
+    /// of its requests are voided (at the expiry rounds).
+    pub dead_after: Duration,
 }
 
 impl Default for OwnedSettings {
@@ -41,6 +49,7 @@ impl Default for OwnedSettings {
             follow_every: Duration::from_millis(100),
             retake_after: Duration::from_secs(1),
             expire_every: Some(Duration::from_secs(1)),
+            dead_after: DEAD_AFTER,
         }
     }
 }
@@ -170,6 +179,7 @@ async fn run(
     let mut client: Option<tokio_postgres::Client> = None;
     let mut failed_at: BTreeMap<i32, Instant> = BTreeMap::new();
     let mut expired_at = Instant::now();
+    let mut suspects = Suspects::new(settings.dead_after);
     loop {
         tokio::select! {
             _ = &mut stopped => break,
@@ -238,7 +248,8 @@ async fn run(
             && expired_at.elapsed() >= every
         {
             expired_at = Instant::now();
-            expire(&loaded, crate::server::now_ms(), &mut diverged).await;
+            let dead = dead_origins(client, &loaded, &mut suspects).await;
+            expire(&loaded, crate::server::now_ms(), &dead, &mut diverged).await;
         }
         for (p, books) in diverged {
             failed_at.insert(p, Instant::now());
@@ -251,9 +262,38 @@ async fn run(
     let_go(all).await;
 }
 
-/// Expires every owned partition's overdue holds; a partition whose log
-/// failed (fenced) goes to `failed`, to be let go.
-async fn expire(loaded: &Loaded, now_ms: u64, failed: &mut Vec<(i32, Shared)>) {
+/// The node incarnations that owned partitions' open holds are for and that
+/// have been missing from `nodes` for the settings' `dead_after`. None when
+/// `nodes` cannot be read: nobody is judged dead without a look.
+async fn dead_origins(
+    client: &tokio_postgres::Client,
+    loaded: &Loaded,
+    suspects: &mut Suspects,
+) -> BTreeSet<String> {
+    let live = match presence::live_incarnations(client).await {
+        Ok(live) => live,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading which nodes are alive failed");
+            return BTreeSet::new();
+        }
+    };
+    let partitions: Vec<Shared> = read(loaded).values().map(Arc::clone).collect();
+    let mut origins = BTreeSet::new();
+    for books in partitions {
+        origins.extend(books.lock().await.origins());
+    }
+    suspects.look(&origins, &live, Instant::now())
+}
+
+/// Expires every owned partition's overdue holds and voids those of dead
+/// nodes' requests; a partition whose log failed (fenced) goes to `failed`,
+/// to be let go.
+async fn expire(
+    loaded: &Loaded,
+    now_ms: u64,
+    dead_origins: &BTreeSet<String>,
+    failed: &mut Vec<(i32, Shared)>,
+) {
     let partitions: Vec<(i32, Shared)> = read(loaded)
         .iter()
         .map(|(p, b)| (*p, Arc::clone(b)))
@@ -262,13 +302,14 @@ async fn expire(loaded: &Loaded, now_ms: u64, failed: &mut Vec<(i32, Shared)>) {
         if failed.iter().any(|(d, _)| *d == p) {
             continue;
         }
-        let expired = books.lock().await.expire_due(now_ms);
+        let expired = books.lock().await.expire_due(now_ms, dead_origins);
         match expired {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
                 partition = p,
                 holds = n,
-                "expired holds whose requests were lost"
+                ?dead_origins,
+                "expired or voided holds whose requests were lost"
             ),
             Err(e @ (OwnerError::EventLog(_) | OwnerError::Poisoned)) => {
                 tracing::warn!(partition = p, error = %e, "expiring holds failed; letting the partition go");

@@ -16,10 +16,10 @@
 //! Opening the partition's log fences the previous owner before its tail is
 //! read, so nothing the old owner writes can land after the new owner's load.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use troop_ledger::fold::{FoldError, Ledger};
+use troop_ledger::fold::{FoldError, Hold, Ledger};
 use troop_schemas::{AccountId, EntryError, Event, decode_entry};
 
 use crate::books::{TAG_LEDGER_ENTRY, judge, ledger_record};
@@ -364,15 +364,32 @@ impl PartitionBooks {
         Ok(())
     }
 
-    /// Expires the overdue holds of this partition's own accounts (the fold
-    /// also holds other partitions' holds, from the sequenced ledger: their
-    /// owners expire those) and queues the expiries; returns how many.
-    /// Nobody waits on an expiry: the log commits it with its next group.
-    pub fn expire_due(&mut self, now_ms: u64) -> Result<usize, OwnerError> {
-        let (here, partitions) = (self.partition, self.partitions);
-        let due = crate::books::due_expiries(&self.ledger, now_ms, |hold| {
-            i64::from(partition_of(&hold.account, partitions)) == i64::from(here)
-        });
+    /// Whether `hold` is of this partition's own accounts (the fold also
+    /// holds other partitions' holds, from the sequenced ledger: their owners
+    /// close those).
+    fn mine(&self, hold: &Hold) -> bool {
+        i64::from(partition_of(&hold.account, self.partitions)) == i64::from(self.partition)
+    }
+
+    /// The node incarnations this partition's open holds are for.
+    pub fn origins(&self) -> BTreeSet<String> {
+        self.ledger
+            .open_holds()
+            .filter(|(_, h)| self.mine(h))
+            .filter_map(|(_, h)| h.origin.clone())
+            .collect()
+    }
+
+    /// Expires the overdue holds of this partition's own accounts, voids
+    /// those whose node is in `dead_origins`, and queues both; returns how
+    /// many. Nobody waits on them: the log commits them with its next group.
+    pub fn expire_due(
+        &mut self,
+        now_ms: u64,
+        dead_origins: &BTreeSet<String>,
+    ) -> Result<usize, OwnerError> {
+        let due =
+            crate::books::due_expiries(&self.ledger, now_ms, dead_origins, |hold| self.mine(hold));
         if due.is_empty() {
             return Ok(0);
         }
@@ -518,6 +535,7 @@ mod tests {
                 expires_at_ms: 10,
                 schedule_version: 1,
                 at_ms: 1,
+                origin: None,
             },
         ] {
             ledger.apply(&e).expect("valid");

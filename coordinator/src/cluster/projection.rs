@@ -680,6 +680,7 @@ impl Sequencer {
     ) -> Result<(), ProjectionError> {
         let mut open = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut amounts = (Vec::new(), Vec::new(), Vec::new());
+        let mut origins: Vec<Option<&str>> = Vec::new();
         let mut closed = Vec::new();
         for id in holds {
             match self.ledger.hold(id) {
@@ -697,16 +698,17 @@ impl Sequencer {
                     amounts
                         .2
                         .push(i64::try_from(h.schedule_version).unwrap_or(i64::MAX));
+                    origins.push(h.origin.as_deref());
                 }
                 None => closed.push(id.to_string()),
             }
         }
         if !open.0.is_empty() {
             tx.execute(
-                "insert into holds (hold, account, job, model, amount_micro, expires_at_ms, schedule_version)
-                 select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])
+                "insert into holds (hold, account, job, model, amount_micro, expires_at_ms, schedule_version, origin_node)
+                 select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::text[])
                  on conflict (hold) do nothing",
-                &[&open.0, &open.1, &open.2, &open.3, &amounts.0, &amounts.1, &amounts.2],
+                &[&open.0, &open.1, &open.2, &open.3, &amounts.0, &amounts.1, &amounts.2, &origins],
             )
             .await?;
         }
@@ -787,6 +789,7 @@ mod tests {
             expires_at_ms: 10,
             schedule_version: 1,
             at_ms: 1,
+            origin: None,
         };
         let events = [
             Event::PriceSchedulePublished {

@@ -115,7 +115,8 @@ impl Reads for PgReads {
             let rows = client
                 .query(
                     "select a.role, a.debits_posted::text, a.credits_posted::text, a.debits_pending::text,
-                            h.hold, h.job, h.model, h.amount_micro, h.expires_at_ms, h.schedule_version
+                            h.hold, h.job, h.model, h.amount_micro, h.expires_at_ms, h.schedule_version,
+                            h.origin_node
                      from accounts a left join holds h on h.account = a.account
                      where a.account = $1 order by h.hold collate \"C\"",
                     &[&account.to_string()],
@@ -147,6 +148,7 @@ impl Reads for PgReads {
                             .ok_or_else(|| corrupt("amount", "too large"))?,
                         expires_at_ms: unsigned("expiry", row.get(8))?,
                         schedule_version: unsigned("schedule version", version)?,
+                        origin: row.get(10),
                     },
                 ));
             }

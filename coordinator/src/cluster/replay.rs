@@ -266,7 +266,7 @@ const TABLES: [(&str, &str); 5] = [
     (
         "holds",
         "select hold, account, job, model, amount_micro::text, expires_at_ms::text,
-         coalesce(schedule_version::text, '')
+         coalesce(schedule_version::text, ''), coalesce(origin_node, '')
          from holds order by hold",
     ),
     (

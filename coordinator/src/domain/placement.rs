@@ -2,6 +2,7 @@
 //! request soonest, by free slots and measured speed.
 
 use troop_schemas::WorkerId;
+use troop_schemas::protocol::ModelInfo;
 
 /// Speed in milli-tokens per second, as an exponentially weighted moving
 /// average of what the coordinator measured itself (never the worker's claim).
@@ -69,6 +70,107 @@ pub enum NoWorker {
     NoCapacity,
 }
 
+/// One node's workers serving one model, as it publishes them for the
+/// others: how many, their free slots, the best speed among those with room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presence {
+    pub model: String,
+    pub workers: u32,
+    pub free_slots: u32,
+    pub milli_tokens_per_s: u64,
+    pub context_length: Option<u64>,
+}
+
+impl Presence {
+    /// Per model, what `candidates` (each with the models it last reported)
+    /// offer now: fresh, unbanned workers only.
+    pub fn of<'a>(
+        candidates: impl IntoIterator<Item = (&'a Candidate, &'a [ModelInfo])>,
+        now_ms: u64,
+        heartbeat_timeout_ms: u64,
+    ) -> Vec<Presence> {
+        let mut by_model: std::collections::BTreeMap<&str, Presence> = Default::default();
+        for (c, models) in candidates {
+            if c.banned || now_ms.saturating_sub(c.last_heartbeat_ms) > heartbeat_timeout_ms {
+                continue;
+            }
+            for m in models {
+                let p = by_model.entry(&m.name).or_insert_with(|| Presence {
+                    model: m.name.clone(),
+                    workers: 0,
+                    free_slots: 0,
+                    milli_tokens_per_s: 0,
+                    context_length: None,
+                });
+                p.workers = p.workers.saturating_add(1);
+                p.free_slots = p.free_slots.saturating_add(c.free_slots);
+                if c.free_slots > 0 {
+                    p.milli_tokens_per_s = p.milli_tokens_per_s.max(c.speed.milli_tokens_per_s());
+                }
+                p.context_length = p.context_length.max(m.context_length);
+            }
+        }
+        by_model.into_values().collect()
+    }
+}
+
+/// What another node offers for one model, as it last published it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offer {
+    pub node: String,
+    /// Where that node answers internal calls.
+    pub internal_url: String,
+    pub presence: Presence,
+}
+
+/// Expected throughput: measured speed × free slots.
+fn score(milli_tokens_per_s: u64, free_slots: u32) -> u128 {
+    u128::from(milli_tokens_per_s) * u128::from(free_slots)
+}
+
+/// Whether `(score, key)` beats the best so far: higher score, then lower key.
+fn beats<K: Ord>(score: u128, key: &K, best: Option<&(u128, K)>) -> bool {
+    match best {
+        None => true,
+        Some((s, k)) => score > *s || (score == *s && key < k),
+    }
+}
+
+/// Picks the other node to relay a request to when no worker here can take
+/// it, by the same rule as [`choose`] over the nodes' offers; `exclude`
+/// names nodes already tried for this request. Offers are only as fresh as
+/// their last publication (about a second): the chosen node places the job
+/// on one of its own workers, or says it has no room and the next is tried.
+pub fn choose_offer<'a>(
+    offers: impl IntoIterator<Item = &'a Offer>,
+    model: &str,
+    exclude: &[String],
+) -> Result<&'a Offer, NoWorker> {
+    let mut serves = false;
+    let mut best: Option<(u128, &str)> = None;
+    let mut chosen = None;
+    for o in offers {
+        let p = &o.presence;
+        if p.model != model {
+            continue;
+        }
+        serves = true;
+        if p.free_slots == 0 || exclude.contains(&o.node) {
+            continue;
+        }
+        let s = score(p.milli_tokens_per_s, p.free_slots);
+        if beats(s, &o.node.as_str(), best.as_ref()) {
+            best = Some((s, o.node.as_str()));
+            chosen = Some(o);
+        }
+    }
+    match chosen {
+        Some(o) => Ok(o),
+        None if serves => Err(NoWorker::NoCapacity),
+        None => Err(NoWorker::UnknownModel),
+    }
+}
+
 /// Picks the worker with the highest expected throughput for this request:
 /// measured speed × free slots (a free slot on a fast worker beats two on a
 /// slow one only when the speed gap is wider than 2×). Ties go to the lower
@@ -88,13 +190,9 @@ pub fn choose<'a>(
         if !fresh || c.free_slots == 0 || req.exclude.contains(&c.worker) {
             continue;
         }
-        let score = u128::from(c.speed.milli_tokens_per_s()) * u128::from(c.free_slots);
-        let better = match best {
-            None => true,
-            Some((s, w)) => score > s || (score == s && c.worker < w),
-        };
-        if better {
-            best = Some((score, c.worker));
+        let s = score(c.speed.milli_tokens_per_s(), c.free_slots);
+        if beats(s, &c.worker, best.as_ref()) {
+            best = Some((s, c.worker));
         }
     }
     match best {
@@ -184,6 +282,88 @@ mod tests {
                 }
             ),
             Err(NoWorker::UnknownModel)
+        );
+    }
+
+    fn offer(node: &str, free_slots: u32, milli_tokens_per_s: u64) -> Offer {
+        Offer {
+            node: node.into(),
+            internal_url: format!("http://{node}"),
+            presence: Presence {
+                model: "m".into(),
+                workers: 1,
+                free_slots,
+                milli_tokens_per_s,
+                context_length: None,
+            },
+        }
+    }
+
+    #[test]
+    fn offers_are_chosen_by_the_same_rule() {
+        let offers = [offer("b", 1, 50), offer("c", 2, 40), offer("d", 0, 900)];
+        assert_eq!(
+            choose_offer(&offers, "m", &[]).map(|o| &o.node),
+            Ok(&"c".to_owned())
+        );
+        assert_eq!(
+            choose_offer(&offers, "m", &["c".into()]).map(|o| &o.node),
+            Ok(&"b".to_owned()),
+            "a node tried already is skipped"
+        );
+        assert_eq!(
+            choose_offer(&offers, "m", &["b".into(), "c".into()]),
+            Err(NoWorker::NoCapacity),
+            "the full node serves the model but has no room"
+        );
+        assert_eq!(choose_offer(&offers, "x", &[]), Err(NoWorker::UnknownModel));
+        let tie = [offer("z", 1, 10), offer("y", 1, 10)];
+        assert_eq!(
+            choose_offer(&tie, "m", &[]).map(|o| &o.node),
+            Ok(&"y".to_owned())
+        );
+    }
+
+    #[test]
+    fn presence_sums_fresh_workers_per_model() {
+        let mut ws = [
+            cand(1, 2, 30),
+            cand(2, 0, 90),
+            cand(3, 5, 10),
+            cand(4, 1, 10),
+        ];
+        ws[2].banned = true;
+        ws[3].last_heartbeat_ms = 0;
+        let model = |name: &str, context_length| ModelInfo {
+            name: name.into(),
+            context_length,
+        };
+        let models = [
+            vec![model("m", Some(4096))],
+            vec![model("m", Some(8192)), model("n", Some(8192))],
+            vec![model("m", None)],
+            vec![model("m", None)],
+        ];
+        let reported = ws.iter().zip(models.iter().map(Vec::as_slice));
+        assert_eq!(
+            Presence::of(reported, 5_000, 4_500),
+            vec![
+                Presence {
+                    model: "m".into(),
+                    workers: 2,
+                    free_slots: 2,
+                    milli_tokens_per_s: 30_000,
+                    context_length: Some(8192),
+                },
+                Presence {
+                    model: "n".into(),
+                    workers: 1,
+                    free_slots: 0,
+                    milli_tokens_per_s: 0,
+                    context_length: Some(8192),
+                },
+            ],
+            "banned and silent workers are not offered; a full one counts, without its speed"
         );
     }
 

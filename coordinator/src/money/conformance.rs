@@ -73,6 +73,7 @@ impl Fixture<'_> {
             expires_at_ms: self.at_ms + 60_000,
             schedule_version: self.schedule_version,
             at_ms: self.at_ms,
+            origin: None,
         }
     }
 }

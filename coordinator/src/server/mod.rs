@@ -56,6 +56,11 @@ pub struct AppState {
     pub accounts: Accounts,
     /// Jobs started and failed, heartbeat summaries: logged and projected.
     pub worker_events: WorkerEventSink,
+    /// Sends jobs to other nodes' workers (`None` when embedded: there are none).
+    pub relay: Option<Arc<crate::cluster::relay::Relay>>,
+    /// This node's incarnation, named by the holds of its requests (`None`
+    /// when embedded: a restart voids them all).
+    pub origin: Option<String>,
 }
 
 pub use crate::directory::{BanEvent, TAG_BAN_EVENT};
@@ -243,6 +248,8 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         bans: Arc::new(RwLock::new(bans)),
         accounts: Accounts::new(money, config_limits, account_idle_check),
         worker_events,
+        relay: None,
+        origin: None,
     })
 }
 

@@ -242,6 +242,7 @@ impl Traffic {
                         expires_at_ms: at_ms + 600_000,
                         schedule_version: schedule.version,
                         at_ms,
+                        origin: None,
                     });
                     if j + 1 == jobs {
                         continue;

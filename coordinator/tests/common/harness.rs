@@ -20,13 +20,14 @@ pub fn start_in_process(config: Config) -> String {
     url
 }
 
-pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, ok: impl FnMut() -> bool) {
+    wait_for_up_to(what, Duration::from_secs(30), ok);
+}
+
+pub fn wait_for_up_to(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}"
-        );
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -110,13 +111,44 @@ pub fn start_process(dir: &std::path::Path) -> Coordinator {
         format!("admin_token = \"{PROCESS_ADMIN}\"\nheartbeat_interval_ms = 1000\n[[prices]]\nmodel = \"{}\"\ninput_micro_per_1k = 1000\noutput_micro_per_1k = 10000\n", super::scripted::MODEL),
     )
     .expect("config");
+    let data = dir.join("data");
+    let data = data.to_str().expect("utf-8 path");
+    start_binary(
+        &config,
+        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data],
+    )
+}
+
+/// Runs the coordinator binary with `--config config` and `args` (a
+/// command that serves); returns it once it says where it listens. Its log
+/// goes to `config` with the extension `log`.
+/// Prints the tail of each log in its list if the test panics while it is
+/// alive: what the node processes said, for the failure's report.
+pub struct LogsOnPanic(pub Vec<std::path::PathBuf>);
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for path in &self.0 {
+            let log = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!("--- {}:\n{}", path.display(), tail.join("\n"));
+        }
+    }
+}
+
+pub fn start_binary(config: &std::path::Path, args: &[&str]) -> Coordinator {
+    let log = std::fs::File::create(config.with_extension("log")).expect("log file");
     let mut child = Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
         .arg("--config")
-        .arg(&config)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.join("data"))
+        .arg(config)
+        .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
+        .env("NO_COLOR", "1")
         .spawn()
         .expect("coordinator starts");
     // It prints `listening on ADDR` once serving.

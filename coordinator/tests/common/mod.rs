@@ -1,4 +1,5 @@
 pub mod cluster;
 pub mod harness;
+pub mod nodes;
 pub mod scripted;
 pub mod services;

@@ -59,7 +59,13 @@ fn sse(n: usize) -> Vec<u8> {
 
 /// Serves exactly one job according to `script`.
 pub async fn scripted_worker(url: String, script: Script) {
-    let key = SigningKey::from_bytes(&[42; 32]);
+    scripted_worker_as(url, script, 42).await;
+}
+
+/// [`scripted_worker`] as the worker whose key is `[seed; 32]` (another
+/// identity than the usual scripted worker's).
+pub async fn scripted_worker_as(url: String, script: Script, seed: u8) {
+    let key = SigningKey::from_bytes(&[seed; 32]);
     let pk = PublicKey(key.verifying_key().to_bytes());
     let ws_url = format!("{}/worker", url.replace("http://", "ws://"));
     let (ws, _) = tokio_tungstenite::connect_async(ws_url)
@@ -310,9 +316,14 @@ fn job_done(
 
 /// Runs [`scripted_worker`] on its own thread and runtime.
 pub fn spawn(url: String, script: Script) -> std::thread::JoinHandle<()> {
+    spawn_as(url, script, 42)
+}
+
+/// Runs [`scripted_worker_as`] on its own thread and runtime.
+pub fn spawn_as(url: String, script: Script, seed: u8) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         tokio::runtime::Runtime::new()
             .expect("rt")
-            .block_on(scripted_worker(url, script))
+            .block_on(scripted_worker_as(url, script, seed))
     })
 }

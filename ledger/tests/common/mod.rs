@@ -95,6 +95,7 @@ pub fn hold(n: u64, amount: u64) -> Event {
         expires_at_ms: T0 + n + 60_000,
         schedule_version: 1,
         at_ms: T0 + n,
+        origin: None,
     }
 }
 

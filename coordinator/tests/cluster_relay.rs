@@ -1,0 +1,162 @@
+//! A request on one cluster node served by a worker connected to another
+//! (noida-db + Postgres, two in-process nodes): node A has no worker, so it
+//! relays the job to node B, whose worker's bytes come back through A, which
+//! meters them, countersigns the receipt and settles. A consumer that hangs
+//! up on A stops the worker on B, and pays for what was delivered only.
+
+mod common;
+
+use std::io::BufRead as _;
+
+use common::harness::{consumer, wait_for};
+use common::nodes::{ADMIN, get, shared_keys, start_node};
+use common::scripted::{MODEL, Script, UNTIL_CANCELLED_MAX};
+use serde_json::{Value, json};
+
+const GRANT: u64 = 1_000_000;
+
+/// Waits until node `url` offers `MODEL` (from another node's presence).
+fn wait_offered(url: &str, key: &str) {
+    wait_for("the model offered through the other node", || {
+        get(url, key, "/v1/models").is_ok_and(|m| {
+            m["data"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|e| e["id"] == MODEL))
+        })
+    });
+}
+
+/// Waits for the account's holds to be settled; its balance then.
+fn settled_balance(url: &str, key: &str) -> u64 {
+    let mut balance = 0;
+    wait_for("the settlement", || {
+        get(url, key, "/v1/account").is_ok_and(|v| {
+            balance = v["balance_micro"]
+                .as_str()
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(0);
+            v["holds"].as_array().is_some_and(Vec::is_empty)
+        })
+    });
+    balance
+}
+
+fn receipt(url: &str, key: &str, job: &str) -> Value {
+    let mut receipt = Value::Null;
+    wait_for("the receipt", || {
+        get(url, key, &format!("/v1/receipts/{job}")).is_ok_and(|r| {
+            receipt = r;
+            true
+        })
+    });
+    receipt
+}
+
+#[test]
+fn a_request_on_one_node_is_served_by_a_worker_on_another() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("warn")
+        .try_init();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (_db, _broker, cluster, client) = runtime.block_on(common::cluster::cluster("relay", 4));
+    let dirs = shared_keys(2);
+    let a = start_node("node-a", dirs[0].path(), &cluster);
+    let b = start_node("node-b", dirs[1].path(), &cluster);
+    let (_, key) = consumer(&a, ADMIN, GRANT);
+
+    // The only worker is on node B; node A learns of it from B's presence.
+    let worker = common::scripted::spawn(b.clone(), Script::Inflate);
+    wait_offered(&a, &key);
+    let presence = runtime
+        .block_on(client.query_one(
+            "select workers, free_slots from worker_presence where node = 'node-b' and model = $1",
+            &[&MODEL],
+        ))
+        .expect("node B's presence");
+    assert_eq!(presence.get::<_, i32>(0), 1, "one worker on node B");
+    assert!(presence.get::<_, i32>(1) > 0, "with room");
+
+    let response = ureq::post(&format!("{a}/v1/chat/completions"))
+        .set("authorization", &format!("Bearer {key}"))
+        .send_json(json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}))
+        .expect("a chat completion through node A, served on node B");
+    let job = response
+        .header("troop-receipt")
+        .expect("receipt header")
+        .to_owned();
+    let body: Value = response.into_json().expect("json");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Hello there friend"
+    );
+    // Node A counted what it streamed: three tokens, not the thousand claimed.
+    assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
+    worker.join().expect("worker");
+    let settled = receipt(&a, &key, &job);
+    let charged = settled["charged_micro"].as_u64().expect("charged");
+    assert!(charged > 0, "{settled}");
+    assert_eq!(settled["receipt"]["billed_output_tokens"], 3, "{settled}");
+    let worker_id = troop_schemas::WorkerId::from_key(&troop_schemas::PublicKey(
+        ed25519_dalek::SigningKey::from_bytes(&[42; 32])
+            .verifying_key()
+            .to_bytes(),
+    ));
+    assert_eq!(
+        settled["receipt"]["receipt"]["worker"],
+        worker_id.to_string(),
+        "paid to the worker on node B: {settled}"
+    );
+    assert_eq!(settled_balance(&a, &key), GRANT - charged);
+
+    // A streamed answer, the consumer hanging up on node A after three
+    // tokens: the worker on node B is told to stop (it panics otherwise)
+    // and its receipt for what it streamed comes back through the relay.
+    let offered_by_b = |free: &str| {
+        runtime
+            .block_on(client.query_opt(
+                &format!("select 1 from worker_presence where node = 'node-b' and {free}"),
+                &[],
+            ))
+            .expect("query")
+            .is_some()
+    };
+    wait_for("node B to withdraw its first worker", || {
+        !offered_by_b("true")
+    });
+    let worker = common::scripted::spawn(b.clone(), Script::UntilCancelled);
+    wait_for("node B to offer its new worker", || {
+        offered_by_b("free_slots > 0")
+    });
+    wait_offered(&a, &key);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000, "stream": true});
+    let resp = ureq::post(&format!("{a}/v1/chat/completions"))
+        .set("authorization", &format!("Bearer {key}"))
+        .send_json(body)
+        .expect("the stream starts");
+    let job = resp.header("troop-receipt").expect("receipt").to_owned();
+    let mut lines = std::io::BufReader::new(resp.into_reader()).lines();
+    let mut tokens = 0;
+    while tokens < 3 {
+        let line = lines.next().expect("more lines").expect("readable");
+        if line.contains(" t") {
+            tokens += 1;
+        }
+    }
+    drop(lines);
+    worker.join().expect("the worker on node B was cancelled");
+    let settled = receipt(&a, &key, &job);
+    let billed = settled["receipt"]["billed_output_tokens"]
+        .as_u64()
+        .expect("billed output tokens");
+    let charged_again = settled["charged_micro"].as_u64().expect("charged");
+    assert!(
+        billed >= 3 && billed < u64::try_from(UNTIL_CANCELLED_MAX).expect("small"),
+        "billed {billed}: at least what the consumer read, less than the whole answer"
+    );
+    assert_eq!(
+        settled_balance(&a, &key),
+        GRANT - charged - charged_again,
+        "the balance moved by exactly the two receipts"
+    );
+}
