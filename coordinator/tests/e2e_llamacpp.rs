@@ -43,7 +43,7 @@ fn start_agent(coordinator: String, engine_url: String, key: std::path::PathBuf)
                 .await
                 .expect("engine");
             let (identity, _) = troop_agent::identity::load_or_create(&key).expect("identity");
-            let agent = troop_agent::link::Agent::new(coordinator, engine, identity, 2);
+            let agent = troop_agent::link::Agent::new(vec![coordinator], engine, identity, 2);
             let (_stop, stop_rx) = tokio::sync::watch::channel(false);
             troop_agent::link::run(agent, stop_rx).await;
         });

@@ -111,7 +111,7 @@ async fn simulate(args: WorkersArgs) -> Result<serde_json::Value> {
     let mut agents = Vec::with_capacity(args.count);
     for _ in 0..args.count {
         let agent = Agent::with(
-            base.clone(),
+            vec![base.clone()],
             engine.clone(),
             Identity::ephemeral(),
             args.slots,

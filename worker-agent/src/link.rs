@@ -1,9 +1,11 @@
 //! The agent's outbound WebSocket to the coordinator: handshake, heartbeats,
 //! jobs run against the engine with their output forwarded as data frames,
-//! and a signed receipt per job. Reconnects with jittered backoff.
+//! and a signed receipt per job. Reconnects with jittered backoff, to the
+//! next coordinator of its list (a cluster's nodes): a worker whose node dies
+//! is back on another one within a second or so.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,9 +39,15 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Most of an engine's error body kept for the coordinator.
 const MAX_ERROR_BYTES: usize = 1024;
 
+/// Coordinators an agent may be given: more is a misconfiguration.
+pub const MAX_COORDINATORS: usize = 64;
+
 #[derive(Debug)]
 pub struct Agent {
-    pub coordinator: String,
+    /// Base URLs of the coordinator's nodes, tried in turn.
+    pub coordinators: Vec<String>,
+    /// The one the next session connects to (an index into `coordinators`).
+    next_coordinator: AtomicUsize,
     pub engine: Engine,
     pub identity: Identity,
     pub slots: u32,
@@ -50,9 +58,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(coordinator: String, engine: Engine, identity: Identity, slots: u32) -> Arc<Self> {
+    pub fn new(
+        coordinators: Vec<String>,
+        engine: Engine,
+        identity: Identity,
+        slots: u32,
+    ) -> Arc<Self> {
         Self::with(
-            coordinator,
+            coordinators,
             engine,
             identity,
             slots,
@@ -63,16 +76,24 @@ impl Agent {
 
     /// An agent with its GPU facts and HTTP client given (many simulated
     /// agents in one process share one client).
+    ///
+    /// Panics on no coordinator or more than [`MAX_COORDINATORS`]: callers
+    /// check what users give them first.
     pub fn with(
-        coordinator: String,
+        coordinators: Vec<String>,
         engine: Engine,
         identity: Identity,
         slots: u32,
         gpus: GpuSource,
         http: reqwest::Client,
     ) -> Arc<Self> {
+        assert!(
+            (1..=MAX_COORDINATORS).contains(&coordinators.len()),
+            "an agent needs 1 to {MAX_COORDINATORS} coordinators"
+        );
         Arc::new(Self {
-            coordinator,
+            coordinators,
+            next_coordinator: AtomicUsize::new(0),
             engine,
             identity,
             slots,
@@ -83,16 +104,18 @@ impl Agent {
         })
     }
 
-    fn ws_url(&self) -> String {
-        let base = self.coordinator.trim_end_matches('/');
-        let base = base
-            .strip_prefix("http://")
-            .map(|r| format!("ws://{r}"))
-            .or_else(|| base.strip_prefix("https://").map(|r| format!("wss://{r}")));
-        format!(
-            "{}/worker",
-            base.unwrap_or_else(|| self.coordinator.trim_end_matches('/').to_owned())
-        )
+    /// The coordinator the next session connects to.
+    fn coordinator(&self) -> &str {
+        let i = self.next_coordinator.load(Ordering::SeqCst) % self.coordinators.len();
+        &self.coordinators[i]
+    }
+
+    /// After a session ends: the next one goes to the next coordinator (the
+    /// one just left may be the one that died). True when that starts the
+    /// list over: every coordinator was tried since the last time.
+    fn move_on(&self) -> bool {
+        let before = self.next_coordinator.fetch_add(1, Ordering::SeqCst);
+        (before + 1).is_multiple_of(self.coordinators.len())
     }
 
     fn heartbeat(&self) -> Heartbeat {
@@ -119,6 +142,16 @@ impl Agent {
     }
 }
 
+/// The WebSocket URL of a coordinator's base URL (http → ws, https → wss).
+fn ws_url(base: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let ws = base
+        .strip_prefix("http://")
+        .map(|r| format!("ws://{r}"))
+        .or_else(|| base.strip_prefix("https://").map(|r| format!("wss://{r}")));
+    format!("{}/worker", ws.unwrap_or_else(|| base.to_owned()))
+}
+
 /// The client an agent talks to its engine with.
 pub fn engine_client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -142,9 +175,15 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             return;
         }
         match result {
-            Ok(()) => tracing::warn!("coordinator closed the connection"),
-            Err(e) => tracing::warn!(error = %e, "connection to the coordinator failed"),
+            Ok(()) => tracing::warn!(
+                coordinator = agent.coordinator(),
+                "coordinator closed the connection"
+            ),
+            Err(e) => {
+                tracing::warn!(coordinator = agent.coordinator(), error = %e, "connection to the coordinator failed")
+            }
         }
+        let round_done = agent.move_on();
         if started.elapsed() > MAX_BACKOFF {
             backoff = Duration::from_millis(500);
         }
@@ -155,14 +194,19 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_millis(jitter)) => {}
             _ = shutdown.changed() => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        // Slower only once every coordinator failed: the next node of a
+        // cluster is tried as soon as one is lost.
+        if round_done {
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
     }
 }
 
 async fn session(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     // No Nagle: a job's output is many small frames, and delaying each one
     // behind the previous one's ACK adds up to 40 ms to the first token.
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(agent.ws_url(), None, true).await?;
+    let url = ws_url(agent.coordinator());
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
     let (mut sink, mut stream) = ws.split();
     let key = agent.identity.public_key();
     let hello = WorkerMsg::Hello {
@@ -199,7 +243,7 @@ async fn session(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) -> anyh
             worker,
             heartbeat_interval_ms,
         } => {
-            tracing::info!(%worker, coordinator = %agent.coordinator, "connected");
+            tracing::info!(%worker, coordinator = agent.coordinator(), "connected");
             heartbeat_interval_ms.clamp(1_000, 60_000)
         }
         other => anyhow::bail!("expected welcome, got {other:?}"),
@@ -450,4 +494,64 @@ async fn run_job(
         worker_sig,
     };
     let _ = out.send(Message::text(done.to_text())).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent_of(coordinators: Vec<String>) -> Arc<Agent> {
+        let engine = Engine {
+            kind: protocol::EngineKind::OpenAiCompatible,
+            base_url: "http://127.0.0.1:1".into(),
+            models: Vec::new(),
+            slots: 1,
+        };
+        Agent::with(
+            coordinators,
+            engine,
+            Identity::ephemeral(),
+            1,
+            GpuSource::Fixed(Vec::new()),
+            reqwest::Client::new(),
+        )
+    }
+
+    #[test]
+    fn websocket_urls_follow_the_scheme() {
+        assert_eq!(ws_url("http://a:1/"), "ws://a:1/worker");
+        assert_eq!(
+            ws_url("https://troop.example"),
+            "wss://troop.example/worker"
+        );
+        assert_eq!(ws_url("ws://a:1"), "ws://a:1/worker");
+    }
+
+    #[test]
+    fn each_session_after_the_first_goes_to_the_next_coordinator() {
+        let agent = agent_of(vec![
+            "http://a".into(),
+            "http://b".into(),
+            "http://c".into(),
+        ]);
+        let mut seen = Vec::new();
+        let mut rounds = Vec::new();
+        for _ in 0..4 {
+            seen.push(agent.coordinator().to_owned());
+            rounds.push(agent.move_on());
+        }
+        assert_eq!(seen, ["http://a", "http://b", "http://c", "http://a"]);
+        assert_eq!(rounds, [false, false, true, false], "a round ends after c");
+        let alone = agent_of(vec!["http://a".into()]);
+        assert!(
+            alone.move_on(),
+            "with one coordinator every retry is a round"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "coordinators")]
+    fn an_agent_needs_a_coordinator() {
+        let _ = agent_of(Vec::new());
+    }
 }

@@ -21,9 +21,11 @@ struct Cli {
 enum Command {
     /// Attach to the local engine and serve jobs from the coordinator until SIGTERM.
     Run {
-        /// The coordinator's base URL (http:// or https://).
-        #[arg(long)]
-        coordinator: String,
+        /// The coordinator's base URL (http:// or https://); for a cluster,
+        /// several nodes (repeated or comma-separated), tried in turn when
+        /// the connection ends.
+        #[arg(long, required = true, value_delimiter = ',')]
+        coordinator: Vec<String>,
         /// The engine's base URL; default: try vLLM, Ollama, LM Studio, llama.cpp on localhost.
         #[arg(long)]
         engine: Option<String>,
@@ -65,6 +67,11 @@ async fn main() -> Result<()> {
             key,
             slots,
         } => {
+            anyhow::ensure!(
+                coordinator.len() <= troop_agent::link::MAX_COORDINATORS,
+                "at most {} coordinators",
+                troop_agent::link::MAX_COORDINATORS
+            );
             let path = key.unwrap_or_else(identity::default_path);
             let (id, created) = identity::load_or_create(&path)?;
             if created {

@@ -137,12 +137,20 @@ pub async fn scripted_worker_as(url: String, script: Script, seed: u8) {
         let one = sse(1);
         let first = &one[..one.len() / 3];
         loop {
-            match tokio::time::timeout(Duration::from_millis(500), next()).await {
-                Ok(CoordinatorMsg::Job { job, .. }) => {
-                    let frame = DataFrame::encode(&job, first).expect("frame");
-                    tx.send(Message::binary(frame)).await.expect("send");
+            match tokio::time::timeout(Duration::from_millis(500), rx.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    if let CoordinatorMsg::Job { job, .. } =
+                        CoordinatorMsg::parse(&t).expect("valid")
+                    {
+                        let frame = DataFrame::encode(&job, first).expect("frame");
+                        if tx.send(Message::binary(frame)).await.is_err() {
+                            return;
+                        }
+                    }
                 }
-                Ok(_) => {}
+                Ok(Some(Ok(_))) => {}
+                // Its coordinator is gone (the fault tests kill it): done.
+                Ok(None | Some(Err(_))) => return,
                 Err(_) => {
                     // Keep the heartbeat going so the coordinator keeps placing jobs here.
                     let beat = Message::text(WorkerMsg::Heartbeat(beat.clone()).to_text());
