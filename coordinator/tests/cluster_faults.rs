@@ -24,8 +24,7 @@ use troop_coordinator::cluster::{owner, replay};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::money::Home;
 use troop_ledger::note::NoteSigner;
-use troop_schemas::event::VoidReason;
-use troop_schemas::{AccountId, Event};
+use troop_schemas::AccountId;
 
 const GRANT: u64 = 1_000_000;
 const IN_FLIGHT: usize = 3;
@@ -276,16 +275,7 @@ fn kill_9_a_node_with_requests_in_flight_loses_nothing_else() {
             .as_array()
             .is_some_and(|w| !w.is_empty())
     });
-    for _ in 0..IN_FLIGHT {
-        let (url, key) = (victim_url.clone(), key.clone());
-        std::thread::spawn(move || {
-            let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": true});
-            let _ = ureq::post(&format!("{url}/v1/chat/completions"))
-                .set("authorization", &format!("Bearer {key}"))
-                .send_json(body)
-                .map(|r| r.into_string());
-        });
-    }
+    common::scripted::streams_in_flight(&victim_url, &key, IN_FLIGHT);
     wait_for("the in-flight requests' holds, read on the reader", || {
         get(&reader_url, &key, "/v1/account")
             .is_ok_and(|v| v["holds"].as_array().is_some_and(|h| h.len() == IN_FLIGHT))
@@ -309,24 +299,14 @@ fn kill_9_a_node_with_requests_in_flight_loses_nothing_else() {
     );
     assert_eq!(balance(&after), GRANT - charged, "nothing else moved");
     assert_eq!(after["available_micro"], after["balance_micro"]);
-    let entries = nodes
+    let events = nodes
         .runtime
-        .block_on(nodes.client.query("select entry from ledger_entries", &[]))
-        .expect("entries");
-    let voids = entries
-        .iter()
-        .map(|r| troop_schemas::decode_entry(r.get(0)).expect("an entry"))
-        .filter(|e| {
-            matches!(
-                e,
-                Event::HoldVoided {
-                    reason: VoidReason::CoordinatorRestart,
-                    ..
-                }
-            )
-        })
-        .count();
-    assert_eq!(voids, IN_FLIGHT, "each dead request's hold voided once");
+        .block_on(common::cluster::ledger_events(&nodes.client));
+    assert_eq!(
+        common::cluster::dead_node_voids(&events),
+        IN_FLIGHT,
+        "each dead request's hold voided once"
+    );
 
     nodes.audit_and_replay(&other_url, &since, &consumer_id, GRANT - charged);
 }

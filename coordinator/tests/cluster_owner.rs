@@ -23,7 +23,7 @@ use troop_coordinator::money::Refusal;
 use troop_coordinator::money::conformance::{Fixture, run_all};
 use troop_coordinator::reads;
 use troop_ledger::fold::{FoldError, Ledger};
-use troop_schemas::event::{AccountRole, VoidReason};
+use troop_schemas::event::AccountRole;
 use troop_schemas::{AccountId, Event, HoldId, JobId};
 
 const PARTITIONS: u32 = 2;
@@ -901,30 +901,17 @@ async fn owners_expire_their_own_accounts_overdue_holds_once() {
     .await;
     // More rounds pass; nobody expires a hold twice, nor another's.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let entries = client
-        .query("select entry from ledger_entries order by leaf_index", &[])
-        .await
-        .expect("entries");
-    let expiries = entries
+    let events = common::cluster::ledger_events(&client).await;
+    let expiries = events
         .iter()
-        .map(|r| troop_schemas::decode_entry(r.get(0)).expect("an entry"))
         .filter(|e| matches!(e, Event::HoldExpired { .. }))
         .count();
     assert_eq!(expiries, accounts.len());
-    let voids = entries
-        .iter()
-        .map(|r| troop_schemas::decode_entry(r.get(0)).expect("an entry"))
-        .filter(|e| {
-            matches!(
-                e,
-                Event::HoldVoided {
-                    reason: VoidReason::CoordinatorRestart,
-                    ..
-                }
-            )
-        })
-        .count();
-    assert_eq!(voids, accounts.len(), "one void per ghost's hold");
+    assert_eq!(
+        common::cluster::dead_node_voids(&events),
+        accounts.len(),
+        "one void per ghost's hold"
+    );
     let open: Vec<String> = client
         .query("select origin_node from holds order by hold", &[])
         .await

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::io::BufRead as _;
-
 use common::harness::{consumer, wait_for};
 use common::nodes::{ADMIN, get, shared_keys, start_node};
 use common::scripted::{MODEL, Script, UNTIL_CANCELLED_MAX};
@@ -134,16 +132,7 @@ fn a_request_on_one_node_is_served_by_a_worker_on_another() {
         .set("authorization", &format!("Bearer {key}"))
         .send_json(body)
         .expect("the stream starts");
-    let job = resp.header("troop-receipt").expect("receipt").to_owned();
-    let mut lines = std::io::BufReader::new(resp.into_reader()).lines();
-    let mut tokens = 0;
-    while tokens < 3 {
-        let line = lines.next().expect("more lines").expect("readable");
-        if line.contains(" t") {
-            tokens += 1;
-        }
-    }
-    drop(lines);
+    let job = common::scripted::hang_up_after(resp, 3);
     worker.join().expect("the worker on node B was cancelled");
     let settled = receipt(&a, &key, &job);
     let billed = settled["receipt"]["billed_output_tokens"]

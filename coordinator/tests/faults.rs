@@ -317,7 +317,6 @@ fn a_consumer_that_stops_reading_loses_its_job_not_the_workers_other_jobs() {
 
 #[test]
 fn a_consumer_that_disconnects_cancels_the_job_and_pays_only_for_what_was_delivered() {
-    use std::io::BufRead as _;
     let dir = tempfile::tempdir().expect("tempdir");
     let url = start_in_process(config(dir.path()));
     let (_, key) = consumer(&url, ADMIN, GRANT);
@@ -328,20 +327,8 @@ fn a_consumer_that_disconnects_cancels_the_job_and_pays_only_for_what_was_delive
         .set("authorization", &format!("Bearer {key}"))
         .send_json(body)
         .expect("the stream starts");
-    let receipt = resp
-        .header("troop-receipt")
-        .expect("names its receipt")
-        .to_owned();
-    let mut lines = std::io::BufReader::new(resp.into_reader()).lines();
-    let mut tokens = 0;
-    while tokens < 3 {
-        let line = lines.next().expect("more lines").expect("readable");
-        if line.contains(" t") {
-            tokens += 1;
-        }
-    }
     // The consumer hangs up after three tokens.
-    drop(lines);
+    let receipt = common::scripted::hang_up_after(resp, 3);
     // The worker asserts that it was told to cancel.
     worker.join().expect("the worker was cancelled");
     wait_settled(&url, &key);

@@ -10,8 +10,7 @@ use std::time::Duration;
 use common::harness::{
     PROCESS_ADMIN, account, consumer, start_process as start, wait_for, wait_for_models,
 };
-use common::scripted::{MODEL, Script};
-use serde_json::json;
+use common::scripted::Script;
 use troop_ledger::note::NoteVerifier;
 
 const GRANT: u64 = 1_000_000;
@@ -26,17 +25,8 @@ fn kill_9_with_requests_in_flight_loses_nothing() {
     let worker_url = url.clone();
     common::scripted::spawn(worker_url, Script::Stall);
     wait_for_models(&url);
-    for _ in 0..IN_FLIGHT {
-        let (url, key) = (url.clone(), key.clone());
-        std::thread::spawn(move || {
-            let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": true});
-            // Stalls after the first token until the coordinator dies.
-            let _ = ureq::post(&format!("{url}/v1/chat/completions"))
-                .set("authorization", &format!("Bearer {key}"))
-                .send_json(body)
-                .map(|r| r.into_string());
-        });
-    }
+    // They stall after the first token until the coordinator dies.
+    common::scripted::streams_in_flight(&url, &key, IN_FLIGHT);
     wait_for("the requests to hold credits", || {
         account(&url, &key)["holds"]
             .as_array()

@@ -19,8 +19,10 @@ use troop_schemas::{JobId, WorkerId};
 
 use super::registry::{Beat, Registry, Unregister};
 
-/// How a job ends, as the worker says.
-#[derive(Debug)]
+/// How a job ends, as the worker says (also on the wire between nodes,
+/// cluster::relay).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum JobEnd {
     Done {
         usage: Option<troop_schemas::protocol::EngineUsage>,

@@ -23,9 +23,9 @@ use actix::prelude::*;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
-use troop_schemas::protocol::{CoordinatorMsg, EngineUsage, MAX_DATA_FRAME_BYTES};
+use troop_schemas::protocol::{CoordinatorMsg, MAX_DATA_FRAME_BYTES};
 use troop_schemas::sse::Meter;
-use troop_schemas::{AccountId, HoldId, JobId, Receipt, Signature, WorkerId};
+use troop_schemas::{AccountId, HoldId, JobId, WorkerId};
 
 use crate::actors::registry::{Finished, LinkOf, Place, Placed, Registry};
 use crate::actors::worker::{Assign, Cancel, JobEnd, JobSlot, Release, WorkerLink};
@@ -69,58 +69,6 @@ pub struct RelayCancel {
     pub job: JobId,
 }
 
-/// How the worker said the job ended ([`JobEnd`], on the wire).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RelayEnd {
-    Done {
-        usage: Option<EngineUsage>,
-        receipt: Box<Receipt>,
-        worker_sig: Signature,
-    },
-    Failed {
-        status: u16,
-        error: String,
-    },
-    Lost,
-}
-
-impl From<JobEnd> for RelayEnd {
-    fn from(end: JobEnd) -> Self {
-        match end {
-            JobEnd::Done {
-                usage,
-                receipt,
-                worker_sig,
-            } => Self::Done {
-                usage,
-                receipt,
-                worker_sig,
-            },
-            JobEnd::Failed { status, error } => Self::Failed { status, error },
-            JobEnd::Lost => Self::Lost,
-        }
-    }
-}
-
-impl From<RelayEnd> for JobEnd {
-    fn from(end: RelayEnd) -> Self {
-        match end {
-            RelayEnd::Done {
-                usage,
-                receipt,
-                worker_sig,
-            } => Self::Done {
-                usage,
-                receipt,
-                worker_sig,
-            },
-            RelayEnd::Failed { status, error } => Self::Failed { status, error },
-            RelayEnd::Lost => Self::Lost,
-        }
-    }
-}
-
 fn frame(kind: u8, payload: &[u8]) -> Bytes {
     let len = u32::try_from(payload.len()).expect("frames are bounded far below 4 GiB");
     let mut out = BytesMut::with_capacity(FRAME_HEADER_BYTES + payload.len());
@@ -136,7 +84,7 @@ pub fn data_frame(bytes: &[u8]) -> Bytes {
 }
 
 /// The job's end, as the last frame.
-pub fn end_frame(end: &RelayEnd) -> Bytes {
+pub fn end_frame(end: &JobEnd) -> Bytes {
     frame(
         KIND_END,
         &serde_json::to_vec(end).expect("an end serializes"),
@@ -147,7 +95,7 @@ pub fn end_frame(end: &RelayEnd) -> Bytes {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
     Data(Bytes),
-    End(RelayEnd),
+    End(JobEnd),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -268,7 +216,7 @@ impl Relayed {
             None => None,
         };
         self.ended = true;
-        let end = end.map_or(RelayEnd::Lost, RelayEnd::from);
+        let end = end.unwrap_or(JobEnd::Lost);
         Some((Ok(end_frame(&end)), self))
     }
 }
@@ -503,7 +451,7 @@ async fn pump(mut response: reqwest::Response, slot: JobSlot, node: String) {
                         }
                     }
                 }
-                Ok(Some(Frame::End(e))) => break 'relay e.into(),
+                Ok(Some(Frame::End(e))) => break 'relay e,
                 Err(e) => {
                     tracing::warn!(%node, error = %e, "a relayed job sent a bad frame");
                     break 'relay JobEnd::Lost;
@@ -522,7 +470,7 @@ mod tests {
 
     #[test]
     fn frames_come_back_whole_however_the_body_is_cut() {
-        let end = RelayEnd::Failed {
+        let end = JobEnd::Failed {
             status: 503,
             error: "engine busy".into(),
         };

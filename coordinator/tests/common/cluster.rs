@@ -280,3 +280,30 @@ impl Traffic {
         (self.setup.len() + self.consumers.iter().map(|(_, e)| e.len()).sum::<usize>()) as u64
     }
 }
+
+/// Every event the sequencer put in the ledger, in the ledger's order.
+pub async fn ledger_events(client: &tokio_postgres::Client) -> Vec<Event> {
+    client
+        .query("select entry from ledger_entries order by leaf_index", &[])
+        .await
+        .expect("entries")
+        .iter()
+        .map(|r| troop_schemas::decode_entry(r.get(0)).expect("an entry"))
+        .collect()
+}
+
+/// How many of `events` void a hold because its node died.
+pub fn dead_node_voids(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::HoldVoided {
+                    reason: VoidReason::CoordinatorRestart,
+                    ..
+                }
+            )
+        })
+        .count()
+}

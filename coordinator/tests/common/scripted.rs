@@ -335,3 +335,38 @@ pub fn spawn_as(url: String, script: Script, seed: u8) -> std::thread::JoinHandl
             .block_on(scripted_worker_as(url, script, seed))
     })
 }
+
+/// Starts `n` streamed chat completions on `url`, each on its own thread,
+/// left to run until their coordinator answers or dies (a [`Script::Stall`]
+/// worker never finishes them).
+pub fn streams_in_flight(url: &str, key: &str, n: usize) {
+    for _ in 0..n {
+        let (url, key) = (url.to_owned(), key.to_owned());
+        std::thread::spawn(move || {
+            let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": true});
+            let _ = ureq::post(&format!("{url}/v1/chat/completions"))
+                .set("authorization", &format!("Bearer {key}"))
+                .send_json(body)
+                .map(|r| r.into_string());
+        });
+    }
+}
+
+/// Reads a [`Script::UntilCancelled`] stream until it has `tokens` tokens,
+/// then hangs up; returns the receipt id the response named.
+pub fn hang_up_after(response: ureq::Response, tokens: usize) -> String {
+    use std::io::BufRead as _;
+    let receipt = response
+        .header("troop-receipt")
+        .expect("names its receipt")
+        .to_owned();
+    let mut lines = std::io::BufReader::new(response.into_reader()).lines();
+    let mut seen = 0;
+    while seen < tokens {
+        let line = lines.next().expect("more lines").expect("readable");
+        if line.contains(" t") {
+            seen += 1;
+        }
+    }
+    receipt
+}
