@@ -42,7 +42,8 @@ pub struct ClusterConfig {
     /// The nodes' shared secret for their internal API (at least 16
     /// characters; whoever holds it can move money): set it by
     /// `TROOP_CLUSTER__SECRET` rather than in a file others can read.
-    #[serde(skip_serializing)]
+    /// (Serialized like every setting: the environment overrides only what
+    /// the serialized defaults name.)
     pub secret: String,
 }
 
@@ -265,5 +266,24 @@ mod tests {
                 .to_string()
                 .contains("TROOP_HEARTBEAT_INTERVAL_MS")
         );
+    }
+
+    /// The production node settings shipped in `ops/` load as they are,
+    /// with the secrets the units and the compose file put in the
+    /// environment.
+    #[test]
+    fn the_shipped_node_settings_load() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/cluster/node.toml");
+        let c = Config::load(Some(&path), |k| match k {
+            "TROOP_CLUSTER__SECRET" => Some("a long cluster secret".into()),
+            "TROOP_CLUSTER__POSTGRES" => Some("host=db user=troop password=x dbname=troop".into()),
+            _ => None,
+        })
+        .expect("ops/cluster/node.toml loads");
+        assert_eq!(c.cluster.replication_factor, 3);
+        assert_eq!(c.cluster.secret, "a long cluster secret");
+        assert!(c.cluster.postgres.contains("password=x"));
+        assert!(!c.prices.is_empty());
     }
 }

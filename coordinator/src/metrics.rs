@@ -28,11 +28,17 @@ pub struct Metrics {
     pub event_log_lag_records: IntGauge,
     /// Cluster: 1 while this node leads the ledger's sequencer.
     pub sequencer_leading: IntGauge,
-    /// Cluster: entries in the ledger (sequenced and projected).
+    /// Entries in the ledger (on a cluster: sequenced and projected).
     pub ledger_entries: IntGauge,
     /// Cluster: committed records of the ledger partitions the sequencer has
     /// not read yet.
     pub sequencer_lag_records: IntGauge,
+    /// Cluster: ledger partitions whose books this node has loaded (it
+    /// judges their accounts' spending).
+    pub partitions_owned: IntGauge,
+    /// Cluster: the ledger's partition count, so that an alert can compare
+    /// the sum of `partitions_owned` with it.
+    pub ledger_partitions: IntGauge,
 }
 
 impl Default for Metrics {
@@ -105,18 +111,27 @@ impl Metrics {
             "1 while this node leads the cluster's ledger sequencer",
         )
         .expect("valid");
-        let ledger_entries = IntGauge::new(
-            "ledger_entries",
-            "Entries in the cluster's ledger (sequenced and projected)",
-        )
-        .expect("valid");
+        let ledger_entries =
+            IntGauge::new("ledger_entries", "Entries in the ledger").expect("valid");
         let sequencer_lag_records = IntGauge::new(
             "sequencer_lag_records",
             "Committed records of the ledger partitions not yet read by the sequencer",
         )
         .expect("valid");
+        let partitions_owned = IntGauge::new(
+            "partitions_owned",
+            "Ledger partitions whose accounts this node judges",
+        )
+        .expect("valid");
+        let ledger_partitions = IntGauge::new(
+            "ledger_partitions",
+            "The cluster's ledger partitions (each must have one owner)",
+        )
+        .expect("valid");
         for c in [
             Box::new(event_log_lag_records.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(partitions_owned.clone()),
+            Box::new(ledger_partitions.clone()),
             Box::new(sequencer_leading.clone()),
             Box::new(ledger_entries.clone()),
             Box::new(sequencer_lag_records.clone()),
@@ -149,6 +164,8 @@ impl Metrics {
             sequencer_leading,
             ledger_entries,
             sequencer_lag_records,
+            partitions_owned,
+            ledger_partitions,
         }
     }
 

@@ -4,10 +4,13 @@
 //! worker on node A serves a chat completion paid from that account, whose
 //! judge may be either node; the receipt and the balance read back from node
 //! B (Postgres) with a proof troop-audit's checks accept; a key revoked and a
-//! worker banned through node B take effect on node A.
+//! worker banned through node B take effect on node A. Each node's
+//! `/metrics` shows one sequencer leading and every partition owned, and
+//! exports every series the ops alert rules and dashboard name.
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::harness::{admin, wait_for};
@@ -17,6 +20,43 @@ use serde_json::{Value, json};
 use troop_coordinator::cluster::node;
 
 const GRANT: u64 = 1_000_000;
+
+/// A node's `/metrics`, by series name (labels dropped, values summed).
+fn scrape(url: &str) -> BTreeMap<String, f64> {
+    let text = ureq::get(&format!("{url}/metrics"))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = series.split('{').next().unwrap_or(series);
+        *out.entry(name.to_owned()).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
+    out
+}
+
+/// The `troop_*` metric names in an ops file.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("troop_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        // A whole name (not `troop_*` in a comment, nor inside a longer word).
+        let before = rest[..at].chars().last();
+        if end > "troop_".len() && !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            names.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
 
 #[test]
 fn two_nodes_serve_one_network_through_kafka_and_postgres() {
@@ -116,6 +156,38 @@ fn two_nodes_serve_one_network_through_kafka_and_postgres() {
     wait_for("the same checkpoint on both nodes", || {
         checkpoint(&a) == checkpoint(&b)
     });
+
+    // What the operators' alerts and dashboard watch: one node leads the
+    // sequencer, every partition has one owner, both see the ledger grow.
+    wait_for("one leader and an owner for each partition", || {
+        let (ma, mb) = (scrape(&a), scrape(&b));
+        let sum = |name: &str| {
+            ma.get(name).copied().unwrap_or(0.0) + mb.get(name).copied().unwrap_or(0.0)
+        };
+        sum("troop_sequencer_leading") == 1.0
+            && sum("troop_partitions_owned") == 4.0
+            && ma.get("troop_ledger_partitions") == Some(&4.0)
+            && ma.get("troop_ledger_entries").is_some_and(|n| *n > 0.0)
+            && mb.get("troop_ledger_entries").is_some_and(|n| *n > 0.0)
+    });
+    // Every troop_* series the alert rules and the dashboard name is one a
+    // node exports (histograms by their _bucket series).
+    let exported = scrape(&a);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in [
+        "ops/prometheus/alerts.yml",
+        "ops/grafana/dashboards/troop.json",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).expect("ops file");
+        let named = metric_names(&text);
+        assert!(named.len() > 5, "{file} names {named:?}");
+        for name in named {
+            assert!(
+                exported.contains_key(&name),
+                "{file} names {name}, which a node does not export"
+            );
+        }
+    }
 
     // Revoked through node B: node A refuses the key soon after.
     let key_id = key

@@ -4,7 +4,7 @@
 
 use crate::hash::{Hash, leaf_hash};
 use crate::merkle::{self, ProofError};
-use crate::note::{Checkpoint, NoteError, NoteSigner};
+use crate::note::{Checkpoint, NoteError, NoteSigner, NoteVerifier};
 use crate::store::{CHECKPOINT_PATH, LogStore, StoreError};
 use crate::tile::{self, TILE_WIDTH, TileHashReader, TileId, TileTree};
 use troop_schemas::MAX_ENTRY_BYTES;
@@ -55,6 +55,20 @@ impl<S: LogStore> LogWriter<S> {
     /// the caller re-appends them from its own durable event log, from index
     /// [`LogWriter::size`] on.
     pub fn open(store: S, signer: NoteSigner) -> Result<Self, WriterError> {
+        Self::open_rotated(store, signer, None)
+    }
+
+    /// [`LogWriter::open`] for a log whose key was rotated: the stored
+    /// checkpoint may also be signed by `previous`, the key before. Then the
+    /// same tree is published again at once under `signer`, so that from
+    /// here on the store holds the new key's statement only (auditors tie the
+    /// two with a consistency proof from the old key's last checkpoint). The
+    /// log's name stays: it is the checkpoints' origin line.
+    pub fn open_rotated(
+        store: S,
+        signer: NoteSigner,
+        previous: Option<&NoteVerifier>,
+    ) -> Result<Self, WriterError> {
         let verifier = signer.verifier();
         let existing = store.read(CHECKPOINT_PATH).map_err(WriterError::Corrupt)?;
         let Some(note) = existing else {
@@ -79,7 +93,22 @@ impl<S: LogStore> LogWriter<S> {
         };
         let note = String::from_utf8(note)
             .map_err(|_| WriterError::Corrupt("checkpoint is not UTF-8".into()))?;
-        let published = Checkpoint::open(&note, &verifier)?;
+        let (published, resign) = match (Checkpoint::open(&note, &verifier), previous) {
+            (Ok(c), _) => (c, false),
+            (Err(e), None) => return Err(e.into()),
+            (Err(e), Some(previous)) => match Checkpoint::open(&note, previous) {
+                Ok(c) => (c, true),
+                // Neither key: report it against the current one.
+                Err(_) => return Err(e.into()),
+            },
+        };
+        if resign && published.origin != signer.name() {
+            return Err(WriterError::Corrupt(format!(
+                "the log is named {:?}; a new key must keep the name, not {:?}",
+                published.origin,
+                signer.name()
+            )));
+        }
         let size = published.size;
         let tree = TileTree::from_partials(size, |id| {
             let bytes = store.read(&id.path()).ok()??;
@@ -111,6 +140,10 @@ impl<S: LogStore> LogWriter<S> {
                 .map_err(|e| WriterError::Corrupt(e.to_string()))?;
             bytes
         };
+        if resign {
+            let note = signer.sign(&published.to_text())?;
+            store.publish_checkpoint(note.as_bytes())?;
+        }
         Ok(Self {
             store,
             signer,

@@ -221,3 +221,45 @@ fn oversized_entries_and_foreign_checkpoints_are_refused() {
         Err(WriterError::Checkpoint(_))
     ));
 }
+
+#[test]
+fn a_rotated_key_takes_over_the_same_tree() {
+    let store = MemStore::default();
+    let mut w = LogWriter::open(&store, signer()).expect("open");
+    for i in 0..300 {
+        w.append(entry(i)).expect("append");
+    }
+    let old = w.publish().expect("publish").clone();
+    let old_note =
+        String::from_utf8(store.read("checkpoint").expect("read").expect("stored")).expect("utf-8");
+    drop(w);
+    let new =
+        NoteSigner::new("writer.example/log", SigningKey::from_bytes(&[33; 32])).expect("signer");
+    let renamed =
+        NoteSigner::new("writer.example/other", SigningKey::from_bytes(&[33; 32])).expect("signer");
+    // The name is the origin line: a rotation keeps it.
+    assert!(matches!(
+        LogWriter::open_rotated(&store, renamed, Some(&signer().verifier())),
+        Err(WriterError::Corrupt(_))
+    ));
+    // Not named as the previous key: refused as before.
+    assert!(matches!(
+        LogWriter::open_rotated(&store, new.clone(), None),
+        Err(WriterError::Checkpoint(_))
+    ));
+    let mut w = LogWriter::open_rotated(&store, new.clone(), Some(&signer().verifier()))
+        .expect("the old key's checkpoint is accepted");
+    // The same tree, now vouched for by the new key alone.
+    let resigned =
+        String::from_utf8(store.read("checkpoint").expect("read").expect("stored")).expect("utf-8");
+    let cp = troop_ledger::note::Checkpoint::open(&resigned, &new.verifier()).expect("new key");
+    assert_eq!((cp.size, cp.root), (old.size, old.root));
+    assert!(troop_ledger::note::Checkpoint::open(&resigned, &signer().verifier()).is_err());
+    assert!(troop_ledger::note::Checkpoint::open(&old_note, &signer().verifier()).is_ok());
+    w.append(entry(300)).expect("append");
+    assert_eq!(w.publish().expect("publish").size, 301);
+    drop(w);
+    // Opened again with the rotation still configured: the new key's own
+    // checkpoint is taken as it is.
+    LogWriter::open_rotated(&store, new, Some(&signer().verifier())).expect("reopen");
+}

@@ -219,14 +219,19 @@ impl Handler<GetReceipt> for BooksActor {
 }
 
 #[derive(Debug, Message)]
-#[rtype(result = "(u64, u64)")]
+#[rtype(result = "(u64, u64, u64)")]
 pub struct GetLag;
 
-/// (ledger entries not yet in a signed checkpoint, ledger records not yet durable).
+/// (ledger entries, those not yet in a signed checkpoint, ledger records not
+/// yet durable).
 impl Handler<GetLag> for BooksActor {
     type Result = MessageResult<GetLag>;
     fn handle(&mut self, _: GetLag, _: &mut Self::Context) -> Self::Result {
-        MessageResult((self.books.lag(), self.books.undurable()))
+        MessageResult((
+            self.books.entries(),
+            self.books.lag(),
+            self.books.undurable(),
+        ))
     }
 }
 
@@ -301,8 +306,9 @@ impl Reads for Embedded {
     fn lag(&self) -> Read<Lag> {
         let asked = self.books.send(GetLag);
         Box::pin(async move {
-            let (ledger_entries, log_records) = asked.await.map_err(stopped)?;
+            let (entries, ledger_entries, log_records) = asked.await.map_err(stopped)?;
             Ok(Lag {
+                entries,
                 ledger_entries,
                 log_records: Some(log_records),
             })

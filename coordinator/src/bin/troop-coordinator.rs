@@ -374,7 +374,13 @@ fn sequence(config: &Config, listen: Option<&str>) -> anyhow::Result<()> {
         };
         tracing::info!(log = %config.ledger_name, "sequencer standing by");
         sequencer::run(
-            SequencerSettings::new(config.cluster.clone()),
+            SequencerSettings {
+                previous_log_key: troop_coordinator::server::previous_log_key(
+                    &config.data_dir,
+                    &config.ledger_name,
+                )?,
+                ..SequencerSettings::new(config.cluster.clone())
+            },
             signer,
             progress,
             stop,

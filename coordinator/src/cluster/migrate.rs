@@ -66,8 +66,18 @@ pub struct TopicSpec {
 /// The topics of CLUSTER.md for `config`.
 pub fn topics(config: &ClusterConfig) -> Vec<TopicSpec> {
     let name = |t: &str| config.topic(t);
-    let forever = vec![("retention.ms", "-1".to_owned())];
-    let days = |d: u64| vec![("retention.ms", (d * 86_400_000).to_string())];
+    // With copies on several brokers, an acknowledged write (the idempotent
+    // producer waits for all in-sync copies) is on at least two of them, so
+    // losing one broker loses no event.
+    let durable = |retention_ms: String| {
+        let mut s = vec![("retention.ms", retention_ms)];
+        if config.replication_factor > 1 {
+            s.push(("min.insync.replicas", "2".to_owned()));
+        }
+        s
+    };
+    let forever = durable("-1".to_owned());
+    let days = |d: u64| durable((d * 86_400_000).to_string());
     vec![
         // The source of truth: kept forever.
         TopicSpec {
@@ -258,4 +268,37 @@ pub async fn connect_postgres(
     config: &ClusterConfig,
 ) -> Result<tokio_postgres::Client, MigrateError> {
     Ok(super::connect(&config.postgres, "migrate").await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicated_topics_need_two_copies_of_each_write() {
+        let setting = |spec: &TopicSpec, key: &str| {
+            spec.settings
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.clone())
+        };
+        let single = topics(&ClusterConfig::default());
+        assert!(
+            single
+                .iter()
+                .all(|t| setting(t, "min.insync.replicas").is_none())
+        );
+        let three = topics(&ClusterConfig {
+            replication_factor: 3,
+            ..ClusterConfig::default()
+        });
+        for t in &three {
+            assert_eq!(setting(t, "min.insync.replicas").as_deref(), Some("2"));
+        }
+        assert_eq!(setting(&three[0], "retention.ms").as_deref(), Some("-1"));
+        assert_eq!(
+            setting(&three[2], "retention.ms").as_deref(),
+            Some("2592000000")
+        );
+    }
 }

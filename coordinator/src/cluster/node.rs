@@ -32,7 +32,7 @@ use crate::cluster::owned::{OwnedBooks, OwnedSettings};
 use crate::cluster::ownership::Ownership;
 use crate::cluster::reads::PgReads;
 use crate::cluster::relay::{Relay, RelayHere};
-use crate::cluster::sequencer::{SequencerSettings, SequencerTask};
+use crate::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
 use crate::cluster::{Reconnecting, directory, presence};
 use crate::config::Config;
 use crate::eventlog::file::{FileLog, FileLogConfig};
@@ -72,6 +72,27 @@ pub fn shared_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
     hex::decode_to_slice(text.trim(), &mut seed)
         .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
     Ok(seed)
+}
+
+/// What a node's `/metrics` says beyond the embedded coordinator's: whether
+/// its sequencer leads and which partitions it judges, so that alerts can
+/// see a cluster with no leader or with an unowned partition.
+#[derive(Clone, Debug)]
+pub struct NodeGauges {
+    sequencer: Arc<SequencerProgress>,
+    owned: Arc<OwnedBooks>,
+    ledger_partitions: u32,
+}
+
+impl NodeGauges {
+    pub fn set(&self, m: &crate::metrics::Metrics) {
+        use std::sync::atomic::Ordering;
+        m.sequencer_leading
+            .set(i64::from(self.sequencer.leading.load(Ordering::SeqCst)));
+        m.partitions_owned
+            .set(i64::try_from(self.owned.loaded().len()).unwrap_or(i64::MAX));
+        m.ledger_partitions.set(i64::from(self.ledger_partitions));
+    }
 }
 
 /// What runs beside the HTTP server, until [`Node::stop`].
@@ -127,6 +148,12 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
     let hash_key = shared_secret(&dir.join("apikey-hash.key"))?;
     let signer = NoteSigner::new(&config.ledger_name, log_key)?;
     let verifier = signer.verifier();
+    // What auditors verify checkpoints with, as the embedded default writes it.
+    std::fs::write(
+        dir.join("ledger.vkey"),
+        format!("{}\n", verifier.to_key_string()),
+    )
+    .with_context(|| format!("writing {}", dir.join("ledger.vkey").display()))?;
 
     let ownership = Ownership::start(&cluster, &me.name).context("joining the owners' group")?;
     let owned = Arc::new(OwnedBooks::start(
@@ -134,7 +161,13 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
         ownership.watch(),
         OwnedSettings::default(),
     ));
-    let sequencer = SequencerTask::spawn(SequencerSettings::new(cluster.clone()), signer);
+    let sequencer = SequencerTask::spawn(
+        SequencerSettings {
+            previous_log_key: crate::server::previous_log_key(&dir, &config.ledger_name)?,
+            ..SequencerSettings::new(cluster.clone())
+        },
+        signer,
+    );
     let client = crate::cluster::connect(&cluster.postgres, "cluster books")
         .await
         .context("connecting to postgres")?;
@@ -214,6 +247,11 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
         worker_events,
         relay: Some(Arc::new(Relay::new(&cluster.secret))),
         origin: Some(incarnation),
+        node_gauges: Some(NodeGauges {
+            sequencer: Arc::clone(&sequencer.progress),
+            owned: Arc::clone(&owned),
+            ledger_partitions: cluster.ledger_partitions,
+        }),
     };
     let internal = Internal {
         owned: Arc::clone(&owned),

@@ -263,6 +263,7 @@ impl Reads for PgReads {
             let client = pg.get().await.map_err(unavailable)?;
             let (size, published) = sizes(&client).await.map_err(unavailable)?;
             Ok(Lag {
+                entries: unsigned("entries", size)?,
                 ledger_entries: unsigned("lag", (size - published).max(0))?,
                 log_records: None,
             })

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use troop_ledger::note::NoteSigner;
+use troop_ledger::note::{NoteSigner, NoteVerifier};
 use troop_ledger::writer::{LogWriter, WriterError};
 
 use crate::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
@@ -47,11 +47,15 @@ pub struct SequencerSettings {
     /// How often a node that does not lead tries to take the lead, and the
     /// pause after a leader failed.
     pub standby_retry: Duration,
+    /// The log key before a rotation: a leader accepts the checkpoint it
+    /// signed and signs the same tree again with the current key.
+    pub previous_log_key: Option<NoteVerifier>,
 }
 
 impl SequencerSettings {
     pub fn new(cluster: ClusterConfig) -> Self {
         Self {
+            previous_log_key: None,
             cluster,
             batch_per_partition: 1_024,
             checkpoint_interval: Duration::from_secs(1),
@@ -202,8 +206,9 @@ async fn lead(
     let partitions = settings.cluster.ledger_partitions;
     let mut sequencer = Sequencer::open(&client, partitions).await?;
     let store = PgLogStore::connect(&settings.cluster.postgres).await?;
-    let signer = signer.clone();
-    let writer = blocking(move || LogWriter::open(store, signer)).await??;
+    let (signer, previous) = (signer.clone(), settings.previous_log_key.clone());
+    let writer =
+        blocking(move || LogWriter::open_rotated(store, signer, previous.as_ref())).await??;
     progress
         .published
         .store(writer.published().size, Ordering::SeqCst);

@@ -41,6 +41,9 @@ pub const MAX_LIST_ACCOUNTS: usize = 10_000;
 /// How far the ledger is behind what was judged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lag {
+    /// Entries in the ledger (the embedded books' own; a node reads the
+    /// sequencer's projection).
+    pub entries: u64,
     /// Entries not yet covered by a signed checkpoint.
     pub ledger_entries: u64,
     /// Judged records not yet durable in the event log, where this node

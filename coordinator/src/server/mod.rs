@@ -61,6 +61,8 @@ pub struct AppState {
     /// This node's incarnation, named by the holds of its requests (`None`
     /// when embedded: a restart voids them all).
     pub origin: Option<String>,
+    /// What a cluster node's `/metrics` adds (`None` when embedded).
+    pub node_gauges: Option<crate::cluster::node::NodeGauges>,
 }
 
 pub use crate::directory::{BanEvent, TAG_BAN_EVENT};
@@ -85,6 +87,28 @@ pub fn random<const N: usize>() -> [u8; N] {
 }
 
 /// A 32-byte secret in a file only the owner can read, made on first start.
+/// The log key before a rotation, if the operator left it at
+/// `<data_dir>/ledger.previous.key` (RUNBOOK.md): the checkpoint it signed
+/// last is accepted once and signed again with the new key.
+pub fn previous_log_key(
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<Option<troop_ledger::note::NoteVerifier>> {
+    let path = dir.join(PREVIOUS_LOG_KEY);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut seed)
+        .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+    Ok(Some(
+        NoteSigner::new(name, SigningKey::from_bytes(&seed))?.verifier(),
+    ))
+}
+
+/// Where [`previous_log_key`] looks.
+pub const PREVIOUS_LOG_KEY: &str = "ledger.previous.key";
+
 fn secret_file(path: &Path) -> anyhow::Result<[u8; 32]> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -133,6 +157,16 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         format!("{}\n", signer.verifier().to_key_string()),
     )?;
     let ledger_dir = dir.join("ledger");
+    if let Some(previous) = previous_log_key(&dir, &config.ledger_name)? {
+        // The key was rotated: the published tree is signed again under the
+        // new key before the books open it (they accept only the new one).
+        troop_ledger::writer::LogWriter::open_rotated(
+            troop_ledger::store::DirStore::open(&ledger_dir)?,
+            signer.clone(),
+            Some(&previous),
+        )
+        .context("taking the ledger over with the new log key")?;
+    }
     // One replay of the event log feeds every projection — balances, keys,
     // bans, worker history — from the newest usable snapshot on.
     let snapshots_dir = dir.join("snapshots");
@@ -250,6 +284,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         worker_events,
         relay: None,
         origin: None,
+        node_gauges: None,
     })
 }
 
@@ -306,6 +341,7 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     }
     if let Ok(lag) = state.reads.lag().await {
         let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        state.metrics.ledger_entries.set(gauge(lag.entries));
         state
             .metrics
             .ledger_lag_entries
@@ -313,6 +349,9 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         if let Some(queued) = lag.log_records {
             state.metrics.event_log_lag_records.set(gauge(queued));
         }
+    }
+    if let Some(node) = &state.node_gauges {
+        node.set(&state.metrics);
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

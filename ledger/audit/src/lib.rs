@@ -331,10 +331,23 @@ pub fn verify(
     since: Option<&str>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Report, AuditError> {
+    verify_across_rotation(source, key, since.map(|note| (note, key)), progress)
+}
+
+/// [`verify`], where the older checkpoint was signed by the key the log used
+/// before its key was rotated (`since`: the note and that key). The tree is
+/// the same; only who vouches for it changed, so the proof that the current
+/// log extends the old checkpoint is what ties the two keys' statements.
+pub fn verify_across_rotation(
+    source: &(impl TileSource + ?Sized),
+    key: &NoteVerifier,
+    since: Option<(&str, &NoteVerifier)>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Report, AuditError> {
     let (_, checkpoint) = read_checkpoint(source, key)?;
     let size = checkpoint.size;
     let old = since
-        .map(|note| Checkpoint::open(note, key).map_err(AuditError::OldCheckpoint))
+        .map(|(note, key)| Checkpoint::open(note, key).map_err(AuditError::OldCheckpoint))
         .transpose()?;
     if let Some(old) = &old
         && old.size > size

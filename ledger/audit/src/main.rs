@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use troop_audit::{Report, Source, read_checkpoint, verify};
+use troop_audit::{Report, Source, read_checkpoint, verify_across_rotation};
 use troop_ledger::note::NoteVerifier;
 use troop_ledger::proof::TlogProof;
 use troop_ledger::tile::TileHashReader;
@@ -35,6 +35,10 @@ enum Command {
         /// An older checkpoint file: prove the current log extends it.
         #[arg(long)]
         since: Option<String>,
+        /// The key that signed the --since checkpoint, when the log's key was
+        /// rotated after it (default: --key).
+        #[arg(long, requires = "since")]
+        since_key: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -94,14 +98,14 @@ fn progress_bar() -> ProgressBar {
 fn run_verify(
     base: &str,
     key: &NoteVerifier,
-    since: Option<&str>,
+    since: Option<(&str, &NoteVerifier)>,
 ) -> Result<Report, troop_audit::AuditError> {
     let source = Source::open(base)?;
     let bar = progress_bar();
     if let Ok((_, cp)) = read_checkpoint(&source, key) {
         bar.set_length(cp.size);
     }
-    let result = verify(&source, key, since, &|n| bar.set_position(n));
+    let result = verify_across_rotation(&source, key, since, &|n| bar.set_position(n));
     bar.finish_and_clear();
     result
 }
@@ -122,14 +126,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             base,
             key,
             since,
+            since_key,
             json,
         } => {
             let key = load_key(&key)?;
+            let since_key = since_key.as_deref().map(load_key).transpose()?;
             let since = since
                 .map(|f| std::fs::read_to_string(&f).with_context(|| format!("reading {f}")))
                 .transpose()?;
             let started = std::time::Instant::now();
-            match run_verify(&base, &key, since.as_deref()) {
+            let since = since
+                .as_deref()
+                .map(|note| (note, since_key.as_ref().unwrap_or(&key)));
+            match run_verify(&base, &key, since) {
                 Ok(r) => {
                     let secs = started.elapsed().as_secs_f64();
                     if json {

@@ -404,3 +404,63 @@ fn the_cli_verifies_proves_and_reports_balances() {
     assert_eq!(tampered.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&tampered.stderr).contains("tile/0/002"));
 }
+
+#[test]
+fn the_cli_follows_the_log_across_a_key_rotation() {
+    let events = traffic(400);
+    let (before, after) = events.split_at(300);
+    let log = write_log(before, 1_000);
+    let old_note = log.checkpoints.last().expect("checkpoint").clone();
+    // The key rotated: the writer takes the tree over with the new key
+    // (signing the same tree again) and goes on.
+    let new =
+        NoteSigner::new(ORIGIN, ed25519_dalek::SigningKey::from_bytes(&[77; 32])).expect("signer");
+    let mut w = LogWriter::open_rotated(
+        DirStore::open(log.path()).expect("store"),
+        new.clone(),
+        Some(&log.key),
+    )
+    .expect("rotated");
+    for e in after {
+        w.append(encode_entry(e).expect("encodes")).expect("append");
+    }
+    w.publish().expect("publish");
+    let p = |name: &str| log.path().join(name).display().to_string();
+    std::fs::write(p("old-checkpoint"), &old_note).expect("write");
+    std::fs::write(p("new-vkey"), new.verifier().to_key_string()).expect("vkey");
+    let base = log.base();
+    let across = stdout_json(&cli(&[
+        "verify",
+        &base,
+        "--json",
+        "--key",
+        &p("new-vkey"),
+        "--since",
+        &p("old-checkpoint"),
+        "--since-key",
+        &p("vkey"),
+    ]));
+    assert_eq!(across["ok"], true, "{across}");
+    assert_eq!(across["size"], events.len());
+    assert_eq!(across["since_size"], before.len());
+    // The old checkpoint is not the new key's statement, nor the log the old key's.
+    let same_key = cli(&[
+        "verify",
+        &base,
+        "--key",
+        &p("new-vkey"),
+        "--since",
+        &p("old-checkpoint"),
+    ]);
+    assert!(!same_key.status.success());
+    assert!(
+        String::from_utf8_lossy(&same_key.stderr).contains("old checkpoint"),
+        "{}",
+        String::from_utf8_lossy(&same_key.stderr)
+    );
+    assert!(
+        !cli(&["verify", &base, "--key", &p("vkey")])
+            .status
+            .success()
+    );
+}
