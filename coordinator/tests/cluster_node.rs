@@ -17,7 +17,7 @@ use common::harness::{admin, wait_for};
 use common::nodes::{ADMIN, get, shared_keys, start_node};
 use common::scripted::{MODEL, Script};
 use serde_json::{Value, json};
-use troop_coordinator::cluster::node;
+use troop_coordinator::cluster::{node, replay};
 
 const GRANT: u64 = 1_000_000;
 
@@ -66,7 +66,7 @@ fn two_nodes_serve_one_network_through_kafka_and_postgres() {
         .with_env_filter("warn")
         .try_init();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let (_db, _broker, cluster, client) = runtime.block_on(common::cluster::cluster("node", 4));
+    let (db, _broker, cluster, client) = runtime.block_on(common::cluster::cluster("node", 4));
     let dirs = shared_keys(2);
     let a = start_node("node-a", dirs[0].path(), &cluster);
     let b = start_node("node-b", dirs[1].path(), &cluster);
@@ -232,4 +232,39 @@ fn two_nodes_serve_one_network_through_kafka_and_postgres() {
         Ok(true),
         "node A let the worker banned through node B connect"
     );
+
+    // Kafka alone rebuilds every projection, the directory included: the
+    // key issued and revoked, the ban.
+    let log_key = node::shared_secret(&dirs[0].path().join("ledger.key")).expect("ledger key");
+    let signer = troop_ledger::note::NoteSigner::new(
+        "troop.local/ledger",
+        ed25519_dalek::SigningKey::from_bytes(&log_key),
+    )
+    .expect("signer");
+    let (target, target_client) = runtime.block_on(common::cluster::migrated_database());
+    let replayed = runtime
+        .block_on(replay::replay(&cluster, &target.url, signer.clone()))
+        .expect("replays");
+    assert_eq!(replayed.directory, 3, "issued, revoked, banned");
+    let revoked: bool = runtime
+        .block_on(
+            target_client.query_one("select revoked from api_keys where key_id = $1", &[&key_id]),
+        )
+        .expect("the replayed key")
+        .get(0);
+    assert!(revoked, "the revocation is replayed");
+    assert!(
+        runtime
+            .block_on(target_client.query_opt(
+                "select 1 from bans where worker = $1",
+                &[&worker_id.to_string()],
+            ))
+            .expect("query")
+            .is_some(),
+        "the ban is replayed"
+    );
+    let (_, _, differences) = runtime
+        .block_on(replay::compare(&db.url, &target.url, &signer.verifier()))
+        .expect("compares");
+    assert!(differences.is_empty(), "{differences:?}");
 }

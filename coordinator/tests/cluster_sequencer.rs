@@ -537,7 +537,7 @@ async fn replay_rebuilds_the_live_ledger_from_the_broker_alone() {
     let (live, replayed, differences) = replay::compare(&db.url, &target.url, &signer().verifier())
         .await
         .expect("compares");
-    assert_eq!((live.tables.len(), differences.len()), (5, 0));
+    assert_eq!((live.tables.len(), differences.len()), (8, 0));
     assert_eq!(live, replayed);
     client
         .execute(

@@ -307,6 +307,7 @@ fn replay(config: &Config, into: &str, compare: bool, json: bool) -> anyhow::Res
     let mut out = serde_json::json!({
         "entries": cp.size,
         "root": cp.root.to_base64(),
+        "directory_records": replayed.directory,
         "seconds": replayed.seconds,
         "entries_per_s": (cp.size as f64 / replayed.seconds.max(1e-9)).round(),
     });

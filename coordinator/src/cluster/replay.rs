@@ -33,6 +33,8 @@ use crate::eventlog::EventLogError;
 pub const REPLAY_BATCH_LEAVES: usize = 4_096;
 /// Records of `troop.sequence` read per fetch.
 const ORDER_READ_RECORDS: usize = 4_096;
+/// Records of a ledger partition read per fetch when replaying the directory.
+const DIRECTORY_READ_RECORDS: usize = 4_096;
 /// A checkpoint is published at least every this many leaves, so that the
 /// writer never holds more than this many unpublished entries.
 const PUBLISH_EVERY_LEAVES: u64 = 65_536;
@@ -155,6 +157,8 @@ pub struct Replayed {
     pub checkpoint: Checkpoint,
     /// Leaves the records of `troop.sequence` decide.
     pub leaves: u64,
+    /// Directory records (API keys issued and revoked, bans) projected.
+    pub directory: usize,
     pub seconds: f64,
 }
 
@@ -221,11 +225,75 @@ pub async fn replay(
         }
     }
     let writer = publish(writer).await?;
+    let directory = replay_directory(cluster, &mut client, reader).await?;
+    tracing::info!(
+        records = directory,
+        "replayed the directory (API keys, bans)"
+    );
     Ok(Replayed {
         checkpoint: writer.published().clone(),
         leaves: order.len(),
+        directory,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Projects the directory (API keys and bans) from every ledger partition,
+/// each read to its end in its own order, as the sequencer does: a key's
+/// issue and revocation are both in its account's partition and a ban in
+/// its worker's, so per-partition order is all the projection needs (its
+/// writes are idempotent). Returns the records projected. A second read of
+/// the partitions: the leaves' reads above skip what follows a partition's
+/// last leaf.
+async fn replay_directory(
+    cluster: &ClusterConfig,
+    client: &mut tokio_postgres::Client,
+    mut reader: TopicReader,
+) -> Result<usize, ReplayError> {
+    let partitions = cluster.ledger_partitions;
+    let mut projected = 0;
+    for p in 0..partitions {
+        let partition = i32::try_from(p).unwrap_or(i32::MAX);
+        let (back, end) = blocking(move || {
+            let end = reader.end(partition);
+            (reader, end)
+        })
+        .await?;
+        reader = back;
+        let end = end?;
+        let mut next = 0u64;
+        while next < end {
+            let (back, read) = blocking(move || {
+                let read = reader.read(partition, next, DIRECTORY_READ_RECORDS, end);
+                (reader, read)
+            })
+            .await?;
+            reader = back;
+            let records = read?;
+            let Some(last) = records.last().map(|r| r.offset) else {
+                break;
+            };
+            let mut directory = Vec::new();
+            for r in &records {
+                match crate::directory::Directory::from_record(&r.payload) {
+                    Some(Ok(d)) => directory.push(d),
+                    // As the sequencer's feed does.
+                    Some(Err(why)) => {
+                        tracing::error!(partition, offset = r.offset, %why, "a directory record that does not parse is skipped");
+                    }
+                    None => {}
+                }
+            }
+            if !directory.is_empty() {
+                let tx = client.transaction().await?;
+                crate::cluster::directory::project(&tx, &directory).await?;
+                tx.commit().await?;
+                projected += directory.len();
+            }
+            next = last + 1;
+        }
+    }
+    Ok(projected)
 }
 
 async fn publish(mut writer: LogWriter<PgLogStore>) -> Result<LogWriter<PgLogStore>, ReplayError> {
@@ -251,7 +319,7 @@ pub struct LedgerState {
 
 /// Each projection table replay rebuilds, as a query of its rows in key
 /// order (every column as text: numeric(39,0) has no binary Rust type here).
-const TABLES: [(&str, &str); 5] = [
+const TABLES: [(&str, &str); 8] = [
     (
         "ledger_entries",
         "select leaf_index::text, partition_id::text, event_offset::text, encode(entry, 'hex')
@@ -278,6 +346,21 @@ const TABLES: [(&str, &str); 5] = [
         "worker_registrations",
         "select worker, encode(worker_key, 'hex'), account
          from worker_registrations order by worker",
+    ),
+    (
+        "network_entries",
+        "select leaf_index::text from network_entries order by leaf_index",
+    ),
+    // Change numbers are left out: they order one database's changes for
+    // its readers, and differ between two databases by nature.
+    (
+        "api_keys",
+        "select key_id, account, encode(secret_hash, 'hex'), revoked::text
+         from api_keys order by key_id",
+    ),
+    (
+        "bans",
+        "select worker, at_ms::text from bans order by worker",
     ),
 ];
 
