@@ -95,12 +95,10 @@ pub fn previous_log_key(
     name: &str,
 ) -> anyhow::Result<Option<troop_ledger::note::NoteVerifier>> {
     let path = dir.join(PREVIOUS_LOG_KEY);
-    let Ok(text) = std::fs::read_to_string(&path) else {
+    if !path.exists() {
         return Ok(None);
-    };
-    let mut seed = [0u8; 32];
-    hex::decode_to_slice(text.trim(), &mut seed)
-        .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+    }
+    let seed = crate::cluster::node::shared_secret(&path)?;
     Ok(Some(
         NoteSigner::new(name, SigningKey::from_bytes(&seed))?.verifier(),
     ))

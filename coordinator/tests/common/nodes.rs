@@ -77,3 +77,24 @@ pub fn get(url: &str, key: &str, path: &str) -> Result<Value, u16> {
         Err(e) => panic!("{path}: {e}"),
     }
 }
+
+/// A chat completion through `url` served by a `Script::Inflate` worker:
+/// checks its text and that the node billed the three tokens it streamed,
+/// not the thousand claimed; returns the receipt's id.
+pub fn inflated_chat(url: &str, key: &str, what: &str) -> String {
+    let response = ureq::post(&format!("{url}/v1/chat/completions"))
+        .set("authorization", &format!("Bearer {key}"))
+        .send_json(serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}))
+        .expect(what);
+    let job = response
+        .header("troop-receipt")
+        .expect("receipt header")
+        .to_owned();
+    let body: Value = response.into_json().expect("json");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Hello there friend"
+    );
+    assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
+    job
+}
