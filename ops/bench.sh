@@ -27,18 +27,7 @@ lt="$bin/troop-loadtest"
 start_coordinator() { # DIR -> sets curl, cpid
     local dir="$1" port
     port="$(free_port)"
-    cat >"$dir.toml" <<TOML
-admin_token = "bench-admin"
-heartbeat_interval_ms = 10000
-# One account drives every stream: no per-account limits in the way.
-[rate_limits]
-requests_per_minute = 0
-max_in_flight = 0
-[[prices]]
-model = "mock"
-input_micro_per_1k = 100
-output_micro_per_1k = 300
-TOML
+    bench_settings "$dir.toml"
     "$bin/troop-coordinator" --config "$dir.toml" serve --listen "127.0.0.1:$port" --data-dir "$dir" >"$dir.log" 2>&1 &
     cpid=$!
     pids+=("$cpid")

@@ -6,7 +6,9 @@
 #
 #   ops/broker.sh start PORT [noida|tansu] [PARENT_PID]
 #       prints the PID once PORT accepts connections; with PARENT_PID, the
-#       broker is stopped when that process ends (tests that share one broker)
+#       broker is stopped when that process ends (tests that share one broker).
+#       noida-db keeps its data in $TROOP_BROKER_DATA when set (a test that
+#       restarts it on the same data), else in a fresh temporary folder
 #   ops/broker.sh dir                        # prints the install folder (installing if needed)
 set -euo pipefail
 dir="${TROOP_BROKER_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/troop/brokers}"
@@ -34,7 +36,9 @@ case "${1:-}" in
         log="${TMPDIR:-/tmp}/troop-broker-$port.log"
         case "$kind" in
             noida)
-                data="$(mktemp -d "${TMPDIR:-/tmp}/troop-broker-XXXXXX")"
+                data="${TROOP_BROKER_DATA:-}"
+                [ -n "$data" ] || data="$(mktemp -d "${TMPDIR:-/tmp}/troop-broker-XXXXXX")"
+                mkdir -p "$data"
                 # It warns once about GLIBC_2.39 on Debian 12; harmless.
                 "$dir/noida/noida_db/noida-db" start --only kafka --kafka-port "$port" --data-dir "$data" \
                     >"$log" 2>&1 &

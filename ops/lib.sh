@@ -1,4 +1,4 @@
-# Helpers shared by ops/demo.sh and ops/bench.sh (sourced, not run).
+# Helpers shared by ops/demo.sh and the ops/bench*.sh scripts (sourced, not run).
 # Processes started into `pids` are killed when the script exits.
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
@@ -19,4 +19,20 @@ wait_models() { # URL
         sleep 0.2
     done
     echo "timed out waiting for a worker at $1" >&2; exit 1
+}
+# A benchmark coordinator's settings, with EXTRA_TOML appended (a [cluster]).
+bench_settings() { # FILE [EXTRA_TOML]
+    cat >"$1" <<TOML
+admin_token = "bench-admin"
+heartbeat_interval_ms = 10000
+# One account drives every stream: no per-account limits in the way.
+[rate_limits]
+requests_per_minute = 0
+max_in_flight = 0
+[[prices]]
+model = "mock"
+input_micro_per_1k = 100
+output_micro_per_1k = 300
+${2:-}
+TOML
 }

@@ -7,13 +7,18 @@
 //! replay of Kafka reproduces the live projections. And a real `troop-agent`
 //! in front of a real llama.cpp server, whose node is killed, is back on
 //! another node within seconds, serving requests relayed from the third.
+//! And Postgres (a server of the test's own) stopped for ten seconds, as a
+//! crash would, under load from every node, and the broker frozen for three
+//! seconds: every refusal says when to retry, every request served is
+//! receipted once, nothing else is charged.
 
 mod common;
 #[path = "../../worker-agent/tests/common/model_server.rs"]
 mod model_server;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::harness::{Coordinator, LogsOnPanic, consumer, start_binary, wait_for, wait_for_up_to};
@@ -60,9 +65,7 @@ fn start(name: &str, dir: &std::path::Path, cluster: &ClusterConfig) -> Coordina
             data,
         ],
     );
-    wait_for("the node", || {
-        ureq::get(&format!("{}/v1/models", node.1)).call().is_ok()
-    });
+    common::harness::wait_until_ready(&node.1);
     node
 }
 
@@ -116,6 +119,13 @@ fn survivors(victim: usize) -> (usize, usize) {
     }
 }
 
+/// One row of the `receipts` projection.
+struct ReceiptRow {
+    job: String,
+    worker: String,
+    charged_micro: i64,
+}
+
 /// Three node processes on one broker and database, with what a test asks
 /// of them. Dropping it kills what is still running.
 struct ThreeNodes {
@@ -126,15 +136,20 @@ struct ThreeNodes {
     _logs: LogsOnPanic,
     dirs: Vec<tempfile::TempDir>,
     db: common::services::Database,
-    _broker: common::services::Broker,
+    broker: common::services::Broker,
     runtime: tokio::runtime::Runtime,
 }
 
 impl ThreeNodes {
     fn start(prefix: &str) -> Self {
+        Self::start_on(prefix, common::services::Database::create())
+    }
+
+    /// [`Self::start`] with the projections in `db`.
+    fn start_on(prefix: &str, db: common::services::Database) -> Self {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         let (db, broker, cluster, client) =
-            runtime.block_on(common::cluster::cluster(prefix, PARTITIONS));
+            runtime.block_on(common::cluster::cluster_on(db, prefix, PARTITIONS));
         let dirs = shared_keys(3);
         let logs = LogsOnPanic(dirs.iter().map(|d| d.path().join("troop.log")).collect());
         let names = ["node-0", "node-1", "node-2"];
@@ -151,9 +166,36 @@ impl ThreeNodes {
             _logs: logs,
             dirs,
             db,
-            _broker: broker,
+            broker,
             runtime,
         }
+    }
+
+    /// A new client on the database (the old one died with its server).
+    fn reconnect(&mut self) {
+        self.client = self
+            .runtime
+            .block_on(troop_coordinator::cluster::migrate::connect_postgres(
+                &self.cluster,
+            ))
+            .expect("postgres");
+    }
+
+    /// The receipts charging `consumer`, as projected in Postgres.
+    fn receipts(&self, consumer: &str) -> Vec<ReceiptRow> {
+        self.runtime
+            .block_on(self.client.query(
+                "select job, worker, charged_micro from receipts where consumer = $1",
+                &[&consumer],
+            ))
+            .expect("receipts")
+            .iter()
+            .map(|r| ReceiptRow {
+                job: r.get(0),
+                worker: r.get(1),
+                charged_micro: r.get(2),
+            })
+            .collect()
     }
 
     fn url(&self, i: usize) -> String {
@@ -331,7 +373,8 @@ fn chat(url: &str, key: &str, stream: bool) -> (String, u64) {
         "stream_options": {"include_usage": true},
     });
     // A 503 is retried after its Retry-After, as the OpenAI SDKs do: for a
-    // second or two after a node dies its stale offers are still tried first.
+    // second or two after a node dies its stale offers are still tried first,
+    // and a node just started has not read the prices yet.
     let mut refusals = 0;
     let response = loop {
         match ureq::post(&format!("{url}/v1/chat/completions"))
@@ -386,6 +429,33 @@ fn chat(url: &str, key: &str, stream: bool) -> (String, u64) {
     (text, tokens.expect("a usage chunk"))
 }
 
+/// A real `troop-agent` with two slots in front of the engine at
+/// `engine_url`, trying `coordinators` in order, on a thread of its own;
+/// it drains and stops once the returned sender says `true`.
+fn spawn_agent(
+    coordinators: Vec<String>,
+    engine_url: String,
+    identity: troop_agent::identity::Identity,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    std::thread::JoinHandle<()>,
+) {
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let agent = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(async move {
+                let engine =
+                    troop_agent::engine::probe(&troop_agent::engine::client(), &engine_url)
+                        .await
+                        .expect("engine");
+                let agent = troop_agent::link::Agent::new(coordinators, engine, identity, 2);
+                troop_agent::link::run(agent, stop_rx).await;
+            });
+    });
+    (stop, agent)
+}
+
 /// Whether node `url` has the worker `worker` connected.
 fn holds_worker(url: &str, worker: &str) -> bool {
     common::harness::admin_get(url, ADMIN, "/admin/workers")["workers"]
@@ -411,23 +481,11 @@ fn a_real_agent_whose_node_dies_serves_on_from_another_node() {
         (nodes.url(victim), nodes.url(refuge), nodes.url(front));
 
     // The agent knows the victim first, then the refuge.
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let agent = {
-        let (coordinators, engine_url) =
-            (vec![victim_url.clone(), refuge_url.clone()], model.url());
-        std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .expect("runtime")
-                .block_on(async move {
-                    let engine =
-                        troop_agent::engine::probe(&troop_agent::engine::client(), &engine_url)
-                            .await
-                            .expect("engine");
-                    let agent = troop_agent::link::Agent::new(coordinators, engine, identity, 2);
-                    troop_agent::link::run(agent, stop_rx).await;
-                });
-        })
-    };
+    let (stop, agent) = spawn_agent(
+        vec![victim_url.clone(), refuge_url.clone()],
+        model.url(),
+        identity,
+    );
     let worker = worker.to_string();
     wait_for("the agent on the victim", || {
         holds_worker(&victim_url, &worker)
@@ -467,15 +525,10 @@ fn a_real_agent_whose_node_dies_serves_on_from_another_node() {
 
     let mut charged = 0;
     wait_for("both settlements in the receipts", || {
-        let rows = nodes
-            .runtime
-            .block_on(nodes.client.query(
-                "select charged_micro from receipts where consumer = $1 and worker = $2",
-                &[&account, &worker],
-            ))
-            .expect("receipts");
-        charged = rows.iter().map(|r| r.get::<_, i64>(0)).sum();
-        rows.len() == 2
+        let rows = nodes.receipts(&account);
+        let by_worker: Vec<_> = rows.iter().filter(|r| r.worker == worker).collect();
+        charged = by_worker.iter().map(|r| r.charged_micro).sum();
+        by_worker.len() == 2
     });
     let charged = u64::try_from(charged).expect("≥ 0");
     wait_for("the balance", || {
@@ -484,4 +537,296 @@ fn a_real_agent_whose_node_dies_serves_on_from_another_node() {
     nodes.audit_and_replay(&front_url, &since, &consumer_id, GRANT - charged);
     stop.send_replace(true);
     agent.join().expect("the agent drains and stops");
+}
+
+/// What one request of [`load`] came to, and in which phase of a fault test
+/// it was sent (0 before the fault, 1 during it, 2 after) to which node.
+#[derive(Debug)]
+enum Outcome {
+    Served {
+        job: String,
+        phase: u8,
+        node: usize,
+    },
+    Refused {
+        status: u16,
+        code: String,
+        retry_after: bool,
+        phase: u8,
+        node: usize,
+    },
+}
+
+/// Asks `url` (node `node`) for chat completions of the real model one after
+/// another until `stop`; counts in `relayed_after` those served that were
+/// sent after the fault to a node other than the agent's (node 0).
+fn load(
+    node: usize,
+    url: String,
+    key: String,
+    phase: Arc<AtomicU8>,
+    relayed_after: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Outcome>> {
+    std::thread::spawn(move || {
+        // A request that hangs is a failure too.
+        let http = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(60))
+            .build();
+        let body = json!({"model": REAL_MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8});
+        let mut outcomes = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let at = phase.load(Ordering::SeqCst);
+            match http
+                .post(&format!("{url}/v1/chat/completions"))
+                .set("authorization", &format!("Bearer {key}"))
+                .send_json(body.clone())
+            {
+                Ok(r) => {
+                    let job = r.header("troop-receipt").expect("names its receipt");
+                    let job = job.to_owned();
+                    let v: Value = r.into_json().expect("json");
+                    assert!(v["usage"]["completion_tokens"].as_u64() > Some(0), "{v}");
+                    if at == 2 && node != 0 {
+                        relayed_after.fetch_add(1, Ordering::SeqCst);
+                    }
+                    outcomes.push(Outcome::Served {
+                        job,
+                        phase: at,
+                        node,
+                    });
+                }
+                Err(ureq::Error::Status(status, r)) => {
+                    let retry_after = r.header("retry-after").is_some();
+                    let v: Value = r.into_json().unwrap_or_default();
+                    if status != 503 {
+                        eprintln!("node {node}, phase {at}: {status} {v}");
+                    }
+                    outcomes.push(Outcome::Refused {
+                        status,
+                        code: v["error"]["code"].as_str().unwrap_or_default().to_owned(),
+                        retry_after,
+                        phase: at,
+                        node,
+                    });
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("{url}: {e}"),
+            }
+        }
+        outcomes
+    })
+}
+
+/// The real agent on node 0 and consumers on every node (two of them relayed
+/// to the agent's node) asking for completions before `fault` (phase 0),
+/// while it runs (1) and after it returns (2), until requests are relayed
+/// again. Returns every outcome and a checkpoint taken before the fault.
+fn outcomes_around(
+    nodes: &mut ThreeNodes,
+    key: &str,
+    model_url: String,
+    fault: impl FnOnce(&mut ThreeNodes),
+) -> (Vec<Outcome>, String) {
+    let urls: Vec<String> = (0..3).map(|i| nodes.url(i)).collect();
+    let keys = tempfile::tempdir().expect("dir");
+    let (identity, _) =
+        troop_agent::identity::load_or_create(&keys.path().join("worker.key")).expect("identity");
+    let (stop_agent, agent) = spawn_agent(urls.clone(), model_url, identity);
+    for url in &urls {
+        wait_for("every node to offer the real model", || {
+            get(url, key, "/v1/models").is_ok_and(|m| {
+                m["data"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().any(|m| m["id"] == REAL_MODEL))
+            })
+        });
+    }
+
+    let phase = Arc::new(AtomicU8::new(0));
+    let relayed_after = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumers: Vec<_> = urls
+        .iter()
+        .enumerate()
+        .map(|(node, url)| {
+            load(
+                node,
+                url.clone(),
+                key.to_owned(),
+                Arc::clone(&phase),
+                Arc::clone(&relayed_after),
+                Arc::clone(&stop),
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let since = checkpoint(&urls[0]);
+
+    phase.store(1, Ordering::SeqCst);
+    fault(nodes);
+    phase.store(2, Ordering::SeqCst);
+    let recovered = Instant::now();
+    // Relaying needs the other nodes' offers, read from Postgres, and their
+    // holds, written to Kafka.
+    wait_for_up_to(
+        "requests relayed again after the fault",
+        Duration::from_secs(120),
+        || relayed_after.load(Ordering::SeqCst) >= 2,
+    );
+    eprintln!(
+        "relayed again {} ms after the fault ended",
+        recovered.elapsed().as_millis()
+    );
+    stop.store(true, Ordering::SeqCst);
+    let outcomes = consumers
+        .into_iter()
+        .flat_map(|c| c.join().expect("every request answered"))
+        .collect();
+    stop_agent.send_replace(true);
+    agent.join().expect("the agent drains and stops");
+    (outcomes, since)
+}
+
+/// Requests by (phase, node, "served" or the refusal's status and code).
+type Tally = BTreeMap<(u8, usize, String), usize>;
+
+/// Checks that every refusal in `outcomes` was one a client can act on (a
+/// 503 saying when to retry) and that each request served names its own
+/// receipt; returns the jobs served and a tally by (phase, node, outcome).
+fn served_and_tally(outcomes: &[Outcome]) -> (BTreeSet<String>, Tally) {
+    let mut served: BTreeSet<String> = BTreeSet::new();
+    let mut tally = Tally::new();
+    for o in outcomes {
+        match o {
+            Outcome::Served { job, phase, node } => {
+                assert!(served.insert(job.clone()), "one receipt per request");
+                *tally.entry((*phase, *node, "served".into())).or_default() += 1;
+            }
+            Outcome::Refused {
+                status,
+                code,
+                retry_after,
+                phase,
+                node,
+            } => {
+                assert!(
+                    *status == 503 && *retry_after,
+                    "{status} {code} (phase {phase}, node {node}): a refusal says when to retry"
+                );
+                *tally
+                    .entry((*phase, *node, format!("{status} {code}")))
+                    .or_default() += 1;
+            }
+        }
+    }
+    eprintln!("outcomes by (phase, node): {tally:?}");
+    assert!(
+        tally.contains_key(&(0, 0, "served".into())),
+        "served before the fault"
+    );
+    (served, tally)
+}
+
+/// Every request `served` has its receipt and no other charged the consumer
+/// (`account`, with the key `key`); every hold placed closed exactly once;
+/// then [`ThreeNodes::audit_and_replay`] since the checkpoint `since`.
+fn nothing_lost(
+    nodes: &ThreeNodes,
+    served: &BTreeSet<String>,
+    account: &str,
+    key: &str,
+    since: &str,
+) {
+    let consumer_id: AccountId = account.parse().expect("id");
+    let url = nodes.url(0);
+    wait_for_up_to("every hold closed", Duration::from_secs(60), || {
+        get(&url, key, "/v1/account")
+            .is_ok_and(|v| v["holds"].as_array().is_some_and(Vec::is_empty))
+    });
+    let mut charged = 0;
+    wait_for("the receipts of every request served", || {
+        let rows = nodes.receipts(account);
+        let jobs: BTreeSet<String> = rows.iter().map(|r| r.job.clone()).collect();
+        charged = rows.iter().map(|r| r.charged_micro).sum();
+        assert!(jobs.is_subset(served), "charged for a request not served");
+        jobs == *served
+    });
+    let charged = u64::try_from(charged).expect("≥ 0");
+    let events = nodes
+        .runtime
+        .block_on(common::cluster::ledger_events(&nodes.client));
+    let mut closed: BTreeMap<troop_schemas::HoldId, usize> = BTreeMap::new();
+    let mut placed = 0;
+    for e in &events {
+        match e {
+            troop_schemas::Event::HoldPlaced { account, .. } if *account == consumer_id => {
+                placed += 1;
+            }
+            troop_schemas::Event::HoldSettled { hold, .. }
+            | troop_schemas::Event::HoldVoided { hold, .. }
+            | troop_schemas::Event::HoldExpired { hold, .. } => {
+                *closed.entry(*hold).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(closed.values().all(|n| *n == 1), "a hold closed twice");
+    assert_eq!(closed.len(), placed, "every hold placed closed");
+    wait_for("the balance", || {
+        get(&url, key, "/v1/account").is_ok_and(|v| balance(&v) == GRANT - charged)
+    });
+    nodes.audit_and_replay(&url, since, &consumer_id, GRANT - charged);
+}
+
+#[test]
+fn stopping_postgres_for_ten_seconds_under_load_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let model = model_server::ModelServer::start();
+    // A server of its own, since this test stops it.
+    let postgres = common::services::PrivatePostgres::start();
+    let mut nodes = ThreeNodes::start_on(
+        "pg-stop",
+        common::services::Database::create_on(&postgres.admin),
+    );
+    let (account, key) = consumer(&nodes.url(0), ADMIN, GRANT);
+    let (outcomes, since) = outcomes_around(&mut nodes, &key, model.url(), |_| {
+        postgres.stop();
+        std::thread::sleep(Duration::from_secs(10));
+        postgres.restart();
+    });
+    let (served, tally) = served_and_tally(&outcomes);
+    // Owners judge from memory and write to Kafka: the agent's own node
+    // serves on while Postgres is down.
+    assert!(
+        tally.contains_key(&(1, 0, "served".into())),
+        "served during the stop"
+    );
+    nodes.reconnect();
+    nothing_lost(&nodes, &served, &account, &key, &since);
+}
+
+#[test]
+fn pausing_the_broker_under_load_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let model = model_server::ModelServer::start();
+    let mut nodes = ThreeNodes::start("broker-pause");
+    let (account, key) = consumer(&nodes.url(0), ADMIN, GRANT);
+    // Shorter than the partition owners' group session: noida-db wedges a
+    // group whose every member timed out (it keeps the dead leader; CLUSTER.md).
+    let (outcomes, since) = outcomes_around(&mut nodes, &key, model.url(), |nodes| {
+        nodes.broker.pause();
+        std::thread::sleep(Duration::from_secs(3));
+        nodes.broker.resume();
+    });
+    let (served, tally) = served_and_tally(&outcomes);
+    // Requests sent while it was frozen waited for it or were refused; after
+    // it, requests are served again (relayed ones too: `outcomes_around`).
+    assert!(
+        tally
+            .keys()
+            .any(|(phase, _, o)| *phase == 2 && o == "served"),
+        "served after the pause"
+    );
+    nothing_lost(&nodes, &served, &account, &key, &since);
 }

@@ -256,6 +256,28 @@ async fn a_new_owner_fences_the_old_one_and_no_account_is_overdrawn_across_the_h
         )
     );
     assert_eq!(account.debits_pending, 50_000, "hold j1 is open");
+
+    // A broker that lost acknowledged records (noida-db killed before it
+    // saved them): the partition's log ends before what was sequenced from
+    // it, and nobody judges on it, since new records would take old numbers.
+    let lost_dir = tempfile::tempdir().expect("dir");
+    let empty = troop_coordinator::eventlog::file::FileLog::open(
+        lost_dir.path(),
+        troop_coordinator::eventlog::file::FileLogConfig::default(),
+    )
+    .expect("an empty log");
+    let lost = PartitionBooks::load(
+        &client,
+        std::sync::Arc::new(empty),
+        &config.topic("ledger"),
+        i32::try_from(p).expect("small"),
+        PARTITIONS,
+    )
+    .await;
+    assert!(
+        matches!(lost, Err(OwnerError::LogLost { log_end: 0, applied, .. }) if applied > 0),
+        "{lost:?}"
+    );
     sequencer.stop().await.expect("stops");
 }
 

@@ -9,19 +9,83 @@ mod common;
 use common::harness::{consumer, wait_for};
 use common::nodes::{ADMIN, get, inflated_chat, shared_keys, start_node};
 use common::scripted::{MODEL, Script, UNTIL_CANCELLED_MAX};
+use std::time::{Duration, Instant};
+
 use serde_json::{Value, json};
 
 const GRANT: u64 = 1_000_000;
 
-/// Waits until node `url` offers `MODEL` (from another node's presence).
-fn wait_offered(url: &str, key: &str) {
-    wait_for("the model offered through the other node", || {
-        get(url, key, "/v1/models").is_ok_and(|m| {
+/// Waits until node `url` offers `MODEL` (from another node's presence)
+/// while `worker` runs; a timeout says what the nodes had published.
+fn wait_offered(
+    url: &str,
+    key: &str,
+    worker: &std::thread::JoinHandle<()>,
+    published: impl Fn() -> String,
+) {
+    let start = Instant::now();
+    loop {
+        let models = get(url, key, "/v1/models");
+        if models.as_ref().is_ok_and(|m| {
             m["data"]
                 .as_array()
                 .is_some_and(|d| d.iter().any(|e| e["id"] == MODEL))
-        })
-    });
+        }) {
+            return;
+        }
+        assert!(
+            !worker.is_finished(),
+            "the worker ended before its model was offered through the other node (its panic is above)"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the model was not offered through the other node in 30 s: /v1/models {models:?}; {}",
+            published()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What every node published, for a failure's message.
+async fn published(client: &tokio_postgres::Client) -> String {
+    let now = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+    let presence = client
+        .query(
+            &format!(
+                "select node, model, workers, free_slots, {now} - updated_ms from worker_presence"
+            ),
+            &[],
+        )
+        .await;
+    let nodes = client
+        .query(
+            &format!("select node, internal_url, {now} - last_seen_ms from nodes"),
+            &[],
+        )
+        .await;
+    let rows = |r: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>, n: usize| match r {
+        Ok(rows) => rows
+            .iter()
+            .map(|row| {
+                (0..n)
+                    .map(|i| {
+                        row.try_get::<_, String>(i)
+                            .or_else(|_| row.try_get::<_, i32>(i).map(|v| v.to_string()))
+                            .or_else(|_| row.try_get::<_, i64>(i).map(|v| v.to_string()))
+                            .unwrap_or_default()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        Err(e) => e.to_string(),
+    };
+    format!(
+        "worker_presence (node model workers free_slots age_ms): [{}]; nodes (node url age_ms): [{}]",
+        rows(presence, 5),
+        rows(nodes, 3)
+    )
 }
 
 /// Waits for the account's holds to be settled; its balance then.
@@ -65,7 +129,8 @@ fn a_request_on_one_node_is_served_by_a_worker_on_another() {
 
     // The only worker is on node B; node A learns of it from B's presence.
     let worker = common::scripted::spawn(b.clone(), Script::Inflate);
-    wait_offered(&a, &key);
+    let published = || runtime.block_on(published(&client));
+    wait_offered(&a, &key, &worker, published);
     let presence = runtime
         .block_on(client.query_one(
             "select workers, free_slots from worker_presence where node = 'node-b' and model = $1",
@@ -117,7 +182,7 @@ fn a_request_on_one_node_is_served_by_a_worker_on_another() {
     wait_for("node B to offer its new worker", || {
         offered_by_b("free_slots > 0")
     });
-    wait_offered(&a, &key);
+    wait_offered(&a, &key, &worker, published);
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000, "stream": true});
     let resp = ureq::post(&format!("{a}/v1/chat/completions"))
         .set("authorization", &format!("Bearer {key}"))

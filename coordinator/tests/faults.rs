@@ -127,6 +127,40 @@ fn a_worker_vanishing_mid_stream_leaves_no_hold_and_no_charge() {
 }
 
 #[test]
+fn a_priced_model_no_worker_serves_is_503_with_retry_after_and_an_unpriced_one_404() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = start_in_process(config(dir.path()));
+    let (_, key) = consumer(&url, ADMIN, GRANT);
+    let ask = |model: &str| {
+        chat_response(
+            &url,
+            &key,
+            json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+    };
+    // Workers come and go (one moving between nodes): worth asking again.
+    let offline = ask(MODEL);
+    assert_eq!(offline.status(), 503);
+    let retry: u64 = offline
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry), "{retry}");
+    let err: serde_json::Value = offline.into_json().expect("json");
+    assert_eq!(err["error"]["code"], "no_capacity");
+    assert_eq!(err["error"]["param"], "model");
+    // A model with no price does not exist here: not worth asking again.
+    let unknown = ask("no-such-model");
+    assert_eq!(unknown.status(), 404);
+    assert!(unknown.header("retry-after").is_none());
+    let err: serde_json::Value = unknown.into_json().expect("json");
+    assert_eq!(err["error"]["code"], "model_not_found");
+    assert_eq!(balance(&url, &key), GRANT, "nothing charged");
+    wait_settled(&url, &key);
+}
+
+#[test]
 fn an_account_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = start_in_process(Config {

@@ -28,6 +28,9 @@ pub struct Registry {
     /// What the other nodes of a cluster offer, as last read (empty when
     /// embedded): a request no worker here can take is relayed to one.
     offers: Vec<Offer>,
+    /// When `offers` were read (this node's clock, ms): a failed read leaves
+    /// them in use until [`placement::OFFERS_VALID_MS`] old.
+    offers_read_ms: u64,
     pub heartbeat_timeout_ms: u64,
     summarizer: Summarizer,
     sink: WorkerEventSink,
@@ -38,10 +41,15 @@ impl Registry {
         Self {
             workers: HashMap::new(),
             offers: Vec::new(),
+            offers_read_ms: 0,
             heartbeat_timeout_ms,
             summarizer: Summarizer::new(heartbeat_epoch_ms),
             sink,
         }
+    }
+
+    fn offers(&self, now_ms: u64) -> &[Offer] {
+        placement::usable_offers(&self.offers, self.offers_read_ms, now_ms)
     }
 }
 
@@ -183,7 +191,7 @@ impl Handler<Place> for Registry {
             Err(e) if !msg.relay => return Err(e),
             Err(e) => e,
         };
-        match placement::choose_offer(&self.offers, &msg.model, &msg.exclude_nodes) {
+        match placement::choose_offer(self.offers(msg.now_ms), &msg.model, &msg.exclude_nodes) {
             Ok(offer) => {
                 let offer = offer.clone();
                 // Until the node publishes again, count the slot as taken.
@@ -202,15 +210,19 @@ impl Handler<Place> for Registry {
     }
 }
 
-/// The other nodes' offers, as just read: they replace the last ones.
+/// The other nodes' offers, as read at `read_ms`: they replace the last ones.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct Offers(pub Vec<Offer>);
+pub struct Offers {
+    pub offers: Vec<Offer>,
+    pub read_ms: u64,
+}
 
 impl Handler<Offers> for Registry {
     type Result = ();
     fn handle(&mut self, msg: Offers, _: &mut Self::Context) {
-        self.offers = msg.0;
+        self.offers = msg.offers;
+        self.offers_read_ms = msg.read_ms;
     }
 }
 
@@ -301,7 +313,7 @@ impl Handler<Models> for Registry {
             }
         }
         // Served through another node just the same.
-        for o in &self.offers {
+        for o in self.offers(msg.now_ms) {
             let p = &o.presence;
             let s = by_model.entry(p.model.clone()).or_insert(ModelSummary {
                 name: p.model.clone(),

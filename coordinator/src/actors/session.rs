@@ -268,14 +268,60 @@ fn failure_reason(end: Option<&JobEnd>, silent: &str) -> String {
     }
 }
 
+/// How long a hold's settlement or void is asked again while its judge
+/// cannot answer (a broker or an owner restarting): the worker's pay and the
+/// consumer's reserved credits ride on it.
+const RESOLVE_RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// Commits `event`, which closes a hold of `account`, asking again while the
+/// books cannot judge or the outcome of a try is unknown. Asking again is
+/// safe: a hold closes once, and closing it again is refused as not open,
+/// which after an unknown outcome means an earlier try (or the hold's expiry)
+/// closed it.
+async fn resolve(state: &AppState, account: AccountId, event: &Event) -> Result<(), MoneyError> {
+    let deadline = tokio::time::Instant::now() + RESOLVE_RETRY_FOR;
+    let mut wait = Duration::from_millis(100);
+    let mut unknown_before = false;
+    loop {
+        match commit_as(state, account, event.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(MoneyError::Refused(r)) if unknown_before && r.code == Refusal::HOLD_NOT_OPEN => {
+                tracing::warn!("a hold closed by a try whose outcome was unknown (or expired)");
+                return Ok(());
+            }
+            Err(e @ (MoneyError::Unavailable(_) | MoneyError::Unknown(_)))
+                if tokio::time::Instant::now() + wait < deadline =>
+            {
+                unknown_before |= matches!(e, MoneyError::Unknown(_));
+                tracing::warn!(error = %e, ?wait, "closing a hold: asking again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Voids `hold`: at once when the books answer, else asked again in the
+/// background (the caller's answer does not wait for a restart).
 async fn void(state: &AppState, account: AccountId, hold: HoldId, reason: VoidReason) {
     let voided = Event::HoldVoided {
         hold,
         reason,
         at_ms: now_ms(),
     };
-    if let Err(e) = commit_as(state, account, voided).await {
-        tracing::error!(%hold, error = %e, "voiding a hold failed");
+    match commit_as(state, account, voided.clone()).await {
+        Ok(_) => {}
+        Err(e @ (MoneyError::Unavailable(_) | MoneyError::Unknown(_))) => {
+            tracing::warn!(%hold, error = %e, "voiding a hold: asking again in the background");
+            let state = state.clone();
+            actix::spawn(async move {
+                if let Err(e) = resolve(&state, account, &voided).await {
+                    tracing::error!(%hold, error = %e, "voiding a hold failed; it expires on its own");
+                }
+            });
+        }
+        Err(e) => tracing::error!(%hold, error = %e, "voiding a hold failed"),
     }
 }
 
@@ -294,10 +340,9 @@ async fn open(
     account: AccountId,
     received: Instant,
 ) -> Result<(Opened, OpenJob), ApiError> {
-    let schedule = state
-        .schedule
-        .get()
-        .ok_or_else(|| ApiError::model_not_found(&request.model))?;
+    // Genesis always publishes a schedule (empty when no price is set), so
+    // none means this node has not read it yet: it is starting.
+    let schedule = state.schedule.get().ok_or_else(ApiError::starting)?;
     let estimate = billing::prompt_tokens_estimate(request.prompt_bytes, request.messages);
     let reserved = billing::hold_amount(
         &schedule,
@@ -350,6 +395,18 @@ async fn open(
                 "the hold could not be placed now: {why}"
             )));
         }
+        // Placed or not, its judge cannot say now (an owner or the broker
+        // restarting; a resend after such a try finds the hold there): it is
+        // voided when the books answer, or expires, and nothing ran.
+        Err(e)
+            if matches!(&e, MoneyError::Unknown(_))
+                || matches!(&e, MoneyError::Refused(r) if r.code == Refusal::ALREADY_EXISTS) =>
+        {
+            void(&state, account, hold, VoidReason::Failed).await;
+            return Err(ApiError::unavailable(format!(
+                "the hold could not be placed now: {e}"
+            )));
+        }
         Err(e) => {
             return Err(ApiError::upstream(format!(
                 "the books refused the hold: {e}"
@@ -378,9 +435,10 @@ async fn open(
             Ok(Ok(placed)) => placed,
             // The workers tried are gone too: busy, not unknown.
             Ok(Err(NoWorker::UnknownModel)) if !exclude.is_empty() => break,
+            // Priced (the hold says so) but served by no worker now.
             Ok(Err(NoWorker::UnknownModel)) => {
                 void(&state, account, hold, VoidReason::Failed).await;
-                return Err(ApiError::model_not_found(&request.model));
+                return Err(ApiError::model_unavailable(&request.model, 2));
             }
             Ok(Err(NoWorker::NoCapacity)) | Err(_) => break,
         };
@@ -665,7 +723,7 @@ async fn settle(
     // A worker registered a moment ago in another partition may not have
     // reached the consumer's judge yet: the settlement waits for it.
     let settlement = crate::money::until_known(crate::money::Refusal::UNKNOWN_WORKER, || {
-        commit_as(&state, account, settled.clone())
+        resolve(&state, account, &settled)
     });
     match settlement.await {
         Ok(_) => {

@@ -74,7 +74,23 @@ impl ApiError {
                 404,
                 "invalid_request_error",
                 Some("model_not_found"),
-                format!("The model `{shown}` does not exist or no worker serves it."),
+                format!("The model `{shown}` does not exist (it has no price on this network)."),
+            )
+        }
+    }
+    /// A priced model that no worker serves now: workers come and go (an
+    /// agent moving between nodes, a node whose offers are being re-read), so
+    /// asking again shortly may work, unlike a 404.
+    pub fn model_unavailable(model: &str, retry_after_s: u64) -> Self {
+        let shown: String = model.chars().take(128).collect();
+        Self {
+            retry_after_s: Some(retry_after_s),
+            param: Some("model"),
+            ..Self::new(
+                503,
+                "server_error",
+                Some("no_capacity"),
+                format!("No worker serves the model `{shown}` now. Retry shortly."),
             )
         }
     }
@@ -115,6 +131,11 @@ impl ApiError {
             retry_after_s: Some(1),
             ..Self::new(503, "server_error", Some("service_unavailable"), message)
         }
+    }
+    /// A cluster node that has not read the network's prices yet: it cannot
+    /// place a hold, and is not ready (`/health/ready`).
+    pub fn starting() -> Self {
+        Self::unavailable("this node is starting: it has not read the network's prices yet")
     }
     /// A write whose outcome is unknown: not acknowledged, and not to be
     /// sent again blindly (look before retrying).
@@ -405,6 +426,10 @@ mod tests {
             ApiError::model_not_found("x").body()["error"]["code"],
             "model_not_found"
         );
+        let e = ApiError::model_unavailable("m", 2);
+        assert_eq!((e.status, e.retry_after_s), (503, Some(2)));
+        assert_eq!(e.body()["error"]["code"], "no_capacity");
+        assert_eq!(e.body()["error"]["param"], "model");
     }
 
     #[test]

@@ -153,6 +153,7 @@ pub fn serve(
             None => app.configure(|_| {}),
         }
     })
+    .on_connect(crate::server::no_delay)
     .workers(2)
     .disable_signals()
     .listen(listener)?

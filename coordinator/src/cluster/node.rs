@@ -295,6 +295,8 @@ pub async fn publish_genesis(state: &AppState) -> anyhow::Result<()> {
                 crate::server::now_ms(),
             )?;
             if events.is_empty() {
+                // Serve at these prices now, not at the next refresh.
+                state.schedule.set(network.schedule.as_ref());
                 return anyhow::Ok(true);
             }
             let verdicts = state

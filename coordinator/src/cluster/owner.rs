@@ -64,6 +64,16 @@ pub enum OwnerError {
     Diverged(String),
     #[error("a write failed after the fold moved: load the partition again")]
     Poisoned,
+    #[error(
+        "partition {partition}'s log ends at record {log_end}, but records up to {applied} were \
+         read before: the broker lost records it had acknowledged; restore its data before this \
+         partition is judged again"
+    )]
+    LogLost {
+        partition: i32,
+        log_end: u64,
+        applied: u64,
+    },
     #[error("this node does not own partition {0} (or has not loaded it yet)")]
     NotOwned(i32),
     #[error("a blocking task failed: {0}")]
@@ -251,6 +261,17 @@ impl PartitionBooks {
             for record in batch {
                 books.fold_record(partition, record.offset, &record.payload, false)?;
             }
+        }
+        // A log shorter than what was read from it (a broker that lost
+        // acknowledged records in a crash): judging on would number new
+        // records over ones the ledger already has.
+        let (log_end, applied) = (books.log.next_offset(), books.next(partition));
+        if log_end < applied {
+            return Err(OwnerError::LogLost {
+                partition,
+                log_end,
+                applied,
+            });
         }
         Ok(books)
     }

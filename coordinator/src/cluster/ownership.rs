@@ -28,6 +28,9 @@ use crate::eventlog::EventLogError;
 const POLL: Duration = Duration::from_millis(100);
 /// A member silent this long is dead to the group: its partitions move.
 pub const SESSION_TIMEOUT_MS: u32 = 6_000;
+/// Most time between two polls of a member (it polls every [`POLL`]), and the
+/// longest a rebalance waits for known members.
+const MAX_POLL_INTERVAL_MS: u32 = 10_000;
 
 /// The current assignment, shared with the polling thread's callbacks.
 type Owned = Arc<Mutex<BTreeSet<i32>>>;
@@ -108,6 +111,12 @@ impl Ownership {
             .set("enable.auto.commit", "false")
             .set("session.timeout.ms", SESSION_TIMEOUT_MS.to_string())
             .set("heartbeat.interval.ms", "1000")
+            // Also how long a rebalance waits for the members it knew to join
+            // again: after the broker was unreachable, every member left and
+            // rejoins, and a broker that waits for members gone would leave
+            // the partitions without owners for librdkafka's default 300 s.
+            // The member polls every 100 ms, so it is never this late.
+            .set("max.poll.interval.ms", MAX_POLL_INTERVAL_MS.to_string())
             .set("partition.assignment.strategy", "roundrobin")
             .create_with_context(OwnerContext {
                 owned: Arc::clone(&owned),

@@ -154,8 +154,8 @@ pub async fn offers(
 
 /// Every `every`: publishes what this node's workers offer and hands the
 /// registry what the others offer. When Postgres cannot be reached, the
-/// registry offers nothing remote (what it knew goes stale), and this
-/// node's own workers still serve.
+/// registry uses what it last read until that is too old, then offers nothing
+/// remote; this node's own workers still serve.
 pub async fn follow(pg: Arc<Reconnecting>, me: String, registry: Addr<Registry>, every: Duration) {
     loop {
         let looked = async {
@@ -171,11 +171,12 @@ pub async fn follow(pg: Arc<Reconnecting>, me: String, registry: Addr<Registry>,
         }
         .await;
         match looked {
-            Ok(offers) => registry.do_send(Offers(offers)),
-            Err(e) => {
-                tracing::warn!(error = %e, "publishing or reading worker presence failed");
-                registry.do_send(Offers(Vec::new()));
-            }
+            Ok(offers) => registry.do_send(Offers {
+                offers,
+                read_ms: crate::server::now_ms(),
+            }),
+            // The registry stops using what it last read once that is too old.
+            Err(e) => tracing::warn!(error = %e, "publishing or reading worker presence failed"),
         }
         tokio::time::sleep(every).await;
     }

@@ -253,7 +253,7 @@ pub async fn job_handler(
         Ok(Ok(Placed::Local(link))) => link,
         Ok(Ok(Placed::Remote(_))) => unreachable!("a relayed job is never relayed on"),
         Ok(Err(NoWorker::UnknownModel)) => {
-            return error_response(&ApiError::model_not_found(&job.model));
+            return error_response(&ApiError::model_unavailable(&job.model, 1));
         }
         Ok(Err(NoWorker::NoCapacity)) | Err(_) => {
             return error_response(&internal_error(

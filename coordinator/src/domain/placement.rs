@@ -136,6 +136,20 @@ fn beats<K: Ord>(score: u128, key: &K, best: Option<&(u128, K)>) -> bool {
     }
 }
 
+/// How long the other nodes' offers, once read, may be used: a failed read
+/// keeps the last ones this long, so a database blip does not make a served
+/// model vanish (a stale offer costs one refused relay, then the next node).
+pub const OFFERS_VALID_MS: u64 = 3_000;
+
+/// `offers` as read at `read_ms`, or none once they are too old at `now_ms`.
+pub fn usable_offers(offers: &[Offer], read_ms: u64, now_ms: u64) -> &[Offer] {
+    if now_ms.saturating_sub(read_ms) > OFFERS_VALID_MS {
+        &[]
+    } else {
+        offers
+    }
+}
+
 /// Picks the other node to relay a request to when no worker here can take
 /// it, by the same rule as [`choose`] over the nodes' offers; `exclude`
 /// names nodes already tried for this request. Offers are only as fresh as
@@ -321,6 +335,23 @@ mod tests {
         assert_eq!(
             choose_offer(&tie, "m", &[]).map(|o| &o.node),
             Ok(&"y".to_owned())
+        );
+    }
+
+    #[test]
+    fn offers_are_used_until_too_old() {
+        let offers = [offer("b", 1, 50)];
+        assert_eq!(usable_offers(&offers, 10_000, 10_000).len(), 1);
+        assert_eq!(
+            usable_offers(&offers, 10_000, 10_000 + OFFERS_VALID_MS).len(),
+            1,
+            "a read that failed since leaves them in use"
+        );
+        assert!(usable_offers(&offers, 10_000, 10_001 + OFFERS_VALID_MS).is_empty());
+        assert_eq!(
+            usable_offers(&offers, 10_000, 9_000).len(),
+            1,
+            "a clock step back does not drop them"
         );
     }
 

@@ -133,6 +133,16 @@ pub async fn a_hold_resolves_once(f: Fixture<'_>, account: AccountId) {
     f.change(account, vec![f.hold(account, 3, 1_000)]).await[0]
         .as_ref()
         .expect("everything released");
+    // Placed again (a resend after a try whose outcome was unknown): the
+    // caller learns an earlier try placed it.
+    let again = f
+        .change(account, vec![f.hold(account, 3, 1_000)])
+        .await
+        .remove(0);
+    assert_eq!(
+        again.expect_err("placed twice").code,
+        Refusal::ALREADY_EXISTS
+    );
 }
 
 /// A change's events are judged in order, each on its own: a refused one

@@ -59,8 +59,8 @@ impl Refusal {
     /// cluster: registered in another partition and not followed).
     pub const UNKNOWN_WORKER: &'static str = "unknown_worker";
     pub const HOLD_NOT_OPEN: &'static str = "hold_not_open";
-    /// The account or worker is there already: opening or registering it
-    /// again is done.
+    /// The account, worker or hold is there already: opening or registering
+    /// it again is done; a hold placed again was placed by an earlier try.
     pub const ALREADY_EXISTS: &'static str = "already_exists";
     /// Any other rule of the fold.
     pub const REFUSED: &'static str = "refused";
@@ -83,7 +83,9 @@ impl Refusal {
             FoldError::UnknownAccount(_) => Self::UNKNOWN_ACCOUNT,
             FoldError::UnknownWorker(_) => Self::UNKNOWN_WORKER,
             FoldError::HoldNotOpen(_) => Self::HOLD_NOT_OPEN,
-            FoldError::DuplicateAccount(_) | FoldError::DuplicateWorker(_) => Self::ALREADY_EXISTS,
+            FoldError::DuplicateAccount(_)
+            | FoldError::DuplicateWorker(_)
+            | FoldError::DuplicateHold(_) => Self::ALREADY_EXISTS,
             _ => Self::REFUSED,
         };
         let shortfall = match e {

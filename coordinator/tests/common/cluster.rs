@@ -51,7 +51,15 @@ pub async fn cluster(
     prefix: &str,
     ledger_partitions: u32,
 ) -> (Database, Broker, ClusterConfig, tokio_postgres::Client) {
-    let db = Database::create();
+    cluster_on(Database::create(), prefix, ledger_partitions).await
+}
+
+/// [`cluster`] on the database `db`.
+pub async fn cluster_on(
+    db: Database,
+    prefix: &str,
+    ledger_partitions: u32,
+) -> (Database, Broker, ClusterConfig, tokio_postgres::Client) {
     let broker = Broker::start(BrokerKind::Noida);
     let config = ClusterConfig {
         kafka_brokers: broker.brokers.clone(),

@@ -14,10 +14,16 @@ pub fn start_in_process(config: Config) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     troop_coordinator::server::spawn(config, listener).expect("coordinator opens");
-    wait_for("the coordinator", || {
-        ureq::get(&format!("{url}/v1/models")).call().is_ok()
-    });
+    wait_until_ready(&url);
     url
+}
+
+/// Until the coordinator at `url` takes consumer requests (`/health/ready`),
+/// as a load balancer would wait before sending it any.
+pub fn wait_until_ready(url: &str) {
+    wait_for("the coordinator to be ready", || {
+        ureq::get(&format!("{url}/health/ready")).call().is_ok()
+    });
 }
 
 pub fn wait_for(what: &str, ok: impl FnMut() -> bool) {
@@ -52,13 +58,33 @@ pub fn admin_get(url: &str, token: &str, path: &str) -> Value {
         .expect("json")
 }
 
+/// Posts an admin call; a 503 (nothing done: a node starting, an owner
+/// moving) is asked again after its Retry-After, as a client would.
 pub fn admin(url: &str, token: &str, path: &str, body: Value) -> Value {
-    ureq::post(&format!("{url}{path}"))
-        .set("authorization", &format!("Bearer {token}"))
-        .send_json(body)
-        .unwrap_or_else(|e| panic!("{path}: {e}"))
-        .into_json()
-        .expect("json")
+    for _ in 0..10 {
+        match ureq::post(&format!("{url}{path}"))
+            .set("authorization", &format!("Bearer {token}"))
+            .send_json(body.clone())
+        {
+            Ok(r) => return r.into_json().expect("json"),
+            Err(ureq::Error::Status(503, r)) => {
+                let wait_s: u64 = r
+                    .header("retry-after")
+                    .and_then(|s| s.parse().ok())
+                    .expect("a 503 says when to retry");
+                eprintln!(
+                    "{path}: 503 ({}), retried in {wait_s} s",
+                    r.into_string().unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_secs(wait_s));
+            }
+            Err(ureq::Error::Status(code, r)) => {
+                panic!("{path}: {code} {}", r.into_string().unwrap_or_default())
+            }
+            Err(e) => panic!("{path}: {e}"),
+        }
+    }
+    panic!("{path}: still 503 after 10 tries")
 }
 
 /// Opens an account, grants it `grant_micro` and issues a key: (account, key).

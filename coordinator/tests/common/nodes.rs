@@ -6,7 +6,6 @@ use serde_json::Value;
 use troop_coordinator::cluster::node::{self, NodeIdentity};
 use troop_coordinator::config::{ClusterConfig, Config, PriceConfig};
 
-use super::harness::wait_for;
 use super::scripted::MODEL;
 
 pub const ADMIN: &str = "cluster-node-admin";
@@ -60,9 +59,7 @@ pub fn start_node(name: &str, dir: &std::path::Path, cluster: &ClusterConfig) ->
                 .expect("the node serves");
         })
         .expect("thread");
-    wait_for("the node", || {
-        ureq::get(&format!("{url}/v1/models")).call().is_ok()
-    });
+    super::harness::wait_until_ready(&url);
     url
 }
 

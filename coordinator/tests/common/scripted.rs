@@ -178,7 +178,15 @@ pub async fn scripted_worker_as(url: String, script: Script, seed: u8) {
         }
     }
     let (job, hold, consumer, model, body) = loop {
-        match next().await {
+        // Heartbeats while it waits: a coordinator drops a worker silent for
+        // three intervals (a second apiece on the cluster tests' nodes), and
+        // a slow machine may take that long to send the job.
+        let Ok(msg) = tokio::time::timeout(Duration::from_millis(500), next()).await else {
+            let beat = Message::text(WorkerMsg::Heartbeat(beat.clone()).to_text());
+            tx.send(beat).await.expect("send");
+            continue;
+        };
+        match msg {
             CoordinatorMsg::Job {
                 job,
                 hold,
