@@ -7,8 +7,8 @@
 #   ops/broker.sh start PORT [noida|tansu] [PARENT_PID]
 #       prints the PID once PORT accepts connections; with PARENT_PID, the
 #       broker is stopped when that process ends (tests that share one broker).
-#       noida-db keeps its data in $TROOP_BROKER_DATA when set (a test that
-#       restarts it on the same data), else in a fresh temporary folder
+#       noida-db keeps its data in $TROOP_BROKER_DATA when set (a test's own
+#       temporary folder, removed with it), else in a fresh temporary folder
 #   ops/broker.sh dir                        # prints the install folder (installing if needed)
 set -euo pipefail
 dir="${TROOP_BROKER_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/troop/brokers}"
