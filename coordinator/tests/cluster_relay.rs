@@ -48,44 +48,30 @@ fn wait_offered(
 
 /// What every node published, for a failure's message.
 async fn published(client: &tokio_postgres::Client) -> String {
+    // Each row as one line of text, ages by the database's clock.
     let now = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
-    let presence = client
-        .query(
-            &format!(
-                "select node, model, workers, free_slots, {now} - updated_ms from worker_presence"
-            ),
-            &[],
-        )
-        .await;
-    let nodes = client
-        .query(
-            &format!("select node, internal_url, {now} - last_seen_ms from nodes"),
-            &[],
-        )
-        .await;
-    let rows = |r: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>, n: usize| match r {
-        Ok(rows) => rows
-            .iter()
-            .map(|row| {
-                (0..n)
-                    .map(|i| {
-                        row.try_get::<_, String>(i)
-                            .or_else(|_| row.try_get::<_, i32>(i).map(|v| v.to_string()))
-                            .or_else(|_| row.try_get::<_, i64>(i).map(|v| v.to_string()))
-                            .unwrap_or_default()
-                    })
+    let mut said = String::new();
+    for (table, columns) in [
+        (
+            "worker_presence",
+            format!("node, model, workers, free_slots, {now} - updated_ms"),
+        ),
+        ("nodes", format!("node, internal_url, {now} - last_seen_ms")),
+    ] {
+        let rows = client
+            .query(
+                &format!("select concat_ws(' ', {columns}) from {table}"),
+                &[],
+            )
+            .await
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| r.get::<_, String>(0))
                     .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .collect::<Vec<_>>()
-            .join("; "),
-        Err(e) => e.to_string(),
-    };
-    format!(
-        "worker_presence (node model workers free_slots age_ms): [{}]; nodes (node url age_ms): [{}]",
-        rows(presence, 5),
-        rows(nodes, 3)
-    )
+            });
+        said += &format!("{table} ({columns}): {rows:?}; ");
+    }
+    said
 }
 
 /// Waits for the account's holds to be settled; its balance then.
