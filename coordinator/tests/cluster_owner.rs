@@ -600,6 +600,79 @@ async fn the_same_account_hammered_through_three_nodes_is_never_overdrawn() {
     sequencer.stop().await.expect("stops");
 }
 
+/// The owner answers a change as soon as it has judged, and its write
+/// becomes durable afterwards: on the owning node and through another one, a
+/// hold's verdict comes back while the broker is frozen, its write completes
+/// once the broker runs again, and the sequencer takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verdict_comes_before_its_write_is_durable_on_either_node() {
+    let (_db, broker, config, client) = common::cluster::cluster("early", PARTITIONS).await;
+    let sequencer = start_sequencer(&config);
+    let progress = std::sync::Arc::clone(&sequencer.progress);
+    let (a, b) = (
+        MoneyNode::start(&config, "node-a").await,
+        MoneyNode::start(&config, "node-b").await,
+    );
+    until("the two nodes share the partitions", || async {
+        a.books.owned.loaded().len() == 1 && b.books.owned.loaded().len() == 1
+    })
+    .await;
+    let traffic = Traffic::new(1, 1, AT_MS);
+    let mut entries = set_up(&[&a, &b], &a, &traffic.setup, &progress).await;
+    let (consumer, events) = &traffic.consumers[0];
+    let p = partition_of(consumer, PARTITIONS);
+    let pi = i32::try_from(p).expect("small");
+    for verdict in a.change(p, &events[..2]).await {
+        assert!(matches!(verdict, Verdict::Record(_)), "{verdict:?}");
+    }
+    entries += 2;
+    let (owner, other) = if a.books.owned.loaded().contains(&pi) {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let hold = |n: u32| Event::HoldPlaced {
+        hold: HoldId::derive(format!("early-{n}").as_bytes()),
+        job: JobId::derive(format!("early-{n}").as_bytes()),
+        account: *consumer,
+        model: "m".into(),
+        amount_micro: micro(50_000),
+        expires_at_ms: AT_MS + 600_000,
+        schedule_version: 1,
+        at_ms: AT_MS,
+        origin: None,
+    };
+
+    broker.pause();
+    let mut writes = Vec::new();
+    for (n, node) in [(1, owner), (2, other)] {
+        // Bounded so that a verdict waiting for the broker fails the test
+        // instead of hanging it.
+        let (verdicts, write) =
+            tokio::time::timeout(Duration::from_secs(20), node.books.judge_in(pi, &[hold(n)]))
+                .await
+                .expect("the verdict does not wait for the frozen broker")
+                .expect("judged");
+        assert!(matches!(verdicts[..], [Verdict::Record(_)]), "{verdicts:?}");
+        writes.push(tokio::spawn(write.expect("a write to wait for").durable()));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        writes.iter().all(|w| !w.is_finished()),
+        "nothing is durable while the broker is frozen"
+    );
+    broker.resume();
+    for write in writes {
+        write.await.expect("joins").expect("durable");
+    }
+    entries += 2;
+    sequenced(&progress, entries).await;
+    assert_eq!(account_row(&client, consumer).await.2, "100000");
+    a.stop().await;
+    b.stop().await;
+    sequencer.stop().await.expect("stops");
+}
+
 /// A schedule and a coordinator key published by the treasury's partition and
 /// sequenced between an owner's judgement and its events: the owner has not
 /// folded them, prices at the old schedule and countersigns with the retired

@@ -541,10 +541,14 @@ async fn open(
         if let Some(pending) = hold_durable.take()
             && let Err(e) = pending.durable().await
         {
-            // Nothing more is acknowledged; a restart voids the hold.
-            tracing::error!(error = %e, "event log write failed: nothing more is acknowledged; restart to recover");
+            // Recorded or not, the hold pays for nothing: it is voided when
+            // the books can answer (a cluster's next owner of the account),
+            // or expires. An embedded log that failed acknowledges nothing
+            // more until a restart, which voids it.
+            tracing::error!(error = %e, %hold, "the hold's write failed: nothing of this request is acknowledged");
             abandon(&state, &link, job);
-            return Err(ApiError::upstream(format!(
+            void(&state, account, hold, VoidReason::Failed).await;
+            return Err(ApiError::unavailable(format!(
                 "the event log could not record the hold: {e}"
             )));
         }

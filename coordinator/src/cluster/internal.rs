@@ -6,14 +6,19 @@
 //! same key hammering every node at once cannot overdraw it.
 //!
 //! Every call carries the cluster's shared secret (compared in constant
-//! time): whoever can call it can move money. A verdict is returned only once
-//! the owner's log has made the accepted events durable.
+//! time): whoever can call it can move money. The owner answers a change in
+//! two lines: its verdicts as soon as it has judged, then whether the accepted
+//! events are durable. The caller starts the job on the first line and
+//! releases nothing the change pays for before the second says durable, so
+//! the broker's acknowledgement overlaps the worker's start, as the embedded
+//! log's fsync does.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix_web::{HttpRequest, HttpResponse, web};
+use futures_util::StreamExt as _;
 use subtle::ConstantTimeEq as _;
 use troop_schemas::Event;
 
@@ -22,6 +27,7 @@ use crate::cluster::owned::OwnedBooks;
 use crate::cluster::owner::{OwnerError, partition_of_home};
 use crate::cluster::relay::{self, RelayHere};
 use crate::directory::Directory;
+use crate::eventlog::{EventLogError, Pending};
 use crate::money::{Home, Judged, Money, MoneyError, Refusal};
 use crate::server::error_response;
 
@@ -51,10 +57,23 @@ pub enum Verdict {
     Refused(Refusal),
 }
 
+/// The first line of the owner's answer to a change.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct ChangeResponse {
     pub verdicts: Vec<Verdict>,
 }
+
+/// The second line: the accepted events' write.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Written {
+    Durable,
+    /// Not durable, and whether the broker has it is unknown.
+    Failed(String),
+}
+
+/// The longest second line read: `Written` with a broker's error message.
+const MAX_WRITTEN_BYTES: usize = 16 << 10;
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct AppendRequest {
@@ -197,8 +216,34 @@ async fn change_handler(
     if change.events.is_empty() || change.events.len() > MAX_EVENTS_PER_CHANGE {
         return count_error("events");
     }
-    let judged = judge_here(&internal.owned, partition.into_inner(), &change.events).await;
-    answer(judged.map(|verdicts| ChangeResponse { verdicts }))
+    let (verdicts, pending) =
+        match judge_here(&internal.owned, partition.into_inner(), &change.events).await {
+            Ok(judged) => judged,
+            Err(refused) => return answer(Err::<(), _>(refused)),
+        };
+    let written = async move {
+        let written = match pending {
+            None => Written::Durable,
+            Some(pending) => match pending.durable().await {
+                Ok(_) => Written::Durable,
+                Err(e) => Written::Failed(e.to_string()),
+            },
+        };
+        Ok::<_, std::convert::Infallible>(json_line(&written))
+    };
+    let verdicts = json_line(&ChangeResponse { verdicts });
+    HttpResponse::Ok()
+        .content_type("application/x-ndjson")
+        .streaming(
+            futures_util::stream::once(std::future::ready(Ok(verdicts)))
+                .chain(futures_util::stream::once(written)),
+        )
+}
+
+fn json_line(value: &impl serde::Serialize) -> web::Bytes {
+    let mut line = serde_json::to_vec(value).expect("answers serialize");
+    line.push(b'\n');
+    line.into()
 }
 
 async fn append_handler(
@@ -248,31 +293,30 @@ enum Here {
     Unknown(String),
 }
 
-/// Judges `events` in `partition` on this node, which must own it, and waits
-/// until the accepted ones are durable.
+/// The verdicts on a change, and the write that makes the accepted events
+/// durable (none when nothing was accepted).
+pub type Judgement = (Vec<Verdict>, Option<Pending>);
+
+/// Judges `events` in `partition` on this node, which must own it; the
+/// accepted ones are queued on its log, durable once the pending write is.
 async fn judge_here(
     owned: &OwnedBooks,
     partition: i32,
     events: &[Event],
-) -> Result<Vec<Verdict>, Here> {
+) -> Result<Judgement, Here> {
     let (verdicts, pending) = match owned.submit(partition, events).await {
         Ok(submitted) => submitted,
         Err(e @ OwnerError::NotOwned(_)) => return Err(Here::NotOwned(e.to_string())),
         Err(e) => return Err(Here::Unavailable(e.to_string())),
     };
-    if let Some(pending) = pending {
-        pending
-            .durable()
-            .await
-            .map_err(|e| Here::Unknown(e.to_string()))?;
-    }
-    Ok(verdicts
+    let verdicts = verdicts
         .into_iter()
         .map(|v| match v {
             Ok(record) => Verdict::Record(record),
             Err(e) => Verdict::Refused(refusal(&e)),
         })
-        .collect())
+        .collect();
+    Ok((verdicts, pending))
 }
 
 /// Appends directory records to `partition` on this node, which must own
@@ -295,7 +339,8 @@ async fn append_here(
 
 /// A node's door to the ledger's money, the cluster's [`Money`] adapter: a
 /// change is judged here when this node owns its partition, and by the owner
-/// over the internal API otherwise. Verdicts come back durable.
+/// over the internal API otherwise. Verdicts come back as soon as they are
+/// judged, with the write that makes them durable.
 #[derive(Debug, Clone)]
 pub struct ClusterBooks {
     pub owned: Arc<OwnedBooks>,
@@ -320,18 +365,35 @@ impl ClusterBooks {
         }
     }
 
-    /// The verdicts on `events`, changes of accounts in `partition`.
+    /// The verdicts on `events`, changes of accounts in `partition`, and the
+    /// write that makes the accepted ones durable.
+    pub async fn judge_in(
+        &self,
+        partition: i32,
+        events: &[Event],
+    ) -> Result<Judgement, InternalError> {
+        match judge_here(&self.owned, partition, events).await {
+            Ok(judged) => Ok(judged),
+            Err(Here::NotOwned(_)) => self.remote.change(&self.postgres, partition, events).await,
+            Err(Here::Unavailable(why)) => Err(InternalError::Unavailable(partition, why)),
+            Err(Here::Unknown(_)) => Err(InternalError::Unknown(partition)),
+        }
+    }
+
+    /// The verdicts on `events` once the accepted ones are durable.
     pub async fn change_in(
         &self,
         partition: i32,
         events: &[Event],
     ) -> Result<Vec<Verdict>, InternalError> {
-        match judge_here(&self.owned, partition, events).await {
-            Ok(verdicts) => Ok(verdicts),
-            Err(Here::NotOwned(_)) => self.remote.change(&self.postgres, partition, events).await,
-            Err(Here::Unavailable(why)) => Err(InternalError::Unavailable(partition, why)),
-            Err(Here::Unknown(_)) => Err(InternalError::Unknown(partition)),
+        let (verdicts, pending) = self.judge_in(partition, events).await?;
+        if let Some(pending) = pending {
+            pending
+                .durable()
+                .await
+                .map_err(|_| InternalError::Unknown(partition))?;
         }
+        Ok(verdicts)
     }
 
     /// Directory records appended to `partition`: the first one's number.
@@ -372,8 +434,8 @@ impl Money for ClusterBooks {
         let books = self.clone();
         let partition = self.partition(home);
         Box::pin(async move {
-            let verdicts = books
-                .change_in(partition, &events)
+            let (verdicts, pending) = books
+                .judge_in(partition, &events)
                 .await
                 .map_err(money_error)?;
             if verdicts.len() != events.len() {
@@ -391,7 +453,7 @@ impl Money for ClusterBooks {
                         Verdict::Refused(r) => Err(r),
                     })
                     .collect(),
-                pending: None,
+                pending,
             })
         })
     }
@@ -437,6 +499,41 @@ fn money_error(e: InternalError) -> MoneyError {
     }
 }
 
+/// The lines of an owner's answer (JSON, one per line), read one at a time.
+struct Lines {
+    partition: i32,
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+}
+
+impl Lines {
+    async fn next<T: serde::de::DeserializeOwned>(
+        &mut self,
+        max_bytes: usize,
+    ) -> Result<T, InternalError> {
+        let partition = self.partition;
+        let garbled = |why: String| InternalError::Garbled { partition, why };
+        loop {
+            if let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                return serde_json::from_slice(&line[..end]).map_err(|e| garbled(e.to_string()));
+            }
+            if self.buffer.len() > max_bytes {
+                return Err(garbled(format!("a line longer than {max_bytes} bytes")));
+            }
+            let chunk = self
+                .response
+                .chunk()
+                .await
+                .map_err(|source| InternalError::Call { partition, source })?;
+            match chunk {
+                Some(chunk) => self.buffer.extend_from_slice(&chunk),
+                None => return Err(garbled("the answer ended before its line".into())),
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InternalError {
     #[error("postgres: {0}")]
@@ -460,6 +557,10 @@ pub enum InternalError {
     Unknown(i32),
     #[error("partition {0} cannot judge now: {1}")]
     Unavailable(i32, String),
+    /// The owner answered 200 and then something unreadable: it may have
+    /// judged the change.
+    #[error("the owner of partition {partition} answered garbled: {why}")]
+    Garbled { partition: i32, why: String },
     #[error("the cluster secret must be at least {MIN_SECRET_CHARS} characters")]
     WeakSecret,
 }
@@ -513,17 +614,54 @@ impl RemoteOwners {
     /// it surely was not judged (no owner known, the owner moved, it was not
     /// ready, or the connection was refused): a change sent twice could be
     /// judged twice.
+    ///
+    /// The verdicts come back as soon as the owner has judged; the returned
+    /// write resolves when its second line says whether they are durable.
     pub async fn change(
         &self,
         client: &tokio_postgres::Client,
         partition: i32,
         events: &[Event],
-    ) -> Result<Vec<Verdict>, InternalError> {
+    ) -> Result<Judgement, InternalError> {
         let body = ChangeRequest {
             events: events.to_vec(),
         };
-        let answer: ChangeResponse = self.call(client, partition, "changes", &body).await?;
-        Ok(answer.verdicts)
+        let response = self.post(client, partition, "changes", &body).await?;
+        let mut lines = Lines {
+            partition,
+            response,
+            buffer: Vec::new(),
+        };
+        let ChangeResponse { verdicts } = lines.next(MAX_CHANGE_BYTES).await?;
+        if verdicts.len() != events.len() {
+            return Err(InternalError::Garbled {
+                partition,
+                why: format!("{} verdicts for {} events", verdicts.len(), events.len()),
+            });
+        }
+        let accepted: Vec<u64> = verdicts
+            .iter()
+            .filter_map(|v| match v {
+                Verdict::Record(n) => Some(*n),
+                Verdict::Refused(_) => None,
+            })
+            .collect();
+        let Some(&first) = accepted.first() else {
+            return Ok((verdicts, None));
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // Read on its own, so that a caller who never waits for it (its
+        // request ended) still lets the connection finish.
+        tokio::spawn(async move {
+            let written = match lines.next::<Written>(MAX_WRITTEN_BYTES).await {
+                Ok(Written::Durable) => Ok(first),
+                Ok(Written::Failed(why)) => Err(EventLogError::Broker(why)),
+                Err(e) => Err(EventLogError::Broker(e.to_string())),
+            };
+            let _ = tx.send(written);
+        });
+        let count = u64::try_from(accepted.len()).expect("a change's events fit u64");
+        Ok((verdicts, Some(Pending::new(first, count, rx))))
     }
 
     /// `body` posted to `route` of the owner of `partition`, under the same
@@ -535,6 +673,21 @@ impl RemoteOwners {
         route: &str,
         body: &impl serde::Serialize,
     ) -> Result<R, InternalError> {
+        let response = self.post(client, partition, route, body).await?;
+        response.json().await.map_err(|e| InternalError::Call {
+            partition,
+            source: e,
+        })
+    }
+
+    /// The owner's 200 to `body` posted to `route` (see [`Self::call`]).
+    async fn post(
+        &self,
+        client: &tokio_postgres::Client,
+        partition: i32,
+        route: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<reqwest::Response, InternalError> {
         let mut last = InternalError::NoOwner(partition);
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
@@ -577,10 +730,7 @@ impl RemoteOwners {
             };
             let status = response.status().as_u16();
             if status == 200 {
-                return response.json().await.map_err(|e| InternalError::Call {
-                    partition,
-                    source: e,
-                });
+                return Ok(response);
             }
             let text = response.text().await.unwrap_or_default();
             last = InternalError::Owner {
@@ -631,5 +781,9 @@ mod tests {
             body: String::new(),
         }));
         assert!(!unavailable(InternalError::Unknown(1)));
+        assert!(!unavailable(InternalError::Garbled {
+            partition: 1,
+            why: "the answer ended before its line".into(),
+        }));
     }
 }
