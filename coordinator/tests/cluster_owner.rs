@@ -387,6 +387,34 @@ impl MoneyNode {
     }
 }
 
+/// Nodes A and B, once they own one partition each.
+async fn two_nodes(config: &troop_coordinator::config::ClusterConfig) -> (MoneyNode, MoneyNode) {
+    let (a, b) = (
+        MoneyNode::start(config, "node-a").await,
+        MoneyNode::start(config, "node-b").await,
+    );
+    until("the two nodes share the partitions", || async {
+        a.books.owned.loaded().len() == 1 && b.books.owned.loaded().len() == 1
+    })
+    .await;
+    (a, b)
+}
+
+/// A hold of 50,000 on `consumer`, named by `name`, open for ten minutes.
+fn hold_of(consumer: &AccountId, name: &str) -> Event {
+    Event::HoldPlaced {
+        hold: HoldId::derive(name.as_bytes()),
+        job: JobId::derive(name.as_bytes()),
+        account: *consumer,
+        model: "m".into(),
+        amount_micro: micro(50_000),
+        expires_at_ms: AT_MS + 600_000,
+        schedule_version: 1,
+        at_ms: AT_MS,
+        origin: None,
+    }
+}
+
 /// The network's setup sent through `via` (owner or not), each event to
 /// the partition that judges it, sequenced and folded by every owner among
 /// `nodes` before the next (a registration needs its account, which may live
@@ -541,17 +569,7 @@ async fn the_same_account_hammered_through_three_nodes_is_never_overdrawn() {
 
     // 30 holds of 50,000 against 1,000,000, ten through each node at once:
     // exactly 20 fit, whichever node each arrives on.
-    let hold = |n: u32| Event::HoldPlaced {
-        hold: HoldId::derive(format!("hammer-{n}").as_bytes()),
-        job: JobId::derive(format!("hammer-{n}").as_bytes()),
-        account: *consumer,
-        model: "m".into(),
-        amount_micro: micro(50_000),
-        expires_at_ms: AT_MS + 600_000,
-        schedule_version: 1,
-        at_ms: AT_MS,
-        origin: None,
-    };
+    let hold = |n: u32| hold_of(consumer, &format!("hammer-{n}"));
     let requests = (0..30u32).map(|n| {
         let node = &nodes[usize::try_from(n % 3).expect("small")];
         async move { node.change(p, &[hold(n)]).await }
@@ -609,14 +627,7 @@ async fn a_verdict_comes_before_its_write_is_durable_on_either_node() {
     let (_db, broker, config, client) = common::cluster::cluster("early", PARTITIONS).await;
     let sequencer = start_sequencer(&config);
     let progress = std::sync::Arc::clone(&sequencer.progress);
-    let (a, b) = (
-        MoneyNode::start(&config, "node-a").await,
-        MoneyNode::start(&config, "node-b").await,
-    );
-    until("the two nodes share the partitions", || async {
-        a.books.owned.loaded().len() == 1 && b.books.owned.loaded().len() == 1
-    })
-    .await;
+    let (a, b) = two_nodes(&config).await;
     let traffic = Traffic::new(1, 1, AT_MS);
     let mut entries = set_up(&[&a, &b], &a, &traffic.setup, &progress).await;
     let (consumer, events) = &traffic.consumers[0];
@@ -631,17 +642,7 @@ async fn a_verdict_comes_before_its_write_is_durable_on_either_node() {
     } else {
         (&b, &a)
     };
-    let hold = |n: u32| Event::HoldPlaced {
-        hold: HoldId::derive(format!("early-{n}").as_bytes()),
-        job: JobId::derive(format!("early-{n}").as_bytes()),
-        account: *consumer,
-        model: "m".into(),
-        amount_micro: micro(50_000),
-        expires_at_ms: AT_MS + 600_000,
-        schedule_version: 1,
-        at_ms: AT_MS,
-        origin: None,
-    };
+    let hold = |n: u32| hold_of(consumer, &format!("early-{n}"));
 
     broker.pause();
     let mut writes = Vec::new();
@@ -829,14 +830,7 @@ async fn the_cluster_books_pass_the_money_and_reads_suites() {
     let (_db, _broker, config, _client) = common::cluster::cluster("money", PARTITIONS).await;
     let sequencer = start_sequencer(&config);
     let progress = std::sync::Arc::clone(&sequencer.progress);
-    let (a, b) = (
-        MoneyNode::start(&config, "node-a").await,
-        MoneyNode::start(&config, "node-b").await,
-    );
-    until("the two nodes share the partitions", || async {
-        a.books.owned.loaded().len() == 1 && b.books.owned.loaded().len() == 1
-    })
-    .await;
+    let (a, b) = two_nodes(&config).await;
     // The network's prices, sequenced and followed by both owners.
     let traffic = Traffic::new(0, 0, AT_MS);
     set_up(&[&a, &b], &a, &traffic.setup, &progress).await;
