@@ -13,8 +13,9 @@
 //! - [`reads`]: the port through which the API reads the books (accounts,
 //!   workers, receipts with proofs, `/ledger/`): the embedded books, or a
 //!   cluster's Postgres projection; its conformance suite.
-//! - [`history`]: worker events (jobs started and failed, heartbeat summaries)
-//!   and their projection.
+//! - [`history`]: worker events (jobs started and failed, heartbeat summaries),
+//!   their fold, the `HistoryLog` port (publish; read workers' records), its
+//!   embedded adapter and conformance suite.
 //! - [`keys`]: API keys, event-sourced; [`directory`]: key and ban records,
 //!   which share a home's log with its ledger entries.
 //! - [`snapshot`]: every projection at one offset, so start-up replays only
@@ -27,7 +28,8 @@
 //!   `migrate`, the Kafka event log, the ledger's sequencer and its projection,
 //!   `replay`, partition ownership and the owners' judgement of balance
 //!   changes (`owner`, `owned`, the internal API), reads from Postgres
-//!   (`reads`), a node's `/ledger/` and `/metrics`.
+//!   (`reads`), worker history on its topics projected into Postgres
+//!   (`history`), a node's `/ledger/` and `/metrics`.
 //! - [`api`]: OpenAI request validation and error shapes; [`config`]; [`metrics`].
 
 #![forbid(unsafe_code)]

@@ -4,7 +4,8 @@
 //! worker on node A serves a chat completion paid from that account, whose
 //! judge may be either node; the receipt and the balance read back from node
 //! B (Postgres) with a proof troop-audit's checks accept; a key revoked and a
-//! worker banned through node B take effect on node A. Each node's
+//! worker banned through node B take effect on node A; the job shows in the
+//! worker's history (its topic, projected into Postgres). Each node's
 //! `/metrics` shows one sequencer leading and every partition owned, and
 //! exports every series the ops alert rules and dashboard name.
 
@@ -131,6 +132,17 @@ fn two_nodes_serve_one_network_through_kafka_and_postgres() {
             v["holds"].as_array().is_some_and(Vec::is_empty)
                 && v["balance_micro"].as_str() == Some(&(GRANT - charged).to_string())
         })
+    });
+    // The job is in the worker's history: produced to troop.jobs by node A,
+    // projected into Postgres by whichever node holds the projector's lock,
+    // where every node reads it (the worker has gone, so no worker list
+    // shows it now).
+    wait_for("the job in the worker's history", || {
+        let started = runtime.block_on(client.query_one(
+            "select coalesce(sum(jobs_started), 0)::int8, count(*) from worker_history",
+            &[],
+        ));
+        started.is_ok_and(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)) == (1, 1))
     });
     // The checkpoint both nodes serve is the one signed with the network's key.
     let checkpoint = |url: &str| {

@@ -1,11 +1,12 @@
 //! The embedded books behind the `Money` and `Reads` ports pass their suites
-//! (the cluster's adapters pass the same ones in `cluster_owner.rs`).
+//! (the cluster's adapters pass the same ones in `cluster_owner.rs`), and the
+//! embedded worker history the history suite (`cluster_history.rs` for Kafka).
 
 use troop_coordinator::config::{Config, PriceConfig};
 use troop_coordinator::server::{AppState, open_state};
 use troop_coordinator::{money, reads};
 use troop_ledger::note::NoteVerifier;
-use troop_schemas::AccountId;
+use troop_schemas::{AccountId, WorkerId};
 
 /// Runs `test` on the books of a fresh data directory whose configured
 /// prices (model `m`) are schedule version 1.
@@ -57,6 +58,16 @@ fn the_embedded_books_pass_the_reads_suite() {
         };
         reads::conformance::run_all(fixture, &|test| {
             AccountId::derive(format!("embedded-{test}").as_bytes())
+        })
+        .await;
+    });
+}
+
+#[test]
+fn the_embedded_history_passes_the_history_suite() {
+    with_books(async |state, _, _| {
+        troop_coordinator::history::conformance::run_all(&*state.worker_events.log, &|test| {
+            WorkerId::derive(format!("embedded-{test}").as_bytes())
         })
         .await;
     });

@@ -364,7 +364,8 @@ pub struct WorkerView {
     /// As the worker's last heartbeat reported them (not yet verified).
     pub engine: Option<EngineKind>,
     pub gpus: Vec<GpuInfo>,
-    /// From the event log: jobs started and failed, heartbeat epochs.
+    /// From the history projection (`history::HistoryLog::records`, filled
+    /// in by the admin API): jobs started and failed, heartbeat epochs.
     pub history: Option<WorkerRecord>,
 }
 
@@ -375,7 +376,6 @@ pub struct ListWorkers;
 impl Handler<ListWorkers> for Registry {
     type Result = Vec<WorkerView>;
     fn handle(&mut self, _: ListWorkers, _: &mut Self::Context) -> Self::Result {
-        let history = self.sink.history.read().expect("history lock");
         let mut list: Vec<WorkerView> = self
             .workers
             .values()
@@ -388,7 +388,7 @@ impl Handler<ListWorkers> for Registry {
                 banned: e.candidate.banned,
                 engine: e.engine,
                 gpus: e.gpus.clone(),
-                history: history.get(&e.candidate.worker).cloned(),
+                history: None,
             })
             .collect();
         list.sort_by(|a, b| a.worker.cmp(&b.worker));

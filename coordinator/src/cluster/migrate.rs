@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "presence",
         include_str!("../../migrations/0005_presence.sql"),
     ),
+    (
+        6,
+        "worker_history",
+        include_str!("../../migrations/0006_worker_history.sql"),
+    ),
 ];
 
 /// Held while migrating so that nodes starting together do not race.

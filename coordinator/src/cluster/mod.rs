@@ -8,6 +8,7 @@
 //! another node's workers (`presence`, `relay`).
 
 pub mod directory;
+pub mod history;
 pub mod internal;
 pub mod kafka_log;
 pub mod ledger_node;
@@ -38,6 +39,34 @@ pub async fn connect(
         }
     });
     Ok(client)
+}
+
+/// A connection holding Postgres advisory lock `lock` if no other session
+/// holds it (`None` then), and a receiver that fires when the connection
+/// ended: the lock lives exactly as long as the connection, so a leader whose
+/// connection is gone has lost its term, and whatever it writes on that
+/// connection fails with it.
+pub async fn try_lead(
+    postgres: &str,
+    lock: i64,
+    what: &'static str,
+) -> Result<
+    Option<(tokio_postgres::Client, tokio::sync::oneshot::Receiver<()>)>,
+    tokio_postgres::Error,
+> {
+    let (client, connection) = tokio_postgres::connect(postgres, tokio_postgres::NoTls).await?;
+    let (lost_tx, lost) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, what, "leader's connection ended");
+        }
+        let _ = lost_tx.send(());
+    });
+    let leads: bool = client
+        .query_one("select pg_try_advisory_lock($1)", &[&lock])
+        .await?
+        .get(0);
+    Ok(leads.then_some((client, lost)))
 }
 
 /// A Postgres client that reconnects after its connection ended: a database

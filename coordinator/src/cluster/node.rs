@@ -11,8 +11,10 @@
 //! otherwise relayed to another node that offers the model
 //! ([`crate::cluster::relay`], offers in `worker_presence`).
 //!
-//! Not here yet (CLUSTER.md slices 6–7): worker history (jobs, heartbeat
-//! summaries) stays in this node's `<data_dir>/events`.
+//! Worker history (jobs started and failed, heartbeat summaries) goes to
+//! `troop.workers` and `troop.jobs`; whichever node holds the projector's
+//! lock projects it into Postgres, where every node reads it
+//! ([`crate::cluster::history`]).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -27,6 +29,7 @@ use troop_ledger::note::NoteSigner;
 use crate::actors::account::Accounts;
 use crate::actors::books::PublishedSchedule;
 use crate::actors::registry::{Ban, Registry};
+use crate::cluster::history::{self, KafkaHistory};
 use crate::cluster::internal::{self, ClusterBooks, Internal, Secret};
 use crate::cluster::owned::{OwnedBooks, OwnedSettings};
 use crate::cluster::ownership::Ownership;
@@ -35,7 +38,6 @@ use crate::cluster::relay::{Relay, RelayHere};
 use crate::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
 use crate::cluster::{Reconnecting, directory, presence};
 use crate::config::Config;
-use crate::eventlog::file::{FileLog, FileLogConfig};
 use crate::history::WorkerEventSink;
 use crate::keys::ApiKeys;
 use crate::money::{Home, Money, MoneyError};
@@ -179,12 +181,8 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
     ));
     let reads: Arc<dyn Reads> = Arc::new(PgReads::new(&cluster.postgres, verifier));
 
-    // Worker history stays on this node for now (module docs).
-    let events: Arc<dyn crate::eventlog::EventLog> =
-        Arc::new(FileLog::open(dir.join("events"), FileLogConfig::default())?);
     let worker_events = WorkerEventSink {
-        events,
-        history: Arc::default(),
+        log: Arc::new(KafkaHistory::open(&cluster).context("the worker-history producer")?),
     };
     let registry = Registry::new(
         config.heartbeat_timeout_ms,
@@ -227,6 +225,7 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
             REFRESH_EVERY,
         )),
         tokio::spawn(advertise(Arc::clone(&pg), me.clone(), incarnation.clone())),
+        history::spawn(&cluster),
     ];
     let state = AppState {
         books: None,

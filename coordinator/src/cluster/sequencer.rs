@@ -174,23 +174,12 @@ async fn lead(
     signer: &NoteSigner,
     progress: &SequencerProgress,
 ) -> Result<(), SequencerError> {
-    let (mut client, connection) =
-        tokio_postgres::connect(&settings.cluster.postgres, tokio_postgres::NoTls).await?;
     // The lock lives as long as this connection: when it ends, the term ends.
-    let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "sequencer connection ended");
-        }
-        let _ = lost_tx.send(());
-    });
-    let leads: bool = client
-        .query_one("select pg_try_advisory_lock($1)", &[&SEQUENCER_LOCK])
-        .await?
-        .get(0);
-    if !leads {
+    let Some((mut client, mut lost)) =
+        super::try_lead(&settings.cluster.postgres, SEQUENCER_LOCK, "sequencer").await?
+    else {
         return Ok(());
-    }
+    };
     let epoch: i64 = client
         .query_one(
             "update ledger_head set sequencer_epoch = sequencer_epoch + 1 returning sequencer_epoch",

@@ -38,7 +38,7 @@ const SHOWN_WITHIN: Duration = Duration::from_secs(60);
 
 /// Reads with `read` until `shown` holds of the answer; panics after
 /// [`SHOWN_WITHIN`] with the last answer.
-async fn eventually<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+pub(crate) async fn eventually<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
     what: &str,
     read: impl Fn() -> F,
     shown: impl Fn(&T) -> bool,

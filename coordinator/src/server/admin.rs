@@ -242,11 +242,25 @@ pub async fn list_workers(req: HttpRequest, state: web::Data<AppState>) -> HttpR
     if let Err(e) = authorize(&req, &state) {
         return error_response(&e);
     }
-    let workers = state
+    let mut workers = state
         .registry
         .send(crate::actors::registry::ListWorkers)
         .await
         .unwrap_or_default();
+    for chunk in workers.chunks_mut(crate::history::MAX_RECORDS_READ) {
+        let ids: Vec<Option<troop_schemas::WorkerId>> =
+            chunk.iter().map(|w| w.worker.parse().ok()).collect();
+        let wanted = ids.iter().flatten().copied().collect();
+        match state.worker_events.log.records(wanted).await {
+            Ok(mut records) => {
+                for (w, id) in chunk.iter_mut().zip(ids) {
+                    w.history = id.and_then(|id| records.remove(&id));
+                }
+            }
+            // The live list is still worth showing without its history.
+            Err(e) => tracing::warn!(error = %e, "reading worker history"),
+        }
+    }
     HttpResponse::Ok().json(json!({"workers": workers}))
 }
 

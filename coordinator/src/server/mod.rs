@@ -26,7 +26,7 @@ use crate::books::Books;
 use crate::config::Config;
 use crate::eventlog::EventLog;
 use crate::eventlog::file::{FileLog, FileLogConfig};
-use crate::history::WorkerEventSink;
+use crate::history::{EmbeddedHistory, WorkerEventSink};
 use crate::keys::ApiKeys;
 use crate::money::{Home, Money, MoneyError};
 use crate::reads::Reads;
@@ -250,8 +250,10 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         schedule: published.clone(),
     });
     let worker_events = WorkerEventSink {
-        events: Arc::clone(&events),
-        history: Arc::new(RwLock::new(history)),
+        log: Arc::new(EmbeddedHistory {
+            events: Arc::clone(&events),
+            history: Arc::new(RwLock::new(history)),
+        }),
     };
     let registry = Registry::new(
         config.heartbeat_timeout_ms,

@@ -60,16 +60,25 @@ pub async fn cluster_on(
     prefix: &str,
     ledger_partitions: u32,
 ) -> (Database, Broker, ClusterConfig, tokio_postgres::Client) {
-    let broker = Broker::start(BrokerKind::Noida);
-    let config = ClusterConfig {
-        kafka_brokers: broker.brokers.clone(),
-        postgres: db.url.clone(),
+    cluster_with(db, |brokers, postgres| ClusterConfig {
+        kafka_brokers: brokers.into(),
+        postgres: postgres.into(),
         topic_prefix: prefix.into(),
         ledger_partitions,
         worker_partitions: 1,
         replication_factor: 1,
         ..ClusterConfig::default()
-    };
+    })
+    .await
+}
+
+/// [`cluster_on`] with the configuration `config(brokers, postgres)`.
+pub async fn cluster_with(
+    db: Database,
+    config: impl FnOnce(&str, &str) -> ClusterConfig,
+) -> (Database, Broker, ClusterConfig, tokio_postgres::Client) {
+    let broker = Broker::start(BrokerKind::Noida);
+    let config = config(&broker.brokers, &db.url);
     let mut client = connect_postgres(&config).await.expect("postgres");
     migrate_postgres(&mut client).await.expect("migrate");
     migrate_kafka(&config).await.expect("topics");
