@@ -3,7 +3,8 @@
 //! as the embedded one (`embedded_ports.rs`); a record produced twice with one
 //! id counts once; a garbled record is read past; a projector that stops and
 //! one that starts later go on from the stored offsets without counting
-//! anything twice, and of two projectors running at once one projects.
+//! anything twice, and of two projectors running at once one projects; the
+//! projection emptied (RUNBOOK.md) is rebuilt from the topics.
 
 #[allow(dead_code, reason = "shared test helpers")]
 mod common;
@@ -159,6 +160,21 @@ async fn each_event_counts_once_across_duplicates_garbage_and_projector_restarts
         .expect("ids")
         .get(0);
     assert_eq!(applied, 5, "one id per distinct event");
+
+    // Rebuilt as the runbook says: the three tables emptied in one
+    // transaction; the next record makes the projector read both topics
+    // from their start again, and every distinct event counts once.
+    client
+        .batch_execute(
+            "begin; delete from worker_history; delete from history_applied;
+             delete from history_offsets; commit;",
+        )
+        .await
+        .expect("emptied");
+    log.publish(&started(worker, 6)).await.expect("published");
+    let rebuilt = wait_for_starts(&log, worker, 6).await;
+    assert_eq!(rebuilt.jobs_started, 6, "the five before and the new one");
+    assert_eq!(projected_to(&client, &jobs).await, 9);
     second.abort();
     third.abort();
 }
