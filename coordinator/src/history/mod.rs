@@ -252,6 +252,63 @@ impl WorkerEventSink {
 mod tests {
     use super::*;
 
+    /// What a projection relies on: a batch folded alone and added to the
+    /// stored records equals the whole history folded at once, wherever the
+    /// batches are cut.
+    #[test]
+    fn batches_folded_alone_add_up_to_the_whole() {
+        let workers = [WorkerId([1; 16]), WorkerId([2; 16])];
+        let events: Vec<WorkerEvent> = (0..40u8)
+            .map(|i| {
+                let worker = workers[usize::from(i % 2)];
+                let job = JobId([i; 16]);
+                // Times go back and forth, as events from several nodes do.
+                let at_ms = u64::from(i.wrapping_mul(37) % 50);
+                match i % 3 {
+                    0 => WorkerEvent::JobStarted {
+                        job,
+                        worker,
+                        model: "m".into(),
+                        at_ms,
+                    },
+                    1 => WorkerEvent::job_failed(job, worker, "gone", at_ms),
+                    _ => WorkerEvent::Heartbeats(EpochSummary {
+                        worker,
+                        epoch_start_ms: at_ms,
+                        epoch_ms: 10,
+                        beats: u32::from(i),
+                        first_beat_ms: at_ms,
+                        last_beat_ms: at_ms,
+                        min_free_slots: 0,
+                        total_slots: 1,
+                        draining: false,
+                        models: Vec::new(),
+                        gpus: Vec::new(),
+                    }),
+                }
+            })
+            .collect();
+        let mut whole = WorkerHistory::default();
+        for e in &events {
+            whole.apply(e);
+        }
+        for cut in [1, 7, 13, 39] {
+            let mut stored: HashMap<WorkerId, WorkerRecord> = HashMap::new();
+            for batch in events.chunks(cut) {
+                let mut folded = WorkerHistory::default();
+                for e in batch {
+                    folded.apply(e);
+                }
+                for (w, more) in folded.iter() {
+                    stored.entry(*w).or_default().add(more);
+                }
+            }
+            for w in workers {
+                assert_eq!(stored.get(&w), whole.get(&w), "batches of {cut}");
+            }
+        }
+    }
+
     #[test]
     fn records_round_trip_and_fold() {
         let w = WorkerId([7; 16]);
