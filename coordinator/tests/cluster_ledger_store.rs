@@ -1,5 +1,7 @@
 //! The ledger's tiles and checkpoints in Postgres pass the same `LogStore`
-//! suite as the embedded directory store.
+//! suite as the embedded directory store; its entry bundles are built from
+//! `ledger_entries`, where the suite's entries are committed first, as the
+//! sequencer commits them.
 
 #[allow(dead_code, reason = "shared test helpers")]
 mod common;
@@ -12,6 +14,7 @@ use troop_ledger::store_conformance::Place;
 struct Postgres {
     runtime: tokio::runtime::Runtime,
     db: Database,
+    client: tokio_postgres::Client,
 }
 
 impl Place for Postgres {
@@ -21,6 +24,18 @@ impl Place for Postgres {
             .block_on(PgLogStore::connect(&self.db.url))
             .expect("connect")
     }
+
+    fn sequenced(&self, index: u64, entry: &[u8]) {
+        let index = i64::try_from(index).expect("small");
+        // Appended again after a crash: the committed row is already there.
+        self.runtime
+            .block_on(self.client.execute(
+                "insert into ledger_entries (leaf_index, partition_id, event_offset, entry)
+                 values ($1, 0, $1, $2) on conflict do nothing",
+                &[&index, &entry],
+            ))
+            .expect("commit the entry");
+    }
 }
 
 fn postgres() -> Postgres {
@@ -29,8 +44,12 @@ fn postgres() -> Postgres {
         .enable_all()
         .build()
         .expect("runtime");
-    let (db, _client) = runtime.block_on(common::cluster::migrated_database());
-    Postgres { runtime, db }
+    let (db, client) = runtime.block_on(common::cluster::migrated_database());
+    Postgres {
+        runtime,
+        db,
+        client,
+    }
 }
 
 troop_ledger::log_store_conformance!(postgres());

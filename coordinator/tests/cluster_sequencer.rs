@@ -62,7 +62,7 @@ async fn drain(
         }
         let batch = Checked::check(batch).expect("checks");
         total += sequencer
-            .apply(client, topic, Some(order), &batch, &read_to)
+            .apply(client, topic, Some(order), batch, &read_to)
             .await
             .expect("apply")
             .sequenced;
@@ -180,7 +180,7 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     assert_eq!(again.len(), 7);
     let again = Checked::check(again).expect("checks");
     let applied = restarted
-        .apply(&mut client, topic, Some(&order), &again, &read_to)
+        .apply(&mut client, topic, Some(&order), again, &read_to)
         .await
         .expect("apply");
     assert_eq!((applied.sequenced, applied.skipped), (0, 7));

@@ -63,6 +63,50 @@ impl TileId {
         p
     }
 
+    /// The tile a path names, exactly as [`TileId::path`] writes it (no
+    /// leading zeros beyond the 3-digit groups, no `.p/256`), so that one tile
+    /// has one path: a store that derives files from its rows answers each
+    /// name once.
+    pub fn parse(path: &str) -> Option<Self> {
+        let rest = path.strip_prefix("tile/")?;
+        let (level, rest) = rest.split_once('/')?;
+        let level = match level {
+            "entries" => None,
+            l if l.len() <= 2 && l.bytes().all(|b| b.is_ascii_digit()) => Some(l.parse().ok()?),
+            _ => return None,
+        };
+        let (index, width) = match rest.split_once(".p/") {
+            Some((index, width)) => {
+                if width.is_empty() || width.starts_with('0') || width.len() > 3 {
+                    return None;
+                }
+                let width: u16 = width.parse().ok()?;
+                if !(1..256).contains(&width) {
+                    return None;
+                }
+                (index, width)
+            }
+            None => (rest, 256),
+        };
+        let mut n: u64 = 0;
+        let groups: Vec<&str> = index.split('/').collect();
+        let last = groups.len() - 1;
+        for (i, g) in groups.iter().enumerate() {
+            let digits = if i < last { g.strip_prefix('x')? } else { g };
+            if digits.len() != 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            n = n.checked_mul(1000)?.checked_add(digits.parse().ok()?)?;
+        }
+        let id = Self {
+            level,
+            index: n,
+            width,
+        };
+        // Rejects non-canonical spellings such as a leading `x000/` group.
+        (id.path() == path).then_some(id)
+    }
+
     /// The tile of `level` (None: entry bundle) containing position `index`
     /// at that level, as published for a tree of `size` leaves.
     pub fn for_size(level: Option<u8>, tile_index: u64, size: u64) -> Option<Self> {
@@ -421,6 +465,41 @@ mod tests {
         assert_eq!(TileId::hashes(1, 0, 17).path(), "tile/1/000.p/17");
         assert_eq!(TileId::entries(1000, 3).path(), "tile/entries/x001/000.p/3");
         assert_eq!(TileId::hashes(2, 999, 256).path(), "tile/2/999");
+    }
+
+    #[test]
+    fn paths_parse_back_to_their_tile_and_nothing_else_parses() {
+        for id in [
+            TileId::hashes(0, 1_234_067, 256),
+            TileId::hashes(1, 0, 17),
+            TileId::entries(1000, 3),
+            TileId::entries(0, 256),
+            TileId::hashes(2, 999, 256),
+            TileId::entries(u64::MAX / 2, 255),
+        ] {
+            assert_eq!(TileId::parse(&id.path()), Some(id), "{}", id.path());
+        }
+        for bad in [
+            "",
+            "checkpoint",
+            "tile/entries",
+            "tile/entries/",
+            "tile/entries/1",
+            "tile/entries/0001",
+            "tile/entries/x000/001",
+            "tile/entries/001.p/256",
+            "tile/entries/001.p/0",
+            "tile/entries/001.p/03",
+            "tile/entries/001.p/",
+            "tile/entries/x001",
+            "tile/entries/001/002",
+            "tile/x/001",
+            "tile/256/001",
+            "tile/entries/x1000/001",
+            "tile/entries/00a",
+        ] {
+            assert_eq!(TileId::parse(bad), None, "{bad:?} parsed");
+        }
     }
 
     #[test]

@@ -7,18 +7,26 @@
 //! statement for all of them); the checkpoint is the commit point and only
 //! moves forward, so a sequencer that lost its lease cannot publish an older
 //! tree over a newer one.
+//!
+//! Entry bundles are not stored: `ledger_entries` holds every entry, committed
+//! before the writer is given it, and a bundle is built from its rows when
+//! read. Storing bundles too wrote every entry twice.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use troop_ledger::store::{CHECKPOINT_PATH, LogStore, StoreError, check_path, checkpoint_size};
-use troop_ledger::tile::TileSource;
+use troop_ledger::tile::{self, TILE_WIDTH, TileId, TileSource};
 
-/// Reads one published file (`checkpoint` or a tile path) for `/ledger/`.
+/// Reads one published file (`checkpoint`, a hash tile or an entry bundle)
+/// for `/ledger/`.
 pub async fn read_file(
     client: &tokio_postgres::Client,
     path: &str,
 ) -> Result<Option<Vec<u8>>, tokio_postgres::Error> {
+    if let Some(bundle) = TileId::parse(path).filter(|id| id.level.is_none()) {
+        return read_bundle(client, bundle).await;
+    }
     let row = if path == CHECKPOINT_PATH {
         client
             .query_opt("select note from ledger_checkpoint", &[])
@@ -29,6 +37,32 @@ pub async fn read_file(
             .await?
     };
     Ok(row.map(|r| r.get(0)))
+}
+
+/// The bundle built from `ledger_entries`; None until every entry it holds
+/// is there.
+async fn read_bundle(
+    client: &tokio_postgres::Client,
+    bundle: TileId,
+) -> Result<Option<Vec<u8>>, tokio_postgres::Error> {
+    let range = bundle.index.checked_mul(TILE_WIDTH).and_then(|from| {
+        let to = from.checked_add(u64::from(bundle.width))?;
+        Some((i64::try_from(from).ok()?, i64::try_from(to).ok()?))
+    });
+    let Some((from, to)) = range else {
+        return Ok(None);
+    };
+    let rows = client
+        .query(
+            "select entry from ledger_entries where leaf_index >= $1 and leaf_index < $2 order by leaf_index",
+            &[&from, &to],
+        )
+        .await?;
+    if rows.len() != usize::from(bundle.width) {
+        return Ok(None);
+    }
+    let entries: Vec<&[u8]> = rows.iter().map(|r| r.get(0)).collect();
+    Ok(Some(tile::encode_bundle(entries)))
 }
 
 pub struct PgLogStore {
@@ -81,6 +115,10 @@ impl LogStore for PgLogStore {
         check_path(path)?;
         if path == CHECKPOINT_PATH {
             return Err(StoreError::BadPath(path.to_owned()));
+        }
+        if TileId::parse(path).is_some_and(|id| id.level.is_none()) {
+            // Built from `ledger_entries` when read (see the module's doc).
+            return Ok(());
         }
         self.pending
             .lock()

@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "worker_history",
         include_str!("../../migrations/0006_worker_history.sql"),
     ),
+    (
+        7,
+        "bundles_from_entries",
+        include_str!("../../migrations/0007_bundles_from_entries.sql"),
+    ),
 ];
 
 /// Held while migrating so that nodes starting together do not race.

@@ -224,12 +224,15 @@ pub enum ProjectionError {
 }
 
 /// What one batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     pub sequenced: u64,
     /// Redeliveries of events already in the ledger.
     pub skipped: u64,
     pub tree_size: u64,
+    /// The entries committed, leaves `tree_size - sequenced ..`, handed to the
+    /// log writer without reading them back from Postgres.
+    pub entries: Vec<Vec<u8>>,
 }
 
 /// Accounts and holds an event changes, read before it is applied (a
@@ -487,7 +490,7 @@ impl Sequencer {
         client: &mut tokio_postgres::Client,
         topic: &str,
         order_log: Option<&dyn crate::eventlog::EventLog>,
-        batch: &Checked,
+        batch: Checked,
         read_to: &BTreeMap<i32, i64>,
     ) -> Result<Applied, ProjectionError> {
         if self.poisoned {
@@ -530,9 +533,12 @@ impl Sequencer {
         let mut rows = Rows::default();
         let mut skipped = 0u64;
         let mut in_batch = BTreeSet::new();
+        let mut kept = Vec::with_capacity(batch.items.len());
         for (s, event) in &batch.items {
             let id = (s.partition, s.offset);
-            if seen.contains(&id) || !in_batch.insert(id) {
+            let keep = !seen.contains(&id) && in_batch.insert(id);
+            kept.push(keep);
+            if !keep {
                 skipped += 1;
                 continue;
             }
@@ -620,10 +626,19 @@ impl Sequencer {
         tx.commit().await?;
         self.tree_size = new_size;
         self.poisoned = false;
+        drop(rows);
+        let entries: Vec<Vec<u8>> = batch
+            .items
+            .into_iter()
+            .zip(kept)
+            .filter_map(|((s, _), keep)| keep.then_some(s.entry))
+            .collect();
+        assert_eq!(entries.len() as u64, sequenced, "one entry per new leaf");
         Ok(Applied {
             sequenced,
             skipped,
             tree_size: new_size,
+            entries,
         })
     }
 

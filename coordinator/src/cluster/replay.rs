@@ -24,7 +24,7 @@ use crate::cluster::kafka_log::TopicReader;
 use crate::cluster::ledger_store::{PgLogStore, read_file};
 use crate::cluster::projection::{Checked, Sequencer, Sourced};
 use crate::cluster::sequence_log::{Order, OrderError, OrderRecord};
-use crate::cluster::sequencer::{SequencerError, append_sequenced, blocking};
+use crate::cluster::sequencer::{SequencerError, Unappended, blocking};
 use crate::config::ClusterConfig;
 use crate::eventlog::EventLogError;
 
@@ -188,6 +188,7 @@ pub async fn replay(
     let mut writer = blocking(move || LogWriter::open(store, signer))
         .await?
         .map_err(SequencerError::from)?;
+    let mut unappended = Unappended::default();
     let topic = cluster.topic("ledger");
     let mut reader = {
         let (brokers, topic) = (cluster.kafka_brokers.clone(), topic.clone());
@@ -212,14 +213,17 @@ pub async fn replay(
             *at = (*at).max(next);
         }
         let applied = sequencer
-            .apply(&mut client, &topic, None, &checked, &read_to)
+            .apply(&mut client, &topic, None, checked, &read_to)
             .await?;
         if applied.skipped > 0 {
             return Err(ReplayError::Repeated {
                 leaf: first_leaf + applied.sequenced,
             });
         }
-        append_sequenced(&client, &mut writer, sequencer.tree_size()).await?;
+        unappended.push(applied);
+        unappended
+            .append_to(&client, &mut writer, sequencer.tree_size())
+            .await?;
         if writer.size() - writer.published().size >= PUBLISH_EVERY_LEAVES {
             writer = publish(writer).await?;
         }

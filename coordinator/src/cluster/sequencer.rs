@@ -9,9 +9,11 @@
 //! ([`Sequencer::apply`]), then integrate: append what Postgres holds past the
 //! published tree to the log writer and publish tiles and a signed checkpoint
 //! into Postgres ([`PgLogStore`]) at least every `checkpoint_interval` while
-//! there is traffic, and as soon as it is caught up. Integration reads the
-//! entries back from Postgres, so what it publishes is always committed, and
-//! a new leader picks up exactly where the last published checkpoint ended.
+//! there is traffic, and as soon as it is caught up. The writer is given only
+//! committed entries: those a round just committed from memory
+//! ([`Unappended`]), older ones (a new leader's, or past the memory bound)
+//! read back from Postgres; so what it publishes is always committed, and a
+//! new leader picks up exactly where the last published checkpoint ended.
 //! Three things overlap, each on its own thread: the next round's read and
 //! signature checks, this round's transaction, and the last publish.
 
@@ -25,7 +27,7 @@ use troop_ledger::writer::{LogWriter, WriterError};
 
 use crate::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use crate::cluster::ledger_store::PgLogStore;
-use crate::cluster::projection::{Checked, LedgerFeed, ProjectionError, Sequencer};
+use crate::cluster::projection::{Applied, Checked, LedgerFeed, ProjectionError, Sequencer};
 use crate::config::ClusterConfig;
 use crate::eventlog::EventLogError;
 
@@ -33,6 +35,9 @@ use crate::eventlog::EventLogError;
 pub const SEQUENCER_LOCK: i64 = 0x7472_6f6f_705f_7371; // "troop_sq"
 /// Entries read back from Postgres per query when integrating.
 const INTEGRATE_BATCH_ENTRIES: i64 = 8_192;
+/// Committed entries kept in memory for the log writer while a publish holds
+/// it (about 16 rounds of the default batch); older ones are read back.
+const UNAPPENDED_MAX_ENTRIES: usize = 1 << 18;
 
 #[derive(Debug, Clone)]
 pub struct SequencerSettings {
@@ -202,6 +207,7 @@ async fn lead(
         .published
         .store(writer.published().size, Ordering::SeqCst);
     let mut writer = Some(writer);
+    let mut unappended = Unappended::default();
     let mut publishing: Option<tokio::task::JoinHandle<Publish>> = None;
     let (brokers, feed_topic) = (settings.cluster.kafka_brokers.clone(), topic.clone());
     let feed = blocking(move || LedgerFeed::open(&brokers, &feed_topic, partitions)).await??;
@@ -238,9 +244,10 @@ async fn lead(
         }
         reading = tokio::task::spawn_blocking(move || poll(feed, &from, max));
         if !caught_up {
-            sequencer
-                .apply(&mut client, &topic, Some(&order_log), &batch, &read_to)
+            let applied = sequencer
+                .apply(&mut client, &topic, Some(&order_log), batch, &read_to)
                 .await?;
+            unappended.push(applied);
             progress
                 .tree_size
                 .store(sequencer.tree_size(), Ordering::SeqCst);
@@ -262,7 +269,9 @@ async fn lead(
         // blocking pool while the next rounds are sequenced, and what it did
         // not cover is appended and published after it.
         if let Some(mut w) = writer.take() {
-            append_sequenced(&client, &mut w, sequencer.tree_size()).await?;
+            unappended
+                .append_to(&client, &mut w, sequencer.tree_size())
+                .await?;
             let unpublished = w.size() > w.published().size;
             if unpublished && (caught_up || last_publish.elapsed() >= settings.checkpoint_interval)
             {
@@ -295,7 +304,64 @@ fn poll(mut feed: LedgerFeed, from: &BTreeMap<i32, i64>, max: usize) -> (LedgerF
     (feed, polled)
 }
 
-/// Appends to the writer every entry Postgres holds past what it has.
+/// Entries committed to Postgres that the log writer has not been given yet,
+/// kept so that it need not read them back. Bounded: past
+/// [`UNAPPENDED_MAX_ENTRIES`] the oldest are dropped, and read back from
+/// Postgres (which holds every committed entry) when the writer catches up.
+#[derive(Debug, Default)]
+pub(crate) struct Unappended {
+    /// The leaf index of `entries[0]`.
+    from: u64,
+    entries: Vec<Vec<u8>>,
+}
+
+impl Unappended {
+    /// Keeps what a round committed.
+    pub(crate) fn push(&mut self, applied: Applied) {
+        let first = applied.tree_size - applied.sequenced;
+        let contiguous = self.from + self.entries.len() as u64 == first;
+        if self.entries.is_empty()
+            || !contiguous
+            || self.entries.len() + applied.entries.len() > UNAPPENDED_MAX_ENTRIES
+        {
+            self.entries.clear();
+            self.from = first;
+        }
+        self.entries.extend(applied.entries);
+    }
+
+    /// Gives the writer every committed entry up to `tree_size`: from
+    /// Postgres up to the first one kept here, then these.
+    pub(crate) async fn append_to(
+        &mut self,
+        client: &tokio_postgres::Client,
+        writer: &mut LogWriter<PgLogStore>,
+        tree_size: u64,
+    ) -> Result<(), SequencerError> {
+        let kept_from = if self.entries.is_empty() {
+            tree_size
+        } else {
+            self.from
+        };
+        assert!(
+            writer.size() <= kept_from,
+            "the writer is only given committed entries, once"
+        );
+        append_sequenced(client, writer, kept_from).await?;
+        for entry in self.entries.drain(..) {
+            writer.append(entry)?;
+        }
+        assert_eq!(
+            writer.size(),
+            tree_size,
+            "the writer has every committed entry"
+        );
+        Ok(())
+    }
+}
+
+/// Appends to the writer every entry Postgres holds past what it has, up to
+/// `tree_size`.
 pub(crate) async fn append_sequenced(
     client: &tokio_postgres::Client,
     writer: &mut LogWriter<PgLogStore>,
@@ -328,4 +394,39 @@ pub(crate) async fn append_sequenced(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied(tree_size: u64, count: u64) -> Applied {
+        Applied {
+            sequenced: count,
+            skipped: 0,
+            tree_size,
+            entries: (tree_size - count..tree_size)
+                .map(|i| i.to_be_bytes().to_vec())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn unappended_entries_stay_contiguous_and_bounded() {
+        let mut u = Unappended::default();
+        u.push(applied(10, 4));
+        u.push(applied(12, 2));
+        assert_eq!(u.from, 6);
+        assert_eq!(u.entries.len(), 6);
+        assert_eq!(u.entries[5], 11u64.to_be_bytes().to_vec());
+        // A round that committed nothing new changes nothing.
+        u.push(applied(12, 0));
+        assert_eq!((u.from, u.entries.len()), (6, 6));
+        // Past the bound, only the newest round is kept; the rest is read back.
+        let big = UNAPPENDED_MAX_ENTRIES as u64;
+        u.push(applied(12 + big, big));
+        assert_eq!((u.from, u.entries.len() as u64), (12, big));
+        u.push(applied(13 + big, 1));
+        assert_eq!((u.from, u.entries.len() as u64), (12 + big, 1));
+    }
 }
