@@ -39,6 +39,11 @@ pub struct Metrics {
     /// Cluster: the ledger's partition count, so that an alert can compare
     /// the sum of `partitions_owned` with it.
     pub ledger_partitions: IntGauge,
+    /// Cluster: 1 while this node projects worker history.
+    pub history_projector_leading: IntGauge,
+    /// Cluster: worker and job records not yet projected (measured by the
+    /// projecting node; 0 elsewhere).
+    pub history_lag_records: IntGauge,
 }
 
 impl Default for Metrics {
@@ -128,8 +133,20 @@ impl Metrics {
             "The cluster's ledger partitions (each must have one owner)",
         )
         .expect("valid");
+        let history_projector_leading = IntGauge::new(
+            "history_projector_leading",
+            "1 while this node projects worker and job events into Postgres",
+        )
+        .expect("valid");
+        let history_lag_records = IntGauge::new(
+            "history_lag_records",
+            "Worker and job records not yet projected (0 on a node that does not project)",
+        )
+        .expect("valid");
         for c in [
             Box::new(event_log_lag_records.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(history_projector_leading.clone()),
+            Box::new(history_lag_records.clone()),
             Box::new(partitions_owned.clone()),
             Box::new(ledger_partitions.clone()),
             Box::new(sequencer_leading.clone()),
@@ -166,6 +183,8 @@ impl Metrics {
             sequencer_lag_records,
             partitions_owned,
             ledger_partitions,
+            history_projector_leading,
+            history_lag_records,
         }
     }
 

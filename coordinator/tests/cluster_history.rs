@@ -3,19 +3,22 @@
 //! as the embedded one (`embedded_ports.rs`); a record produced twice with one
 //! id counts once; a garbled record is read past; a projector that stops and
 //! one that starts later go on from the stored offsets without counting
-//! anything twice, and of two projectors running at once one projects; the
+//! anything twice, and of two projectors running at once one projects (and
+//! says so on its gauges, with how far behind the topics it is); the
 //! projection emptied (RUNBOOK.md) is rebuilt from the topics.
 
 #[allow(dead_code, reason = "shared test helpers")]
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::cluster::cluster_with;
 use common::services::{Broker, Database};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
-use troop_coordinator::cluster::history::{self, KafkaHistory};
+use troop_coordinator::cluster::history::{self, HistoryProgress, KafkaHistory};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::history::{HistoryLog, WorkerEvent, WorkerRecord, conformance};
 use troop_schemas::{JobId, WorkerId};
@@ -34,12 +37,24 @@ async fn cluster(prefix: &str) -> (Database, Broker, ClusterConfig, tokio_postgr
     .await
 }
 
-fn projector(config: &ClusterConfig) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(history::project(
+fn projector(config: &ClusterConfig) -> (tokio::task::JoinHandle<()>, Arc<HistoryProgress>) {
+    let progress = Arc::new(HistoryProgress::default());
+    let task = tokio::spawn(history::project(
         config.clone(),
         Duration::from_millis(50),
         Duration::from_millis(200),
-    ))
+        Arc::clone(&progress),
+    ));
+    (task, progress)
+}
+
+/// Waits (bounded) until `what` holds.
+async fn until(what: &str, mut holds: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !holds() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn started(worker: WorkerId, n: u8) -> WorkerEvent {
@@ -86,7 +101,7 @@ async fn projected_to(client: &tokio_postgres::Client, topic: &str) -> i64 {
 async fn the_kafka_history_passes_the_history_suite() {
     let (_db, _broker, config, _client) = cluster("hs").await;
     let log = KafkaHistory::open(&config).expect("producer");
-    let projecting = projector(&config);
+    let (projecting, _) = projector(&config);
     conformance::run_all(&log, &|test| {
         WorkerId::derive(format!("kafka-{test}").as_bytes())
     })
@@ -127,7 +142,13 @@ async fn each_event_counts_once_across_duplicates_garbage_and_projector_restarts
     raw.flush(Duration::from_secs(10)).expect("delivered");
     log.publish(&started(worker, 2)).await.expect("published");
 
-    let first = projector(&config);
+    let (first, progress) = projector(&config);
+    // Its gauges: it leads, and at the start of its term nothing of the five
+    // records is projected.
+    let lag = || progress.lag_records.load(Ordering::SeqCst);
+    until("the first projector measured its lag", || lag() != 0).await;
+    assert!(progress.leading.load(Ordering::SeqCst));
+    assert_eq!(lag(), 5, "five records past the stored offsets");
     let record = wait_for_starts(&log, worker, 2).await;
     // Everything produced so far is read (five records), and only two count.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -140,6 +161,7 @@ async fn each_event_counts_once_across_duplicates_garbage_and_projector_restarts
         "the duplicate and the unlabelled record do not count"
     );
     assert_eq!(record.last_seen_ms, 1_002);
+    until("the lag measured again, caught up", || lag() == 0).await;
 
     // The projector stops; events go on; two projectors start at once: one
     // leads, the other stands by, and the new events count once.
@@ -147,8 +169,14 @@ async fn each_event_counts_once_across_duplicates_garbage_and_projector_restarts
     for n in 3..=5 {
         log.publish(&started(worker, n)).await.expect("published");
     }
-    let (second, third) = (projector(&config), projector(&config));
+    let ((second, leads_2), (third, leads_3)) = (projector(&config), projector(&config));
     let record = wait_for_starts(&log, worker, 5).await;
+    let leading = [leads_2, leads_3].map(|p| p.leading.load(Ordering::SeqCst));
+    assert_eq!(
+        leading.iter().filter(|l| **l).count(),
+        1,
+        "one of the two leads: {leading:?}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let again = log.records(vec![worker]).await.expect("read");
     assert_eq!(record.jobs_started, 5);

@@ -157,13 +157,15 @@ fn two_nodes_serve_one_network_through_kafka_and_postgres() {
     });
 
     // What the operators' alerts and dashboard watch: one node leads the
-    // sequencer, every partition has one owner, both see the ledger grow.
+    // sequencer and one the history projector, every partition has one
+    // owner, both see the ledger grow.
     wait_for("one leader and an owner for each partition", || {
         let (ma, mb) = (scrape(&a), scrape(&b));
         let sum = |name: &str| {
             ma.get(name).copied().unwrap_or(0.0) + mb.get(name).copied().unwrap_or(0.0)
         };
         sum("troop_sequencer_leading") == 1.0
+            && sum("troop_history_projector_leading") == 1.0
             && sum("troop_partitions_owned") == 4.0
             && ma.get("troop_ledger_partitions") == Some(&4.0)
             && ma.get("troop_ledger_entries").is_some_and(|n| *n > 0.0)

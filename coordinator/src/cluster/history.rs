@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
@@ -54,6 +55,20 @@ const KEEP_APPLIED_DAYS: i32 = 31;
 /// How often the projector prunes applied ids, and how many at most a time.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 const PRUNE_MAX_ROWS: i64 = 100_000;
+/// How often the leading projector measures how far behind the topics it is.
+const MEASURE_LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// What a node's projector shows on `/metrics` (`troop_history_*`), so that
+/// an alert sees a cluster where no node projects, or one that falls behind.
+#[derive(Debug, Default)]
+pub struct HistoryProgress {
+    /// True while this node's projector leads.
+    pub leading: AtomicBool,
+    /// Records of both topics past the stored offsets, as the leader last
+    /// measured them (at the start of its term, then every
+    /// `MEASURE_LAG_EVERY`); 0 on a node that does not lead.
+    pub lag_records: AtomicU64,
+}
 
 /// An event's id: the same on every delivery of the record.
 pub type EventId = [u8; 16];
@@ -270,6 +285,20 @@ impl TopicTail {
         })
     }
 
+    /// Records past `from` (partition → offset): the broker's high
+    /// watermark of each partition minus where the projection stands.
+    fn lag(&self, from: &BTreeMap<i32, i64>) -> Result<u64, HistoryError> {
+        let mut lag = 0u64;
+        for (p, at) in from {
+            let (_, high) = self
+                .consumer
+                .fetch_watermarks(&self.topic, *p, BROKER_TIMEOUT)
+                .map_err(broker)?;
+            lag += u64::try_from(high.saturating_sub(*at)).unwrap_or(0);
+        }
+        Ok(lag)
+    }
+
     /// Up to `max` records from `from` (partition → offset), into `round`.
     fn read(
         &self,
@@ -349,9 +378,17 @@ fn decode(m: &impl rdkafka::message::Message) -> Result<Consumed, String> {
 /// Projects worker and job events from the topics into Postgres whenever this
 /// node holds the projector's lock; a standby looks again every
 /// `standby_retry`. Runs until aborted.
-pub async fn project(cluster: ClusterConfig, idle: Duration, standby_retry: Duration) {
+pub async fn project(
+    cluster: ClusterConfig,
+    idle: Duration,
+    standby_retry: Duration,
+    progress: Arc<HistoryProgress>,
+) {
     loop {
-        if let Err(e) = lead(&cluster, idle).await {
+        let term = lead(&cluster, idle, &progress).await;
+        progress.leading.store(false, Ordering::SeqCst);
+        progress.lag_records.store(0, Ordering::SeqCst);
+        if let Err(e) = term {
             tracing::warn!(error = %e, "the history projector stopped leading; will try again");
         }
         tokio::time::sleep(standby_retry).await;
@@ -360,12 +397,17 @@ pub async fn project(cluster: ClusterConfig, idle: Duration, standby_retry: Dura
 
 /// One term: returns at once when another node projects, otherwise runs
 /// until something fails (a lost connection, a broker error, a fence).
-async fn lead(cluster: &ClusterConfig, idle: Duration) -> Result<(), HistoryError> {
+async fn lead(
+    cluster: &ClusterConfig,
+    idle: Duration,
+    progress: &HistoryProgress,
+) -> Result<(), HistoryError> {
     let Some((mut client, mut lost)) =
         super::try_lead(&cluster.postgres, HISTORY_LOCK, "history projector").await?
     else {
         return Ok(());
     };
+    progress.leading.store(true, Ordering::SeqCst);
     let topics = [cluster.topic("workers"), cluster.topic("jobs")];
     let partitions = i32::try_from(cluster.worker_partitions)
         .map_err(|_| broker("worker_partitions out of range"))?;
@@ -398,17 +440,27 @@ async fn lead(cluster: &ClusterConfig, idle: Duration) -> Result<(), HistoryErro
     .await??;
     tracing::info!("projecting worker history");
     let mut pruned = Instant::now();
+    let mut measured: Option<Instant> = None;
     loop {
         if lost.try_recv().is_ok() {
             return Err(broker("the projector's Postgres connection ended"));
         }
         let from = positions.clone();
-        let (back, round) = blocking(move || {
+        let measure = measured.is_none_or(|at| at.elapsed() >= MEASURE_LAG_EVERY);
+        if measure {
+            measured = Some(Instant::now());
+        }
+        let (back, lag, round) = blocking(move || {
+            // Measured before the round reads, from the positions it reads from.
+            let lag = measure.then(|| lag_of(&tails, &from));
             let round = read_round(&tails, &from);
-            (tails, round)
+            (tails, lag, round)
         })
         .await?;
         tails = back;
+        if let Some(lag) = lag {
+            progress.lag_records.store(lag?, Ordering::SeqCst);
+        }
         let round = round?;
         if round.read_to.is_empty() {
             tokio::time::sleep(idle).await;
@@ -431,16 +483,29 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| broker(format!("a blocking read: {e}")))
 }
 
+/// Records of both topics past `positions`.
+fn lag_of(tails: &[TopicTail], positions: &Positions) -> Result<u64, HistoryError> {
+    let mut lag = 0;
+    for tail in tails {
+        lag += tail.lag(&of_topic(positions, &tail.topic))?;
+    }
+    Ok(lag)
+}
+
+/// The positions of `topic`'s partitions.
+fn of_topic(positions: &Positions, topic: &str) -> BTreeMap<i32, i64> {
+    positions
+        .iter()
+        .filter(|((t, _), _)| t == topic)
+        .map(|((_, p), at)| (*p, *at))
+        .collect()
+}
+
 /// Reads every partition of both topics from `positions`.
 fn read_round(tails: &[TopicTail], positions: &Positions) -> Result<Round, HistoryError> {
     let mut round = Round::default();
     for tail in tails {
-        let from: BTreeMap<i32, i64> = positions
-            .iter()
-            .filter(|((t, _), _)| *t == tail.topic)
-            .map(|((_, p), at)| (*p, *at))
-            .collect();
-        tail.read(&from, ROUND_RECORDS, &mut round)?;
+        tail.read(&of_topic(positions, &tail.topic), ROUND_RECORDS, &mut round)?;
     }
     Ok(round)
 }
@@ -538,10 +603,14 @@ async fn prune(client: &tokio_postgres::Client) -> Result<(), HistoryError> {
 }
 
 /// How a node runs the projector: as a task beside its other work.
-pub fn spawn(cluster: &ClusterConfig) -> tokio::task::JoinHandle<()> {
+pub fn spawn(
+    cluster: &ClusterConfig,
+    progress: Arc<HistoryProgress>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(project(
         cluster.clone(),
         Duration::from_millis(200),
         Duration::from_secs(1),
+        progress,
     ))
 }

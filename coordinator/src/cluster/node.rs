@@ -29,7 +29,7 @@ use troop_ledger::note::NoteSigner;
 use crate::actors::account::Accounts;
 use crate::actors::books::PublishedSchedule;
 use crate::actors::registry::{Ban, Registry};
-use crate::cluster::history::{self, KafkaHistory};
+use crate::cluster::history::{self, HistoryProgress, KafkaHistory};
 use crate::cluster::internal::{self, ClusterBooks, Internal, Secret};
 use crate::cluster::owned::{OwnedBooks, OwnedSettings};
 use crate::cluster::ownership::Ownership;
@@ -82,6 +82,7 @@ pub fn shared_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
 #[derive(Clone, Debug)]
 pub struct NodeGauges {
     sequencer: Arc<SequencerProgress>,
+    history: Arc<HistoryProgress>,
     owned: Arc<OwnedBooks>,
     ledger_partitions: u32,
 }
@@ -94,6 +95,11 @@ impl NodeGauges {
         m.partitions_owned
             .set(i64::try_from(self.owned.loaded().len()).unwrap_or(i64::MAX));
         m.ledger_partitions.set(i64::from(self.ledger_partitions));
+        m.history_projector_leading
+            .set(i64::from(self.history.leading.load(Ordering::SeqCst)));
+        m.history_lag_records.set(
+            i64::try_from(self.history.lag_records.load(Ordering::SeqCst)).unwrap_or(i64::MAX),
+        );
     }
 }
 
@@ -208,6 +214,7 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
         let registry = registry.clone();
         move |worker| registry.do_send(Ban(worker))
     };
+    let history = Arc::new(HistoryProgress::default());
     let tasks = vec![
         tokio::spawn(directory::follow(
             Arc::clone(&pg),
@@ -225,7 +232,7 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
             REFRESH_EVERY,
         )),
         tokio::spawn(advertise(Arc::clone(&pg), me.clone(), incarnation.clone())),
-        history::spawn(&cluster),
+        history::spawn(&cluster, Arc::clone(&history)),
     ];
     let state = AppState {
         books: None,
@@ -248,6 +255,7 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
         origin: Some(incarnation),
         node_gauges: Some(NodeGauges {
             sequencer: Arc::clone(&sequencer.progress),
+            history,
             owned: Arc::clone(&owned),
             ledger_partitions: cluster.ledger_partitions,
         }),
