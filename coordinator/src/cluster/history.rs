@@ -14,7 +14,7 @@
 //! from the stored offsets; a record produced twice has one id and counts
 //! once.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders};
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
@@ -31,7 +30,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use troop_schemas::WorkerId;
 
 use super::Reconnecting;
-use super::kafka_log::ReaderContext;
+use super::kafka_log::{Next, ReaderContext, poll_partitions};
 use crate::config::ClusterConfig;
 use crate::history::{
     HistoryError, HistoryLog, MAX_RECORDS_READ, Published, Records, WorkerEvent, WorkerHistory,
@@ -324,43 +323,31 @@ impl TopicTail {
         max: usize,
         round: &mut Round,
     ) -> Result<(), HistoryError> {
-        let mut open: HashSet<i32> = from.keys().copied().collect();
+        let mut open: BTreeSet<i32> = from.keys().copied().collect();
         let mut taken = 0;
-        let deadline = Instant::now() + BROKER_TIMEOUT;
-        while !open.is_empty() && taken < max {
-            if Instant::now() > deadline {
-                return Err(broker(format!(
-                    "partitions {open:?} of {} did not answer in {BROKER_TIMEOUT:?}",
-                    self.topic
-                )));
-            }
-            let m = match self.consumer.poll(Duration::from_millis(100)) {
-                None => continue,
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    open.remove(&p);
-                    continue;
+        poll_partitions(
+            &self.consumer,
+            &self.topic,
+            &mut open,
+            |_| true,
+            |m| {
+                let p = m.partition();
+                taken += 1;
+                round
+                    .read_to
+                    .insert((self.topic.clone(), p), m.offset() + 1);
+                match decode(m) {
+                    Ok(c) => round.events.push(c),
+                    // Not one of ours, or garbled: read past, never stuck on it.
+                    Err(why) => tracing::warn!(
+                        topic = %self.topic, partition = p, offset = m.offset(), why,
+                        "a worker-history record skipped"
+                    ),
                 }
-                Some(Err(e)) => return Err(broker(e)),
-                Some(Ok(m)) => m,
-            };
-            let p = m.partition();
-            if !open.contains(&p) {
-                continue;
-            }
-            taken += 1;
-            round
-                .read_to
-                .insert((self.topic.clone(), p), m.offset() + 1);
-            match decode(&m) {
-                Ok(c) => round.events.push(c),
-                // Not one of ours, or garbled: read past, never stuck on it.
-                Err(why) => tracing::warn!(
-                    topic = %self.topic, partition = p, offset = m.offset(), why,
-                    "a worker-history record skipped"
-                ),
-            }
-        }
-        Ok(())
+                Ok(if taken >= max { Next::Stop } else { Next::Open })
+            },
+            broker,
+        )
     }
 }
 

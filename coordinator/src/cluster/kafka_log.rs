@@ -112,6 +112,63 @@ impl std::fmt::Debug for KafkaLog {
     }
 }
 
+/// What a poll loop does after one message of an open partition.
+pub(crate) enum Next {
+    /// Keep reading the partition.
+    Open,
+    /// The partition has what was wanted.
+    Close,
+    /// The whole read has what was wanted.
+    Stop,
+}
+
+/// Polls `consumer` (its partitions already assigned) until every partition
+/// in `open` is closed or `on_message` stops the read: `on_message` sees each
+/// message of an open partition, and reaching a partition's end closes it
+/// when `closes_at_end` says so. Gives up after `BROKER_TIMEOUT`: a new
+/// consumer's first fetch waits for its connection, but a broker that never
+/// answers must not hold a reader for good.
+pub(crate) fn poll_partitions<C: rdkafka::consumer::ConsumerContext, E>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    open: &mut BTreeSet<i32>,
+    mut closes_at_end: impl FnMut(i32) -> bool,
+    mut on_message: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<Next, E>,
+    broker: impl Fn(String) -> E,
+) -> Result<(), E> {
+    let deadline = std::time::Instant::now() + BROKER_TIMEOUT;
+    while !open.is_empty() {
+        if std::time::Instant::now() > deadline {
+            return Err(broker(format!(
+                "partitions {open:?} of {topic} did not answer in {BROKER_TIMEOUT:?}"
+            )));
+        }
+        let m = match consumer.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                if closes_at_end(p) {
+                    open.remove(&p);
+                }
+                continue;
+            }
+            Some(Err(e)) => return Err(broker(e.to_string())),
+            Some(Ok(m)) => m,
+        };
+        let p = m.partition();
+        if !open.contains(&p) {
+            continue;
+        }
+        match on_message(&m)? {
+            Next::Open => {}
+            Next::Close => {
+                open.remove(&p);
+            }
+            Next::Stop => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
 fn broker(e: impl std::fmt::Display) -> EventLogError {
     EventLogError::Broker(e.to_string())
 }
@@ -330,63 +387,52 @@ impl TopicReader {
         out: &mut BTreeMap<i32, Vec<Record>>,
     ) -> Result<(), EventLogError> {
         let mut open: BTreeSet<i32> = out.keys().copied().collect();
+        let topic = self.topic.as_str();
+        let cursors = &mut self.cursors;
         // Committed records may take a moment to become visible to a reader
-        // (the commit marker goes out after the commit returns), and a new
-        // consumer's first fetch waits for its connection.
-        let deadline = std::time::Instant::now() + BROKER_TIMEOUT;
-        while !open.is_empty() {
-            if std::time::Instant::now() > deadline {
-                return Err(broker(format!(
-                    "partitions {open:?} of {} did not answer in {BROKER_TIMEOUT:?}",
-                    self.topic
-                )));
-            }
-            let m = match self.consumer.poll(Duration::from_millis(100)) {
-                None => continue,
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    if plan.get(&p).is_some_and(|w| !w.committed) {
-                        open.remove(&p);
-                    }
-                    continue;
+        // (the commit marker goes out after the commit returns): a partition
+        // whose records are known committed is not closed by reaching its end.
+        poll_partitions(
+            &self.consumer,
+            topic,
+            &mut open,
+            |p| plan.get(&p).is_some_and(|w| !w.committed),
+            |m| {
+                let p = m.partition();
+                let (Some(w), Some(records)) = (plan.get(&p), out.get_mut(&p)) else {
+                    return Ok(Next::Open);
+                };
+                let seq = seq_of(m)?;
+                let expected = w.from + records.len() as u64;
+                if seq < expected {
+                    return Ok(Next::Open);
                 }
-                Some(Err(e)) => return Err(broker(e)),
-                Some(Ok(m)) => m,
-            };
-            let p = m.partition();
-            let (Some(w), Some(records)) = (plan.get(&p), out.get_mut(&p)) else {
-                continue;
-            };
-            if !open.contains(&p) {
-                continue;
-            }
-            let seq = seq_of(&m)?;
-            let expected = w.from + records.len() as u64;
-            if seq < expected {
-                continue;
-            }
-            if seq != expected {
-                return Err(EventLogError::Corrupt {
-                    path: format!("{}/{p}", self.topic),
-                    at: expected,
-                    why: "record numbers skip: a record is missing",
+                if seq != expected {
+                    return Err(EventLogError::Corrupt {
+                        path: format!("{topic}/{p}"),
+                        at: expected,
+                        why: "record numbers skip: a record is missing",
+                    });
+                }
+                cursors.insert(
+                    p,
+                    Cursor {
+                        seq: seq + 1,
+                        kafka: m.offset() + 1,
+                    },
+                );
+                records.push(Record {
+                    offset: seq,
+                    payload: m.payload().unwrap_or_default().to_vec(),
                 });
-            }
-            self.cursors.insert(
-                p,
-                Cursor {
-                    seq: seq + 1,
-                    kafka: m.offset() + 1,
-                },
-            );
-            records.push(Record {
-                offset: seq,
-                payload: m.payload().unwrap_or_default().to_vec(),
-            });
-            if records.len() >= w.want {
-                open.remove(&p);
-            }
-        }
-        Ok(())
+                Ok(if records.len() >= w.want {
+                    Next::Close
+                } else {
+                    Next::Open
+                })
+            },
+            broker,
+        )
     }
 
     fn assign_one(&self, partition: i32, at: i64) -> Result<(), EventLogError> {
