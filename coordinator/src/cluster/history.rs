@@ -311,21 +311,9 @@ impl TopicTail {
                 .map_err(broker)?;
         }
         self.consumer.assign(&list).map_err(broker)?;
-        let read = self.poll(from, max, round);
-        let released = self.consumer.unassign().map_err(broker);
-        read?;
-        released
-    }
-
-    fn poll(
-        &self,
-        from: &BTreeMap<i32, i64>,
-        max: usize,
-        round: &mut Round,
-    ) -> Result<(), HistoryError> {
         let mut open: BTreeSet<i32> = from.keys().copied().collect();
         let mut taken = 0;
-        poll_partitions(
+        let read = poll_partitions(
             &self.consumer,
             &self.topic,
             &mut open,
@@ -347,7 +335,10 @@ impl TopicTail {
                 Ok(if taken >= max { Next::Stop } else { Next::Open })
             },
             broker,
-        )
+        );
+        let released = self.consumer.unassign().map_err(broker);
+        read?;
+        released
     }
 }
 

@@ -52,17 +52,27 @@ async fn read_bundle(
     let Some((from, to)) = range else {
         return Ok(None);
     };
-    let rows = client
-        .query(
-            "select entry from ledger_entries where leaf_index >= $1 and leaf_index < $2 order by leaf_index",
-            &[&from, &to],
-        )
-        .await?;
+    let rows = entries_between(client, from, to).await?;
     if rows.len() != usize::from(bundle.width) {
         return Ok(None);
     }
-    let entries: Vec<&[u8]> = rows.iter().map(|r| r.get(0)).collect();
+    let entries: Vec<&[u8]> = rows.iter().map(|r| r.get(1)).collect();
     Ok(Some(tile::encode_bundle(entries)))
+}
+
+/// Rows (leaf index, entry) of the sequenced entries in `from..to`, in order.
+pub(crate) async fn entries_between(
+    client: &tokio_postgres::Client,
+    from: i64,
+    to: i64,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    client
+        .query(
+            "select leaf_index, entry from ledger_entries
+             where leaf_index >= $1 and leaf_index < $2 order by leaf_index",
+            &[&from, &to],
+        )
+        .await
 }
 
 pub struct PgLogStore {

@@ -370,12 +370,7 @@ pub(crate) async fn append_sequenced(
     while writer.size() < tree_size {
         let from = i64::try_from(writer.size()).unwrap_or(i64::MAX);
         let to = (from + INTEGRATE_BATCH_ENTRIES).min(i64::try_from(tree_size).unwrap_or(i64::MAX));
-        let rows = client
-            .query(
-                "select leaf_index, entry from ledger_entries where leaf_index >= $1 and leaf_index < $2 order by leaf_index",
-                &[&from, &to],
-            )
-            .await?;
+        let rows = crate::cluster::ledger_store::entries_between(client, from, to).await?;
         for row in rows {
             let index: i64 = row.get(0);
             assert_eq!(
