@@ -12,6 +12,8 @@ use common::cluster::{account_row, leaves, micro, migrated_database, order_of, p
 use troop_coordinator::cluster::projection::{
     Applied, Checked, ProjectionError, Sequencer, Sourced, partition_of,
 };
+use troop_coordinator::cluster::projection_store::conformance::Fixture;
+use troop_coordinator::cluster::projection_store::{PgProjection, ProjectionStore as _};
 use troop_coordinator::eventlog::EventLog as _;
 use troop_coordinator::eventlog::file::{FileLog, FileLogConfig};
 use troop_schemas::event::{AccountRole, VoidReason};
@@ -55,13 +57,45 @@ fn read_to(batch: &[Sourced]) -> BTreeMap<i32, i64> {
     to
 }
 
+/// A migrated database of its own, with two connections to it (two
+/// sequencers on one store).
+struct PgStore {
+    _db: common::services::Database,
+    clients: [tokio_postgres::Client; 2],
+}
+
+impl Fixture for PgStore {
+    type Store<'a> = PgProjection<'a>;
+
+    fn handle(&self, n: usize) -> PgProjection<'_> {
+        PgProjection::new(&self.clients[n], TOPIC)
+    }
+}
+
+async fn fresh() -> PgStore {
+    let (db, first) = migrated_database().await;
+    let config = troop_coordinator::config::ClusterConfig {
+        postgres: db.url.clone(),
+        ..Default::default()
+    };
+    let second = troop_coordinator::cluster::migrate::connect_postgres(&config)
+        .await
+        .expect("a second connection");
+    PgStore {
+        _db: db,
+        clients: [first, second],
+    }
+}
+
+troop_coordinator::projection_store_conformance!(fresh);
+
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.expect("count").get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
-    let (_db, mut client) = migrated_database().await;
+    let (_db, client) = migrated_database().await;
     let (_order_dir, order) = order_log();
     let consumer = AccountId::derive(b"consumer");
     let worker = AccountId::derive(b"worker");
@@ -98,11 +132,12 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
             hold(h1, 1, 300_000),
         ],
     );
-    let mut sequencer = Sequencer::open(&client, PARTITIONS).await.expect("open");
+    let mut sequencer = Sequencer::open(&PgProjection::new(&client, TOPIC), PARTITIONS)
+        .await
+        .expect("open");
     let applied = sequencer
         .apply(
-            &mut client,
-            TOPIC,
+            &PgProjection::new(&client, TOPIC),
             Some(&order),
             checked(&first),
             &read_to(&first),
@@ -150,8 +185,7 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
     second.insert(1, first[4].clone());
     let applied = sequencer
         .apply(
-            &mut client,
-            TOPIC,
+            &PgProjection::new(&client, TOPIC),
             Some(&order),
             checked(&second),
             &read_to(&second),
@@ -197,7 +231,8 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
         8,
         "gap-free"
     );
-    let positions = Sequencer::positions(&client, TOPIC)
+    let positions = PgProjection::new(&client, TOPIC)
+        .positions()
         .await
         .expect("positions");
     assert_eq!(positions.get(&0), Some(&8), "offsets 0..=7 consumed");
@@ -233,7 +268,9 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
         leaves(&client).await
     );
     // A sequencer opened from Postgres has the same fold.
-    let reopened = Sequencer::open(&client, PARTITIONS).await.expect("reopen");
+    let reopened = Sequencer::open(&PgProjection::new(&client, TOPIC), PARTITIONS)
+        .await
+        .expect("reopen");
     assert_eq!(reopened.tree_size(), 8);
     assert_eq!(
         reopened.ledger().balances_digest(),
@@ -243,12 +280,16 @@ async fn batches_are_sequenced_and_projected_with_their_offsets_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
-    let (_db, mut client) = migrated_database().await;
+    let (_db, client) = migrated_database().await;
     let (_order_dir, order) = order_log();
     let consumer = AccountId::derive(b"consumer");
     let at_ms = 1_790_000_000_000;
-    let mut stale = Sequencer::open(&client, PARTITIONS).await.expect("open");
-    let mut live = Sequencer::open(&client, PARTITIONS).await.expect("open");
+    let mut stale = Sequencer::open(&PgProjection::new(&client, TOPIC), PARTITIONS)
+        .await
+        .expect("open");
+    let mut live = Sequencer::open(&PgProjection::new(&client, TOPIC), PARTITIONS)
+        .await
+        .expect("open");
     let opened = sourced(
         0,
         &[
@@ -261,8 +302,7 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
         ],
     );
     live.apply(
-        &mut client,
-        TOPIC,
+        &PgProjection::new(&client, TOPIC),
         Some(&order),
         checked(&opened),
         &read_to(&opened),
@@ -271,8 +311,7 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
     .expect("apply");
     let fenced = stale
         .apply(
-            &mut client,
-            TOPIC,
+            &PgProjection::new(&client, TOPIC),
             Some(&order),
             checked(&opened),
             &read_to(&opened),
@@ -307,8 +346,7 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
     );
     let refused = live
         .apply(
-            &mut client,
-            TOPIC,
+            &PgProjection::new(&client, TOPIC),
             Some(&order),
             checked(&overdraw),
             &read_to(&overdraw),
@@ -337,8 +375,7 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
     );
     assert!(matches!(
         live.apply(
-            &mut client,
-            TOPIC,
+            &PgProjection::new(&client, TOPIC),
             Some(&order),
             checked(&opened),
             &read_to(&opened)
@@ -352,10 +389,10 @@ async fn a_second_sequencer_is_fenced_and_a_refused_event_changes_nothing() {
 /// newest two are kept; a damaged one is passed over for an older one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opening_starts_from_the_newest_sound_snapshot() {
-    let (_db, mut client) = migrated_database().await;
+    let (_db, client) = migrated_database().await;
     let (_order_dir, order) = order_log();
     let at_ms = 1_790_000_000_000;
-    let mut sequencer = Sequencer::open(&client, PARTITIONS)
+    let mut sequencer = Sequencer::open(&PgProjection::new(&client, TOPIC), PARTITIONS)
         .await
         .expect("open")
         .snapshot_every(4);
@@ -372,8 +409,7 @@ async fn opening_starts_from_the_newest_sound_snapshot() {
     for batch in all.chunks(3) {
         sequencer
             .apply(
-                &mut client,
-                TOPIC,
+                &PgProjection::new(&client, TOPIC),
                 Some(&order),
                 checked(batch),
                 &read_to(batch),
@@ -394,7 +430,9 @@ async fn opening_starts_from_the_newest_sound_snapshot() {
         .collect();
     assert_eq!(sizes, [18, 21], "the newest two, each at a batch's end");
 
-    let reopened = Sequencer::open(&client, PARTITIONS).await.expect("reopen");
+    let reopened = Sequencer::open(&PgProjection::new(&client, TOPIC), PARTITIONS)
+        .await
+        .expect("reopen");
     assert_eq!(reopened.tree_size(), 21);
     assert_eq!(reopened.ledger(), sequencer.ledger());
 
@@ -407,13 +445,17 @@ async fn opening_starts_from_the_newest_sound_snapshot() {
         )
         .await
         .expect("damage");
-    let reopened = Sequencer::open(&client, PARTITIONS).await.expect("reopen");
+    let reopened = Sequencer::open(&PgProjection::new(&client, TOPIC), PARTITIONS)
+        .await
+        .expect("reopen");
     assert_eq!(reopened.ledger(), sequencer.ledger());
     // Without snapshots at all: a full fold, the same again.
     client
         .execute("delete from sequencer_snapshots", &[])
         .await
         .expect("delete");
-    let reopened = Sequencer::open(&client, PARTITIONS).await.expect("reopen");
+    let reopened = Sequencer::open(&PgProjection::new(&client, TOPIC), PARTITIONS)
+        .await
+        .expect("reopen");
     assert_eq!(reopened.ledger(), sequencer.ledger());
 }

@@ -18,6 +18,7 @@ use troop_coordinator::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use troop_coordinator::cluster::ledger_node::{self, LedgerNode};
 use troop_coordinator::cluster::ledger_store::PgLogStore;
 use troop_coordinator::cluster::projection::{Checked, LedgerFeed, Sequencer, partition_of};
+use troop_coordinator::cluster::projection_store::{PgProjection, ProjectionStore as _};
 use troop_coordinator::cluster::replay;
 use troop_coordinator::cluster::sequence_log::OrderRecord;
 use troop_coordinator::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
@@ -47,14 +48,11 @@ async fn drain(
     sequencer: &mut Sequencer,
     feed: &mut LedgerFeed,
     order: &KafkaLog,
-    client: &mut tokio_postgres::Client,
-    topic: &str,
+    store: &PgProjection<'_>,
 ) -> u64 {
     let mut total = 0;
     loop {
-        let positions = Sequencer::positions(client, topic)
-            .await
-            .expect("positions");
+        let positions = store.positions().await.expect("positions");
         let (batch, _, read_to) =
             tokio::task::block_in_place(|| feed.poll(&positions, 3)).expect("poll");
         if read_to.is_empty() {
@@ -62,7 +60,7 @@ async fn drain(
         }
         let batch = Checked::check(batch).expect("checks");
         total += sequencer
-            .apply(client, topic, Some(order), batch, &read_to)
+            .apply(store, Some(order), batch, &read_to)
             .await
             .expect("apply")
             .sequenced;
@@ -71,7 +69,7 @@ async fn drain(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
-    let (db, _broker, config, mut client) = cluster("seq").await;
+    let (db, _broker, config, client) = cluster("seq").await;
     let topic = "seq.ledger";
 
     let (a, b) = (AccountId::derive(b"a"), AccountId::derive(b"b"));
@@ -115,17 +113,26 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     let (http, url) = serve_ledger(&config, std::sync::Arc::default());
     assert_eq!(metrics(&url).await["troop_sequencer_lag_records"], 7.0);
 
-    let mut sequencer = Sequencer::open(&client, PARTITIONS).await.expect("open");
+    let mut sequencer = Sequencer::open(&PgProjection::new(&client, topic), PARTITIONS)
+        .await
+        .expect("open");
     let order = tokio::task::block_in_place(|| KafkaLog::open(KafkaLogConfig::sequencer(&config)))
         .expect("order log");
     let mut feed =
         tokio::task::block_in_place(|| LedgerFeed::open(&config.kafka_brokers, topic, PARTITIONS))
             .expect("feed");
     assert_eq!(
-        drain(&mut sequencer, &mut feed, &order, &mut client, topic).await,
+        drain(
+            &mut sequencer,
+            &mut feed,
+            &order,
+            &PgProjection::new(&client, topic)
+        )
+        .await,
         6
     );
-    let positions = Sequencer::positions(&client, topic)
+    let positions = PgProjection::new(&client, topic)
+        .positions()
         .await
         .expect("positions");
     assert_eq!(
@@ -164,13 +171,21 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
             .is_err(),
         "the old leader's order log is fenced"
     );
-    let mut restarted = Sequencer::open(&client, PARTITIONS).await.expect("reopen");
+    let mut restarted = Sequencer::open(&PgProjection::new(&client, topic), PARTITIONS)
+        .await
+        .expect("reopen");
     assert_eq!(restarted.tree_size(), 6);
     let mut feed =
         tokio::task::block_in_place(|| LedgerFeed::open(&config.kafka_brokers, topic, PARTITIONS))
             .expect("feed");
     assert_eq!(
-        drain(&mut restarted, &mut feed, &order, &mut client, topic).await,
+        drain(
+            &mut restarted,
+            &mut feed,
+            &order,
+            &PgProjection::new(&client, topic)
+        )
+        .await,
         1
     );
 
@@ -180,7 +195,12 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
     assert_eq!(again.len(), 7);
     let again = Checked::check(again).expect("checks");
     let applied = restarted
-        .apply(&mut client, topic, Some(&order), again, &read_to)
+        .apply(
+            &PgProjection::new(&client, topic),
+            Some(&order),
+            again,
+            &read_to,
+        )
         .await
         .expect("apply");
     assert_eq!((applied.sequenced, applied.skipped), (0, 7));

@@ -21,7 +21,7 @@ pub const MAX_CHANGES_PER_READ: i64 = 10_000;
 /// write is idempotent — a redelivered issue, revocation or ban changes
 /// nothing — so no event ids are needed.
 pub async fn project(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &impl tokio_postgres::GenericClient,
     records: &[Directory],
 ) -> Result<(), tokio_postgres::Error> {
     for record in records {
@@ -29,12 +29,9 @@ pub async fn project(
             Directory::Key(KeyEvent::Issued {
                 key, account, hash, ..
             }) => {
-                let mut h = [0u8; 32];
-                if hex::decode_to_slice(hash, &mut h).is_err() {
-                    // As the embedded table does: a key that cannot authenticate.
-                    tracing::error!(%key, "an issued key's hash is not 32 hex bytes; skipped");
+                let Some(h) = key_hash(key, hash) else {
                     continue;
-                }
+                };
                 tx.execute(
                     "insert into api_keys (key_id, account, secret_hash) values ($1, $2, $3)
                      on conflict (key_id) do nothing",
@@ -63,6 +60,17 @@ pub async fn project(
 }
 
 /// A key as the directory holds it.
+/// An issued key's stored hash: 32 bytes from hex, or none (skipped, as the
+/// embedded table does: a key that cannot authenticate).
+pub(crate) fn key_hash(key: &ApiKeyId, hash: &str) -> Option<[u8; 32]> {
+    let mut h = [0u8; 32];
+    if hex::decode_to_slice(hash, &mut h).is_err() {
+        tracing::error!(%key, "an issued key's hash is not 32 hex bytes; skipped");
+        return None;
+    }
+    Some(h)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRow {
     pub key: ApiKeyId,

@@ -11,7 +11,6 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use crate::cluster::Reconnecting;
 use crate::cluster::kafka_log::TopicReader;
 use crate::cluster::ledger_store::read_file;
-use crate::cluster::projection::Sequencer;
 use crate::cluster::sequencer::SequencerProgress;
 use crate::config::ClusterConfig;
 use crate::eventlog::EventLogError;
@@ -50,9 +49,10 @@ impl LedgerNode {
     async fn lag_records(&self) -> Result<u64, String> {
         let client = self.pg.get().await.map_err(|e| e.to_string())?;
         let topic = self.cluster.topic("ledger");
-        let positions: BTreeMap<i32, i64> = Sequencer::positions(&client, &topic)
-            .await
-            .map_err(|e| e.to_string())?;
+        let positions: BTreeMap<i32, i64> =
+            crate::cluster::projection_store::positions(&client, &topic)
+                .await
+                .map_err(|e| e.to_string())?;
         let (ends, brokers, partitions) = (
             Arc::clone(&self.ends),
             self.cluster.kafka_brokers.clone(),

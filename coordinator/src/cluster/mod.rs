@@ -20,6 +20,7 @@ pub mod owner;
 pub mod ownership;
 pub mod presence;
 pub mod projection;
+pub mod projection_store;
 pub mod reads;
 pub mod relay;
 pub mod replay;

@@ -25,6 +25,7 @@ use troop_schemas::{AccountId, EntryError, Event, decode_entry};
 use crate::books::{TAG_LEDGER_ENTRY, judge, ledger_record};
 use crate::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use crate::cluster::projection::{ProjectionError, Sequencer, partition_of, partition_of_key};
+use crate::cluster::projection_store::{PgProjection, ProjectionStore as _};
 use crate::cluster::sequencer::blocking;
 use crate::config::ClusterConfig;
 use crate::directory::Directory;
@@ -228,8 +229,9 @@ impl PartitionBooks {
             .batch_execute("begin transaction isolation level repeatable read read only")
             .await?;
         let read = async {
-            let sequencer = Sequencer::open(client, partitions).await?;
-            let positions = Sequencer::positions(client, topic).await?;
+            let store = PgProjection::new(client, topic);
+            let sequencer = Sequencer::open(&store, partitions).await?;
+            let positions = store.positions().await?;
             Ok::<_, ProjectionError>((sequencer, positions))
         }
         .await;

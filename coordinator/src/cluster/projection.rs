@@ -1,11 +1,12 @@
-//! The sequencer's projection into Postgres (CLUSTER.md, "The ledger: one
-//! sequencer, fenced"): batches of judged ledger events, read from the ledger
-//! partitions, get their leaf indexes and are applied to the balance tables
-//! in one transaction together with the consumer offsets they came from.
+//! The sequencer's projection (CLUSTER.md, "The ledger: one sequencer,
+//! fenced"): batches of judged ledger events, read from the ledger
+//! partitions, get their leaf indexes and are stored, with the balances and
+//! holds they change, in one commit together with the consumer offsets they
+//! came from (through the [`ProjectionStore`] port: Postgres in the cluster).
 //!
 //! The balances are computed by the same pure fold as everywhere else (an
-//! in-memory [`Ledger`] that mirrors the tables); Postgres only stores what the
-//! fold says, for every node to read. A second sequencer is fenced by a
+//! in-memory [`Ledger`] that mirrors the tables); the store only keeps what
+//! the fold says, for every node to read. A second sequencer is fenced by a
 //! compare-and-swap on the tree size; a redelivered event (same id) is skipped.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,6 +15,9 @@ use troop_ledger::fold::{FoldError, Ledger};
 use troop_ledger::receipt::{self, KeyCache, ReceiptError};
 use troop_schemas::{AccountId, Event, HoldId, decode_entry, decode_entry_spans};
 
+use crate::cluster::projection_store::{
+    AccountRow, Commit, HoldRow, ProjectionStore, ReceiptRow, Registration,
+};
 use crate::cluster::sequence_log::OrderRecord;
 use crate::directory::Directory;
 
@@ -273,96 +277,14 @@ fn touched(event: &Event, ledger: &Ledger) -> (Vec<AccountId>, Option<HoldId>) {
     }
 }
 
-fn numeric(v: u128) -> String {
-    v.to_string()
-}
-
-/// One batch's new rows, column by column, written with one statement per table.
-#[derive(Default)]
-struct Rows<'a> {
-    leaf: Vec<i64>,
-    partition: Vec<i32>,
-    offset: Vec<i64>,
-    entry: Vec<&'a [u8]>,
-    receipt_job: Vec<String>,
-    receipt_leaf: Vec<i64>,
-    receipt_consumer: Vec<String>,
-    receipt_worker: Vec<String>,
-    /// Charged, worker earned, fee.
-    receipt_amounts: Vec<[i64; 3]>,
-    registered_worker: Vec<String>,
-    registered_key: Vec<&'a [u8]>,
-    registered_account: Vec<String>,
-    /// Leaves that publish prices or keys: every node reads them whole.
-    network_leaf: Vec<i64>,
-}
-
-impl<'a> Rows<'a> {
-    fn entry(&mut self, index: i64, s: &'a Sourced) {
-        self.leaf.push(index);
-        self.partition.push(s.partition);
-        self.offset.push(s.offset);
-        self.entry.push(&s.entry);
-    }
-
-    async fn write(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-    ) -> Result<(), tokio_postgres::Error> {
-        if self.leaf.is_empty() {
-            return Ok(());
-        }
-        tx.execute(
-            "insert into ledger_entries (leaf_index, partition_id, event_offset, entry)
-             select * from unnest($1::bigint[], $2::int[], $3::bigint[], $4::bytea[])",
-            &[&self.leaf, &self.partition, &self.offset, &self.entry],
-        )
-        .await?;
-        if !self.receipt_job.is_empty() {
-            let column = |i: usize| {
-                self.receipt_amounts
-                    .iter()
-                    .map(|a| a[i])
-                    .collect::<Vec<_>>()
-            };
-            tx.execute(
-                "insert into receipts (job, leaf_index, consumer, worker, charged_micro, worker_earned_micro, fee_micro)
-                 select * from unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])",
-                &[&self.receipt_job, &self.receipt_leaf, &self.receipt_consumer, &self.receipt_worker, &column(0), &column(1), &column(2)],
-            )
-            .await?;
-        }
-        if !self.network_leaf.is_empty() {
-            tx.execute(
-                "insert into network_entries (leaf_index) select * from unnest($1::bigint[])",
-                &[&self.network_leaf],
-            )
-            .await?;
-        }
-        if !self.registered_worker.is_empty() {
-            tx.execute(
-                "insert into worker_registrations (worker, worker_key, account)
-                 select * from unnest($1::text[], $2::bytea[], $3::text[])",
-                &[
-                    &self.registered_worker,
-                    &self.registered_key,
-                    &self.registered_account,
-                ],
-            )
-            .await?;
-        }
-        Ok(())
-    }
-}
-
 /// A snapshot of the fold every this many entries (and the newest two kept),
-/// so that a new sequencer folds at most this many entries from Postgres.
+/// so that a new sequencer folds at most this many entries from its store.
 pub const SNAPSHOT_EVERY_ENTRIES: u64 = 65_536;
-/// Entries read from Postgres per query when folding from a snapshot.
-const OPEN_BATCH_ENTRIES: i64 = 8_192;
+/// Entries read from the store per read when folding from a snapshot.
+const OPEN_BATCH_ENTRIES: u64 = 8_192;
 
 /// The one sequencer's state: the fold of every entry in the ledger, and the
-/// tree size it believes Postgres has.
+/// tree size it believes its store has.
 #[derive(Debug)]
 pub struct Sequencer {
     ledger: Ledger,
@@ -372,29 +294,14 @@ pub struct Sequencer {
     poisoned: bool,
 }
 
-/// The newest snapshot at or below `head` whose digest checks, with its size.
+/// The newest stored snapshot that parses, with its size.
 async fn newest_snapshot(
-    client: &tokio_postgres::Client,
-    head: i64,
+    store: &impl ProjectionStore,
+    head: u64,
 ) -> Result<Option<(u64, Ledger)>, ProjectionError> {
-    let rows = client
-        .query(
-            "select tree_size, fold, digest from sequencer_snapshots where tree_size <= $1 order by tree_size desc",
-            &[&head],
-        )
-        .await?;
-    for row in rows {
-        let size: i64 = row.get(0);
-        let (fold, digest): (&[u8], &[u8]) = (row.get(1), row.get(2));
-        if blake3::hash(fold).as_bytes().as_slice() != digest {
-            tracing::warn!(
-                tree_size = size,
-                "sequencer snapshot is damaged; trying an older one"
-            );
-            continue;
-        }
-        match serde_json::from_slice::<Ledger>(fold) {
-            Ok(ledger) => return Ok(Some((u64::try_from(size).unwrap_or(0), ledger))),
+    for (size, fold) in store.snapshots(head).await? {
+        match serde_json::from_slice::<Ledger>(&fold) {
+            Ok(ledger) => return Ok(Some((size, ledger))),
             Err(e) => {
                 tracing::warn!(tree_size = size, error = %e, "sequencer snapshot does not parse; trying an older one");
             }
@@ -403,46 +310,42 @@ async fn newest_snapshot(
     Ok(None)
 }
 
+/// The role's wire name, as the accounts table keeps it.
+fn role_name(role: troop_schemas::AccountRole) -> String {
+    serde_json::to_value(role)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 impl Sequencer {
     /// Rebuilds the fold: the newest snapshot, then the entries after it in
     /// leaf order (all of them if there is no usable snapshot).
     pub async fn open(
-        client: &tokio_postgres::Client,
+        store: &impl ProjectionStore,
         ledger_partitions: u32,
     ) -> Result<Self, ProjectionError> {
-        let head: i64 = client
-            .query_one("select tree_size from ledger_head", &[])
-            .await?
-            .get(0);
-        let tree_size = u64::try_from(head).unwrap_or(0);
-        let (mut next, mut ledger) = newest_snapshot(client, head)
+        let tree_size = store.tree_size().await?;
+        let (mut next, mut ledger) = newest_snapshot(store, tree_size)
             .await?
             .unwrap_or((0, Ledger::new()));
         while next < tree_size {
-            let from = i64::try_from(next).unwrap_or(i64::MAX);
-            let rows = client
-                .query(
-                    "select leaf_index, partition_id, event_offset, entry from ledger_entries
-                     where leaf_index >= $1 and leaf_index < $2 order by leaf_index",
-                    &[&from, &(from + OPEN_BATCH_ENTRIES).min(head)],
-                )
+            let leaves = store
+                .leaves(next, (next + OPEN_BATCH_ENTRIES).min(tree_size))
                 .await?;
-            if rows.is_empty() {
+            if leaves.is_empty() {
                 break;
             }
-            for row in &rows {
-                let index: i64 = row.get(0);
-                let (partition, offset): (i32, i64) = (row.get(1), row.get(2));
+            for (index, s) in &leaves {
                 let entry_error = |why: String| ProjectionError::Entry {
-                    partition,
-                    offset,
+                    partition: s.partition,
+                    offset: s.offset,
                     why,
                 };
-                if index != i64::try_from(next).unwrap_or(i64::MAX) {
+                if *index != next {
                     return Err(entry_error(format!("leaf {next} is missing")));
                 }
-                let event =
-                    decode_entry(row.get::<_, &[u8]>(3)).map_err(|e| entry_error(e.to_string()))?;
+                let event = decode_entry(&s.entry).map_err(|e| entry_error(e.to_string()))?;
                 ledger.apply(&event).map_err(ProjectionError::Refused)?;
                 next += 1;
             }
@@ -451,7 +354,7 @@ impl Sequencer {
             return Err(ProjectionError::Entry {
                 partition: -1,
                 offset: -1,
-                why: format!("ledger_head says {tree_size} entries, the table has {next}"),
+                why: format!("the store says {tree_size} entries, it holds {next}"),
             });
         }
         Ok(Self {
@@ -478,17 +381,15 @@ impl Sequencer {
         self.tree_size
     }
 
-    /// Sequences `batch` (in the order read) and projects it, in one
-    /// transaction with how far each partition was read (`read_to`: the next
+    /// Sequences `batch` (in the order read) and stores its effect, in one
+    /// commit with how far each partition was read (`read_to`: the next
     /// record number per partition; records that are not ledger entries count
-    /// there without being in the batch). A handful of statements per batch,
-    /// whatever its size: rows go in as arrays. The leader writes its decision
-    /// to `order_log` before the commit; `replay`, which follows decisions
+    /// there without being in the batch). The leader writes its decision to
+    /// `order_log` before the commit; `replay`, which follows decisions
     /// already there, passes none.
     pub async fn apply(
         &mut self,
-        client: &mut tokio_postgres::Client,
-        topic: &str,
+        store: &impl ProjectionStore,
         order_log: Option<&dyn crate::eventlog::EventLog>,
         batch: Checked,
         read_to: &BTreeMap<i32, i64>,
@@ -496,143 +397,133 @@ impl Sequencer {
         if self.poisoned {
             return Err(ProjectionError::Poisoned);
         }
-        let tx = client.transaction().await?;
-        let found: i64 = tx
-            .query_one("select tree_size from ledger_head for update", &[])
-            .await?
-            .get(0);
-        let found = u64::try_from(found).unwrap_or(0);
-        if found != self.tree_size {
-            return Err(ProjectionError::Fenced {
-                expected: self.tree_size,
-                found,
-            });
-        }
         // A redelivered record is one already in the ledger: its (partition,
-        // offset) is unique there, which is what its event id names.
-        let (parts, offsets): (Vec<i32>, Vec<i64>) = batch
+        // offset) is unique there, which is what its event id names. Asked
+        // before the commit: only this sequencer adds leaves while the tree
+        // size is the one it extends, which the commit checks.
+        let ids: Vec<(i32, i64)> = batch
             .items
             .iter()
             .map(|(s, _)| (s.partition, s.offset))
-            .unzip();
-        let seen: BTreeSet<(i32, i64)> = tx
-            .query(
-                "select partition_id, event_offset from ledger_entries
-                 join unnest($1::int[], $2::bigint[]) as t(p, o)
-                 on partition_id = p and event_offset = o",
-                &[&parts, &offsets],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
             .collect();
-        // From here the fold moves ahead of Postgres until the commit.
+        let seen = store.sequenced_among(&ids).await?;
+        // From here the fold moves ahead of the store until the commit.
         self.poisoned = true;
         let mut accounts = BTreeSet::new();
         let mut holds = BTreeSet::new();
-        let mut rows = Rows::default();
+        let mut commit = Commit {
+            tree_size: self.tree_size,
+            directory: batch.directory,
+            read_to: read_to.clone(),
+            ..Commit::default()
+        };
         let mut skipped = 0u64;
         let mut in_batch = BTreeSet::new();
-        let mut kept = Vec::with_capacity(batch.items.len());
-        for (s, event) in &batch.items {
+        for (s, event) in batch.items {
             let id = (s.partition, s.offset);
-            let keep = !seen.contains(&id) && in_batch.insert(id);
-            kept.push(keep);
-            if !keep {
+            if seen.contains(&id) || !in_batch.insert(id) {
                 skipped += 1;
                 continue;
             }
-            let (changed, hold) = touched(event, &self.ledger);
-            self.ledger.apply(event).map_err(ProjectionError::Refused)?;
+            let (changed, hold) = touched(&event, &self.ledger);
+            self.ledger
+                .apply(&event)
+                .map_err(ProjectionError::Refused)?;
             accounts.extend(changed);
             holds.extend(hold);
-            let index = i64::try_from(self.tree_size + rows.leaf.len() as u64).unwrap_or(i64::MAX);
-            rows.entry(index, s);
-            if let Event::HoldSettled {
-                receipt,
-                charged_micro,
-                worker_earned_micro,
-                fee_micro,
-                ..
-            } = event
-            {
-                let r = &receipt.receipt;
-                let [charged, earned, fee] = [charged_micro, worker_earned_micro, fee_micro]
-                    .map(|c| i64::try_from(c.get()).unwrap_or(i64::MAX));
-                rows.receipt_job.push(r.job.to_string());
-                rows.receipt_leaf.push(index);
-                rows.receipt_consumer.push(r.consumer.to_string());
-                rows.receipt_worker.push(r.worker.to_string());
-                rows.receipt_amounts.push([charged, earned, fee]);
+            let index = commit.new_tree_size();
+            match &event {
+                Event::HoldSettled {
+                    receipt,
+                    charged_micro,
+                    worker_earned_micro,
+                    fee_micro,
+                    ..
+                } => {
+                    let r = &receipt.receipt;
+                    commit.receipts.push(ReceiptRow {
+                        job: r.job,
+                        leaf: index,
+                        consumer: r.consumer,
+                        worker: r.worker,
+                        charged_micro: charged_micro.get(),
+                        worker_earned_micro: worker_earned_micro.get(),
+                        fee_micro: fee_micro.get(),
+                    });
+                }
+                Event::PriceSchedulePublished { .. } | Event::KeyRotated { .. } => {
+                    commit.network_leaves.push(index);
+                }
+                Event::WorkerRegistered {
+                    worker,
+                    key,
+                    account,
+                    ..
+                } => commit.registrations.push(Registration {
+                    worker: *worker,
+                    key: *key,
+                    account: *account,
+                }),
+                _ => {}
             }
-            if let Event::PriceSchedulePublished { .. } | Event::KeyRotated { .. } = event {
-                rows.network_leaf.push(index);
-            }
-            if let Event::WorkerRegistered {
-                worker,
-                key,
-                account,
-                ..
-            } = event
-            {
-                rows.registered_worker.push(worker.to_string());
-                rows.registered_key.push(&key.0);
-                rows.registered_account.push(account.to_string());
+            commit.leaves.push(s);
+        }
+        let sequenced = commit.leaves.len() as u64;
+        let new_size = commit.new_tree_size();
+        for id in &accounts {
+            if let Some(a) = self.ledger.account(id) {
+                commit.accounts.push(AccountRow {
+                    account: *id,
+                    role: a.role.map(role_name),
+                    partition: partition_of(id, self.ledger_partitions),
+                    debits_posted_micro: a.debits_posted,
+                    credits_posted_micro: a.credits_posted,
+                    debits_pending_micro: a.debits_pending,
+                });
             }
         }
-        let sequenced = rows.leaf.len() as u64;
-        rows.write(&tx).await?;
-        crate::cluster::directory::project(&tx, &batch.directory).await?;
-        self.write_accounts(&tx, &accounts).await?;
-        self.write_holds(&tx, &holds).await?;
-        let (parts, nexts): (Vec<i32>, Vec<i64>) = read_to.iter().map(|(p, n)| (*p, *n)).unzip();
-        tx.execute(
-            "insert into consumer_offsets (consumer_group, topic, partition_id, next_offset)
-             select $1, $2, p, n from unnest($3::int[], $4::bigint[]) as t(p, n)
-             on conflict (consumer_group, topic, partition_id) do update
-             set next_offset = greatest(consumer_offsets.next_offset, excluded.next_offset)",
-            &[&SEQUENCER_GROUP, &topic, &parts, &nexts],
-        )
-        .await?;
-        let new_size = self.tree_size + sequenced;
+        for id in &holds {
+            match self.ledger.hold(id) {
+                Some(h) => commit.holds_opened.push(HoldRow {
+                    hold: *id,
+                    account: h.account,
+                    job: h.job,
+                    model: h.model.clone(),
+                    amount_micro: h.amount.get(),
+                    expires_at_ms: h.expires_at_ms,
+                    schedule_version: h.schedule_version,
+                    origin: h.origin.clone(),
+                }),
+                None => commit.holds_closed.push(*id),
+            }
+        }
         if new_size / self.snapshot_every_entries > self.tree_size / self.snapshot_every_entries {
-            self.write_snapshot(&tx, new_size).await?;
-        }
-        let moved = tx
-            .execute(
-                "update ledger_head set tree_size = $1 where tree_size = $2",
-                &[
-                    &i64::try_from(new_size).unwrap_or(i64::MAX),
-                    &i64::try_from(self.tree_size).unwrap_or(i64::MAX),
-                ],
-            )
-            .await?;
-        if moved != 1 {
-            return Err(ProjectionError::Fenced {
-                expected: self.tree_size,
-                found: u64::MAX,
-            });
+            assert_eq!(
+                self.ledger.applied(),
+                new_size,
+                "the fold has applied every sequenced entry"
+            );
+            commit.snapshot = Some(serde_json::to_vec(&self.ledger).expect("the fold serializes"));
         }
         // The decision goes to the order log (Kafka, the source of truth)
-        // before Postgres commits it: every committed leaf is in the log. The
-        // row lock on ledger_head, and the log's own fencing of an older
-        // writer, keep a second sequencer out of both.
-        if let (Some(order_log), true) = (order_log, sequenced > 0) {
-            let numbers = rows.offset.iter().map(|o| u64::try_from(*o).unwrap_or(0));
-            let record =
-                OrderRecord::new(self.tree_size, rows.partition.iter().copied().zip(numbers));
-            order_log.submit(vec![record.encode()])?.durable().await?;
-        }
-        tx.commit().await?;
+        // before the store commits it: every committed leaf is in the log.
+        // The store's fence on the tree size, and the log's own fencing of an
+        // older writer, keep a second sequencer out of both.
+        let decided = async {
+            if let (Some(order_log), true) = (order_log, sequenced > 0) {
+                let numbers = commit
+                    .leaves
+                    .iter()
+                    .map(|s| (s.partition, u64::try_from(s.offset).unwrap_or(0)));
+                let record = OrderRecord::new(self.tree_size, numbers);
+                order_log.submit(vec![record.encode()])?.durable().await?;
+            }
+            Ok(())
+        };
+        store.commit(&commit, decided).await?;
         self.tree_size = new_size;
         self.poisoned = false;
-        drop(rows);
-        let entries: Vec<Vec<u8>> = batch
-            .items
-            .into_iter()
-            .zip(kept)
-            .filter_map(|((s, _), keep)| keep.then_some(s.entry))
-            .collect();
+        let entries: Vec<Vec<u8>> = commit.leaves.into_iter().map(|s| s.entry).collect();
         assert_eq!(entries.len() as u64, sequenced, "one entry per new leaf");
         Ok(Applied {
             sequenced,
@@ -640,143 +531,6 @@ impl Sequencer {
             tree_size: new_size,
             entries,
         })
-    }
-
-    async fn write_accounts(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        accounts: &BTreeSet<AccountId>,
-    ) -> Result<(), ProjectionError> {
-        let mut ids = Vec::new();
-        let mut roles: Vec<Option<String>> = Vec::new();
-        let mut partitions = Vec::new();
-        let mut amounts: [Vec<String>; 3] = Default::default();
-        for id in accounts {
-            let Some(a) = self.ledger.account(id) else {
-                continue;
-            };
-            ids.push(id.to_string());
-            roles.push(a.role.map(|r| {
-                serde_json::to_value(r)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
-            }));
-            partitions.push(i32::try_from(partition_of(id, self.ledger_partitions)).unwrap_or(0));
-            for (column, v) in
-                amounts
-                    .iter_mut()
-                    .zip([a.debits_posted, a.credits_posted, a.debits_pending])
-            {
-                column.push(numeric(v));
-            }
-        }
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let [debits_posted, credits_posted, debits_pending] = &amounts;
-        tx.execute(
-            "insert into accounts (account, role, ledger_partition, debits_posted, credits_posted, debits_pending)
-             select a, r, p, dp::numeric, cp::numeric, dq::numeric
-             from unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[]) as t(a, r, p, dp, cp, dq)
-             on conflict (account) do update set role = excluded.role,
-               debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted,
-               debits_pending = excluded.debits_pending",
-            &[&ids, &roles, &partitions, debits_posted, credits_posted, debits_pending],
-        )
-        .await?;
-        Ok(())
-    }
-
-    async fn write_holds(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        holds: &BTreeSet<HoldId>,
-    ) -> Result<(), ProjectionError> {
-        let mut open = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut amounts = (Vec::new(), Vec::new(), Vec::new());
-        let mut origins: Vec<Option<&str>> = Vec::new();
-        let mut closed = Vec::new();
-        for id in holds {
-            match self.ledger.hold(id) {
-                Some(h) => {
-                    open.0.push(id.to_string());
-                    open.1.push(h.account.to_string());
-                    open.2.push(h.job.to_string());
-                    open.3.push(h.model.clone());
-                    amounts
-                        .0
-                        .push(i64::try_from(h.amount.get()).unwrap_or(i64::MAX));
-                    amounts
-                        .1
-                        .push(i64::try_from(h.expires_at_ms).unwrap_or(i64::MAX));
-                    amounts
-                        .2
-                        .push(i64::try_from(h.schedule_version).unwrap_or(i64::MAX));
-                    origins.push(h.origin.as_deref());
-                }
-                None => closed.push(id.to_string()),
-            }
-        }
-        if !open.0.is_empty() {
-            tx.execute(
-                "insert into holds (hold, account, job, model, amount_micro, expires_at_ms, schedule_version, origin_node)
-                 select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::text[])
-                 on conflict (hold) do nothing",
-                &[&open.0, &open.1, &open.2, &open.3, &amounts.0, &amounts.1, &amounts.2, &origins],
-            )
-            .await?;
-        }
-        if !closed.is_empty() {
-            tx.execute("delete from holds where hold = any($1)", &[&closed])
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// The fold at `tree_size`, in the batch's transaction; the newest two kept.
-    async fn write_snapshot(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        tree_size: u64,
-    ) -> Result<(), ProjectionError> {
-        assert_eq!(
-            self.ledger.applied(),
-            tree_size,
-            "the fold has applied every sequenced entry"
-        );
-        let fold = serde_json::to_vec(&self.ledger).expect("the fold serializes");
-        let digest = blake3::hash(&fold);
-        let size = i64::try_from(tree_size).unwrap_or(i64::MAX);
-        tx.execute(
-            "insert into sequencer_snapshots (tree_size, fold, digest) values ($1, $2, $3)
-             on conflict (tree_size) do nothing",
-            &[&size, &fold, &digest.as_bytes().as_slice()],
-        )
-        .await?;
-        tx.execute(
-            "delete from sequencer_snapshots where tree_size not in
-             (select tree_size from sequencer_snapshots order by tree_size desc limit 2)",
-            &[],
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Where the sequencer goes on reading each partition of `topic`.
-    pub async fn positions(
-        client: &tokio_postgres::Client,
-        topic: &str,
-    ) -> Result<BTreeMap<i32, i64>, ProjectionError> {
-        Ok(client
-            .query(
-                "select partition_id, next_offset from consumer_offsets where consumer_group = $1 and topic = $2",
-                &[&SEQUENCER_GROUP, &topic],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect())
     }
 }
 

@@ -23,6 +23,7 @@ use troop_ledger::writer::LogWriter;
 use crate::cluster::kafka_log::TopicReader;
 use crate::cluster::ledger_store::{PgLogStore, read_file};
 use crate::cluster::projection::{Checked, Sequencer, Sourced};
+use crate::cluster::projection_store::PgProjection;
 use crate::cluster::sequence_log::{Order, OrderError, OrderRecord};
 use crate::cluster::sequencer::{SequencerError, Unappended, blocking};
 use crate::config::ClusterConfig;
@@ -172,7 +173,9 @@ pub async fn replay(
 ) -> Result<Replayed, ReplayError> {
     let started = Instant::now();
     let mut client = super::connect(into, "replay").await?;
-    let mut sequencer = Sequencer::open(&client, cluster.ledger_partitions).await?;
+    let topic = cluster.topic("ledger");
+    let projection = PgProjection::new(&client, &topic);
+    let mut sequencer = Sequencer::open(&projection, cluster.ledger_partitions).await?;
     let has_checkpoint = read_file(&client, troop_ledger::store::CHECKPOINT_PATH)
         .await?
         .is_some();
@@ -189,7 +192,6 @@ pub async fn replay(
         .await?
         .map_err(SequencerError::from)?;
     let mut unappended = Unappended::default();
-    let topic = cluster.topic("ledger");
     let mut reader = {
         let (brokers, topic) = (cluster.kafka_brokers.clone(), topic.clone());
         blocking(move || TopicReader::open(&brokers, &topic)).await??
@@ -213,7 +215,7 @@ pub async fn replay(
             *at = (*at).max(next);
         }
         let applied = sequencer
-            .apply(&mut client, &topic, None, checked, &read_to)
+            .apply(&projection, None, checked, &read_to)
             .await?;
         if applied.skipped > 0 {
             return Err(ReplayError::Repeated {

@@ -28,6 +28,7 @@ use troop_ledger::writer::{LogWriter, WriterError};
 use crate::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use crate::cluster::ledger_store::PgLogStore;
 use crate::cluster::projection::{Applied, Checked, LedgerFeed, ProjectionError, Sequencer};
+use crate::cluster::projection_store::{PgProjection, ProjectionStore as _};
 use crate::config::ClusterConfig;
 use crate::eventlog::EventLogError;
 
@@ -180,7 +181,7 @@ async fn lead(
     progress: &SequencerProgress,
 ) -> Result<(), SequencerError> {
     // The lock lives as long as this connection: when it ends, the term ends.
-    let Some((mut client, mut lost)) =
+    let Some((client, mut lost)) =
         super::try_lead(&settings.cluster.postgres, SEQUENCER_LOCK, "sequencer").await?
     else {
         return Ok(());
@@ -198,7 +199,8 @@ async fn lead(
 
     let topic = settings.topic();
     let partitions = settings.cluster.ledger_partitions;
-    let mut sequencer = Sequencer::open(&client, partitions).await?;
+    let projection = PgProjection::new(&client, &topic);
+    let mut sequencer = Sequencer::open(&projection, partitions).await?;
     let store = PgLogStore::connect(&settings.cluster.postgres).await?;
     let (signer, previous) = (signer.clone(), settings.previous_log_key.clone());
     let writer =
@@ -214,7 +216,7 @@ async fn lead(
     // Opening the order log fences any earlier leader's writer of it.
     let order_config = KafkaLogConfig::sequencer(&settings.cluster);
     let order_log = blocking(move || KafkaLog::open(order_config)).await??;
-    let mut positions = Sequencer::positions(&client, &topic).await?;
+    let mut positions = projection.positions().await?;
     let mut last_publish = Instant::now();
     progress
         .tree_size
@@ -245,7 +247,7 @@ async fn lead(
         reading = tokio::task::spawn_blocking(move || poll(feed, &from, max));
         if !caught_up {
             let applied = sequencer
-                .apply(&mut client, &topic, Some(&order_log), batch, &read_to)
+                .apply(&projection, Some(&order_log), batch, &read_to)
                 .await?;
             unappended.push(applied);
             progress

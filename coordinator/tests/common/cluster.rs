@@ -4,13 +4,14 @@
 
 use ed25519_dalek::SigningKey;
 use troop_coordinator::cluster::migrate::{connect_postgres, migrate_kafka, migrate_postgres};
+use troop_coordinator::cluster::projection_store::conformance;
 use troop_coordinator::cluster::sequence_log::{Order, OrderRecord};
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::eventlog::Record;
 use troop_ledger::fold::{Ledger, Schedule};
-use troop_ledger::receipt::{countersign, public_key, sign_receipt};
-use troop_schemas::event::{AccountRole, KeyRole, ModelPrice, VoidReason};
-use troop_schemas::{AccountId, CreditsMicro, Digest, Event, HoldId, JobId, Receipt, WorkerId};
+use troop_ledger::receipt::public_key;
+use troop_schemas::event::{AccountRole, KeyRole, VoidReason};
+use troop_schemas::{AccountId, CreditsMicro, Event, HoldId, JobId, WorkerId};
 
 use super::services::{Broker, BrokerKind, Database};
 
@@ -18,19 +19,7 @@ pub fn micro(n: u64) -> CreditsMicro {
     CreditsMicro::new(n).expect("small")
 }
 
-/// A price schedule for model "m": holds need one.
-pub fn prices(at_ms: u64) -> Event {
-    Event::PriceSchedulePublished {
-        version: 1,
-        fee_bps: 500,
-        prices: vec![ModelPrice {
-            model: "m".into(),
-            input_micro_per_1k: micro(1_000),
-            output_micro_per_1k: micro(3_000),
-        }],
-        at_ms,
-    }
-}
+pub use troop_coordinator::cluster::projection_store::conformance::{Job, prices};
 
 /// A fresh database with every migration applied, and a client on it.
 pub async fn migrated_database() -> (Database, tokio_postgres::Client) {
@@ -140,14 +129,6 @@ pub struct Traffic {
     pub consumers: Vec<(AccountId, Vec<Event>)>,
 }
 
-/// What a hold being settled names.
-pub struct Job {
-    pub hold: HoldId,
-    pub job: JobId,
-    pub consumer: AccountId,
-    pub reserved: CreditsMicro,
-}
-
 impl Traffic {
     /// The coordinator key the setup publishes.
     pub fn coordinator() -> SigningKey {
@@ -168,35 +149,13 @@ impl Traffic {
         coordinator: &SigningKey,
         at_ms: u64,
     ) -> Event {
-        let worker_key = Self::worker();
-        let worker_pk = public_key(&worker_key);
-        let body = Receipt {
-            job: job.job,
-            hold: job.hold,
-            consumer: job.consumer,
-            worker: WorkerId::from_key(&worker_pk),
-            worker_key: worker_pk,
-            model: "m".into(),
-            input_tokens: input,
-            output_tokens: output,
-            request_digest: Digest::of(&job.job.0),
-            response_digest: Digest::of(&job.hold.0),
-            started_at_ms: at_ms,
-            finished_at_ms: at_ms,
-        };
-        let sig = sign_receipt(&worker_key, &body).expect("signs");
-        let receipt = countersign(coordinator, body, sig, input, output).expect("countersigns");
-        let charge = schedule
-            .charge("m", input, output, job.reserved)
-            .expect("priced");
-        Event::HoldSettled {
-            hold: job.hold,
-            receipt,
-            charged_micro: micro(charge.charged),
-            worker_earned_micro: micro(charge.earned),
-            fee_micro: micro(charge.fee),
+        conformance::settlement(
+            job,
+            (input, output),
+            schedule,
+            (&Self::worker(), coordinator),
             at_ms,
-        }
+        )
     }
 
     pub fn new(consumers: u8, jobs: u8, at_ms: u64) -> Self {
