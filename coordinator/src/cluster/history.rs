@@ -29,8 +29,8 @@ use rdkafka::producer::{
 use rdkafka::{Offset, TopicPartitionList};
 use troop_schemas::WorkerId;
 
-use super::Reconnecting;
 use super::kafka_log::{Next, ReaderContext, poll_partitions};
+use super::{Reconnecting, blocking};
 use crate::config::ClusterConfig;
 use crate::history::{
     HistoryError, HistoryLog, MAX_RECORDS_READ, Published, Records, WorkerEvent, WorkerHistory,
@@ -453,12 +453,10 @@ async fn lead(
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, HistoryError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| broker(format!("a blocking read: {e}")))
+impl From<super::BlockingFailed> for HistoryError {
+    fn from(e: super::BlockingFailed) -> Self {
+        broker(format!("a blocking read: {}", e.0))
+    }
 }
 
 /// Records of both topics past `positions`.

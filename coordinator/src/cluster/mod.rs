@@ -27,6 +27,22 @@ pub mod replay;
 pub mod sequence_log;
 pub mod sequencer;
 
+/// A task on the blocking pool that panicked or was cancelled; each layer's
+/// error type takes it in (`From`).
+#[derive(Debug, thiserror::Error)]
+#[error("a blocking task failed: {0}")]
+pub struct BlockingFailed(pub String);
+
+/// Runs `f` on the blocking pool: Kafka reads and writes and the log writer
+/// wait on the network and must not hold a runtime thread.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BlockingFailed> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BlockingFailed(e.to_string()))
+}
+
 /// A Postgres client on `postgres` (a libpq string) whose connection is
 /// driven on the current runtime until it ends (logged as `what`'s).
 pub async fn connect(

@@ -23,10 +23,10 @@ use troop_ledger::fold::{FoldError, Hold, Ledger};
 use troop_schemas::{AccountId, EntryError, Event, decode_entry};
 
 use crate::books::{TAG_LEDGER_ENTRY, judge, ledger_record};
+use crate::cluster::blocking;
 use crate::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use crate::cluster::projection::{ProjectionError, Sequencer, partition_of, partition_of_key};
 use crate::cluster::projection_store::{PgProjection, ProjectionStore as _};
-use crate::cluster::sequencer::blocking;
 use crate::config::ClusterConfig;
 use crate::directory::Directory;
 use crate::eventlog::{EventLog, EventLogError, Pending};
@@ -181,8 +181,10 @@ impl std::fmt::Debug for PartitionBooks {
     }
 }
 
-fn blocking_failed(e: crate::cluster::sequencer::SequencerError) -> OwnerError {
-    OwnerError::Blocking(e.to_string())
+impl From<crate::cluster::BlockingFailed> for OwnerError {
+    fn from(e: crate::cluster::BlockingFailed) -> Self {
+        Self::Blocking(e.0)
+    }
 }
 
 impl PartitionBooks {
@@ -194,9 +196,7 @@ impl PartitionBooks {
         partition: i32,
     ) -> Result<Self, OwnerError> {
         let config = KafkaLogConfig::ledger_owner(cluster, partition);
-        let log = blocking(move || KafkaLog::open(config))
-            .await
-            .map_err(blocking_failed)??;
+        let log = blocking(move || KafkaLog::open(config)).await??;
         Self::load(
             client,
             Arc::new(log),
@@ -254,9 +254,7 @@ impl PartitionBooks {
         // The tail: records of this partition the sequencer has not read.
         loop {
             let (log, from) = (Arc::clone(&books.log), books.next(partition));
-            let batch = blocking(move || log.read(from, LOAD_BATCH_RECORDS))
-                .await
-                .map_err(blocking_failed)??;
+            let batch = blocking(move || log.read(from, LOAD_BATCH_RECORDS)).await??;
             if batch.is_empty() {
                 break;
             }

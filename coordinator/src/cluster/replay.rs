@@ -20,12 +20,13 @@ use troop_ledger::note::{Checkpoint, NoteSigner, NoteVerifier};
 use troop_ledger::tile::TileHashReader;
 use troop_ledger::writer::LogWriter;
 
+use crate::cluster::blocking;
 use crate::cluster::kafka_log::TopicReader;
 use crate::cluster::ledger_store::{PgLogStore, read_file};
 use crate::cluster::projection::{Checked, Sequencer, Sourced};
 use crate::cluster::projection_store::PgProjection;
 use crate::cluster::sequence_log::{Order, OrderError, OrderRecord};
-use crate::cluster::sequencer::{SequencerError, Unappended, blocking};
+use crate::cluster::sequencer::{SequencerError, Unappended};
 use crate::config::ClusterConfig;
 use crate::eventlog::EventLogError;
 
@@ -67,6 +68,12 @@ pub enum ReplayError {
     Repeated { leaf: u64 },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+}
+
+impl From<crate::cluster::BlockingFailed> for ReplayError {
+    fn from(e: crate::cluster::BlockingFailed) -> Self {
+        Self::Sequencer(e.into())
+    }
 }
 
 impl From<crate::cluster::projection::ProjectionError> for ReplayError {

@@ -17,6 +17,7 @@
 //! Three things overlap, each on its own thread: the next round's read and
 //! signature checks, this round's transaction, and the last publish.
 
+use super::{BlockingFailed, blocking};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -103,14 +104,10 @@ pub enum SequencerError {
     LockLost,
 }
 
-/// Runs `f` on the blocking pool: the Kafka reader and the log writer wait on
-/// the network and must not hold a runtime thread.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, SequencerError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| SequencerError::Blocking(e.to_string()))
+impl From<BlockingFailed> for SequencerError {
+    fn from(e: BlockingFailed) -> Self {
+        Self::Blocking(e.0)
+    }
 }
 
 /// [`run`] on the current runtime, stopped by [`SequencerTask::stop`]: how a
