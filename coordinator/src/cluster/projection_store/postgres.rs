@@ -357,7 +357,12 @@ impl ProjectionStore for PgProjection<'_> {
         match written {
             Ok(()) => Ok(self.client.batch_execute("commit").await?),
             Err(e) => {
-                self.client.batch_execute("rollback").await?;
+                // The batch's own error is the one to report; a rollback that
+                // fails too means the connection is gone, which ends the
+                // transaction as well.
+                if let Err(r) = self.client.batch_execute("rollback").await {
+                    tracing::warn!(error = %r, "rolling back a failed projection commit");
+                }
                 Err(e)
             }
         }
