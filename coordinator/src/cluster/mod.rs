@@ -24,6 +24,7 @@ pub mod projection_store;
 pub mod reads;
 pub mod relay;
 pub mod replay;
+pub mod rows;
 pub mod sequence_log;
 pub mod sequencer;
 

@@ -225,6 +225,17 @@ pub enum ProjectionError {
     OrderLog(#[from] crate::eventlog::EventLogError),
     #[error("a batch failed after the fold moved: reopen from postgres")]
     Poisoned,
+    #[error("the projection: {0}")]
+    BadRow(#[from] crate::cluster::rows::BadRow),
+}
+
+impl From<crate::cluster::rows::RowError> for ProjectionError {
+    fn from(e: crate::cluster::rows::RowError) -> Self {
+        match e {
+            crate::cluster::rows::RowError::Postgres(e) => e.into(),
+            crate::cluster::rows::RowError::Bad(e) => e.into(),
+        }
+    }
 }
 
 /// What one batch did.

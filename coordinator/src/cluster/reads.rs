@@ -7,13 +7,17 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use troop_ledger::fold::{Account, Hold, Ledger, Worker};
+use troop_ledger::fold::{Account, Ledger, Worker};
 use troop_ledger::note::{Checkpoint, NoteVerifier};
 use troop_ledger::tile::TileSource;
-use troop_schemas::{AccountId, AccountRole, CreditsMicro, JobId, PublicKey, WorkerId};
+use troop_schemas::{AccountId, JobId, WorkerId};
 
 use super::Reconnecting;
 use super::ledger_store::read_file;
+use super::rows::{
+    ACCOUNT_COLUMNS, BadRow, HOLD_COLUMNS, RowError, account_of, hold_of, parse, registration,
+    unsigned,
+};
 use crate::reads::{
     AccountView, Lag, LoggedReceipt, MAX_LIST_ACCOUNTS, Network, Read, ReadError, Reads,
 };
@@ -47,34 +51,19 @@ fn corrupt(what: &str, why: impl std::fmt::Display) -> ReadError {
     ReadError::Corrupt(format!("{what}: {why}"))
 }
 
-fn parse<T: std::str::FromStr<Err: std::fmt::Display>>(
-    what: &str,
-    text: &str,
-) -> Result<T, ReadError> {
-    text.parse().map_err(|e| corrupt(what, e))
+impl From<RowError> for ReadError {
+    fn from(e: RowError) -> Self {
+        match e {
+            RowError::Postgres(e) => unavailable(e),
+            RowError::Bad(e) => e.into(),
+        }
+    }
 }
 
-fn unsigned(what: &str, v: i64) -> Result<u64, ReadError> {
-    u64::try_from(v).map_err(|e| corrupt(what, e))
-}
-
-/// An `accounts` row's columns from `first` on: role, then the three totals
-/// as text (numeric(39,0) has no binary Rust type here).
-fn account_of(row: &tokio_postgres::Row, first: usize) -> Result<Account, ReadError> {
-    let role = row
-        .get::<_, Option<String>>(first)
-        .map(|r| {
-            serde_json::from_value::<AccountRole>(serde_json::Value::String(r))
-                .map_err(|e| corrupt("role", e))
-        })
-        .transpose()?;
-    let total = |i: usize| parse::<u128>("total", row.get::<_, &str>(first + i));
-    Ok(Account {
-        role,
-        debits_posted: total(1)?,
-        credits_posted: total(2)?,
-        debits_pending: total(3)?,
-    })
+impl From<BadRow> for ReadError {
+    fn from(e: BadRow) -> Self {
+        ReadError::Corrupt(e.to_string())
+    }
 }
 
 /// The tiles one proof reads, fetched from Postgres as the synchronous proof
@@ -114,11 +103,11 @@ impl Reads for PgReads {
             let client = pg.get().await.map_err(unavailable)?;
             let rows = client
                 .query(
-                    "select a.role, a.debits_posted::text, a.credits_posted::text, a.debits_pending::text,
-                            h.hold, h.job, h.model, h.amount_micro, h.expires_at_ms, h.schedule_version,
-                            h.origin_node
-                     from accounts a left join holds h on h.account = a.account
-                     where a.account = $1 order by h.hold collate \"C\"",
+                    &format!(
+                        "select {ACCOUNT_COLUMNS}, {HOLD_COLUMNS}
+                         from accounts a left join holds h on h.account = a.account
+                         where a.account = $1 order by h.hold collate \"C\""
+                    ),
                     &[&account.to_string()],
                 )
                 .await
@@ -126,32 +115,11 @@ impl Reads for PgReads {
             let Some(first) = rows.first() else {
                 return Ok(None);
             };
-            let mut holds = Vec::new();
-            for row in rows
+            let holds = rows
                 .iter()
                 .filter(|r| r.get::<_, Option<&str>>(4).is_some())
-            {
-                let version: Option<i64> = row.get(9);
-                let version = version.ok_or_else(|| {
-                    corrupt(
-                        "hold",
-                        "no schedule version (projected before migration 3: run replay)",
-                    )
-                })?;
-                holds.push((
-                    parse("hold", row.get(4))?,
-                    Hold {
-                        account,
-                        job: parse("job", row.get(5))?,
-                        model: row.get(6),
-                        amount: CreditsMicro::new(unsigned("amount", row.get(7))?)
-                            .ok_or_else(|| corrupt("amount", "too large"))?,
-                        expires_at_ms: unsigned("expiry", row.get(8))?,
-                        schedule_version: unsigned("schedule version", version)?,
-                        origin: row.get(10),
-                    },
-                ));
-            }
+                .map(|row| hold_of(row, 4))
+                .collect::<Result<_, _>>()?;
             Ok(Some(AccountView {
                 account: account_of(first, 0)?,
                 holds,
@@ -168,8 +136,10 @@ impl Reads for PgReads {
             let client = pg.get().await.map_err(unavailable)?;
             let rows = client
                 .query(
-                    "select account, role, debits_posted::text, credits_posted::text, debits_pending::text
-                     from accounts where account collate \"C\" > $1 order by account collate \"C\" limit $2",
+                    &format!(
+                        "select a.account, {ACCOUNT_COLUMNS} from accounts a
+                         where a.account collate \"C\" > $1 order by a.account collate \"C\" limit $2"
+                    ),
                     &[&after, &limit],
                 )
                 .await
@@ -184,21 +154,7 @@ impl Reads for PgReads {
         let pg = Arc::clone(&self.pg);
         Box::pin(async move {
             let client = pg.get().await.map_err(unavailable)?;
-            let Some(row) = client
-                .query_opt(
-                    "select worker_key, account from worker_registrations where worker = $1",
-                    &[&worker.to_string()],
-                )
-                .await
-                .map_err(unavailable)?
-            else {
-                return Ok(None);
-            };
-            let key: &[u8] = row.get(0);
-            Ok(Some(Worker {
-                key: PublicKey(key.try_into().map_err(|e| corrupt("worker key", e))?),
-                account: parse("account", row.get(1))?,
-            }))
+            Ok(registration(&client, &worker).await?)
         })
     }
 

@@ -5,13 +5,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::str::FromStr;
 
-use troop_schemas::{AccountId, HoldId, JobId, PublicKey, WorkerId};
+use troop_schemas::{AccountId, HoldId, JobId, WorkerId};
 
 use super::{AccountRow, Commit, HoldRow, ProjectionStore, ReceiptRow, Registration};
 use crate::cluster::directory::{KeyRow, changes_since};
 use crate::cluster::projection::{ProjectionError, SEQUENCER_GROUP, Sourced};
+use crate::cluster::rows::{self, ACCOUNT_COLUMNS, HOLD_COLUMNS};
 
 /// The sequencer's projection in the cluster's database.
 ///
@@ -55,16 +55,6 @@ fn to_i64(v: u64) -> i64 {
 
 fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
-}
-
-/// A stored id, or an error naming what does not parse (a row written by
-/// something other than a sequencer).
-fn parsed<T: FromStr>(what: &str, text: &str) -> Result<T, ProjectionError> {
-    text.parse().map_err(|_| ProjectionError::Entry {
-        partition: -1,
-        offset: -1,
-        why: format!("a stored {what} does not parse: {text:?}"),
-    })
 }
 
 impl PgProjection<'_> {
@@ -372,22 +362,23 @@ impl ProjectionStore for PgProjection<'_> {
         let Some(row) = self
             .client
             .query_opt(
-                "select role, ledger_partition, debits_posted::text, credits_posted::text, debits_pending::text
-                 from accounts where account = $1",
+                &format!(
+                    "select {ACCOUNT_COLUMNS}, a.ledger_partition from accounts a where a.account = $1"
+                ),
                 &[&account.to_string()],
             )
             .await?
         else {
             return Ok(None);
         };
-        let amount = |i: usize| parsed::<u128>("amount", row.get::<_, &str>(i));
+        let totals = rows::account_of(&row, 0)?;
         Ok(Some(AccountRow {
             account: *account,
             role: row.get(0),
-            partition: u32::try_from(row.get::<_, i32>(1)).unwrap_or(0),
-            debits_posted_micro: amount(2)?,
-            credits_posted_micro: amount(3)?,
-            debits_pending_micro: amount(4)?,
+            partition: u32::try_from(row.get::<_, i32>(4)).unwrap_or(0),
+            debits_posted_micro: totals.debits_posted,
+            credits_posted_micro: totals.credits_posted,
+            debits_pending_micro: totals.debits_pending,
         }))
     }
 
@@ -395,23 +386,23 @@ impl ProjectionStore for PgProjection<'_> {
         let Some(row) = self
             .client
             .query_opt(
-                "select account, job, model, amount_micro, expires_at_ms, schedule_version, origin_node
-                 from holds where hold = $1",
+                &format!("select {HOLD_COLUMNS} from holds h where h.hold = $1"),
                 &[&hold.to_string()],
             )
             .await?
         else {
             return Ok(None);
         };
+        let (hold, h) = rows::hold_of(&row, 0)?;
         Ok(Some(HoldRow {
-            hold: *hold,
-            account: parsed("account", row.get(0))?,
-            job: parsed("job", row.get(1))?,
-            model: row.get(2),
-            amount_micro: to_u64(row.get(3)),
-            expires_at_ms: to_u64(row.get(4)),
-            schedule_version: to_u64(row.get(5)),
-            origin: row.get(6),
+            hold,
+            account: h.account,
+            job: h.job,
+            model: h.model,
+            amount_micro: h.amount.get(),
+            expires_at_ms: h.expires_at_ms,
+            schedule_version: h.schedule_version,
+            origin: h.origin,
         }))
     }
 
@@ -430,8 +421,8 @@ impl ProjectionStore for PgProjection<'_> {
         Ok(Some(ReceiptRow {
             job: *job,
             leaf: to_u64(row.get(0)),
-            consumer: parsed("account", row.get(1))?,
-            worker: parsed("worker", row.get(2))?,
+            consumer: rows::parse("account", row.get(1))?,
+            worker: rows::parse("worker", row.get(2))?,
             charged_micro: to_u64(row.get(3)),
             worker_earned_micro: to_u64(row.get(4)),
             fee_micro: to_u64(row.get(5)),
@@ -442,26 +433,13 @@ impl ProjectionStore for PgProjection<'_> {
         &self,
         worker: &WorkerId,
     ) -> Result<Option<Registration>, ProjectionError> {
-        let Some(row) = self
-            .client
-            .query_opt(
-                "select worker_key, account from worker_registrations where worker = $1",
-                &[&worker.to_string()],
-            )
+        Ok(rows::registration(self.client, worker)
             .await?
-        else {
-            return Ok(None);
-        };
-        let key: &[u8] = row.get(0);
-        Ok(Some(Registration {
-            worker: *worker,
-            key: PublicKey(key.try_into().map_err(|_| ProjectionError::Entry {
-                partition: -1,
-                offset: -1,
-                why: format!("worker {worker}'s stored key is not 32 bytes"),
-            })?),
-            account: parsed("account", row.get(1))?,
-        }))
+            .map(|w| Registration {
+                worker: *worker,
+                key: w.key,
+                account: w.account,
+            }))
     }
 
     async fn network_leaves(&self) -> Result<Vec<u64>, ProjectionError> {
