@@ -94,6 +94,9 @@ fn operators_manage_accounts_keys_prices_and_workers_from_the_cli() {
     let workers = cli(&url, &["list-workers"]);
     // What the worker's heartbeat said about its engine and GPU is shown.
     assert_eq!(workers["workers"][0]["engine"], "llama_cpp", "{workers}");
+    // One process: the list is whole, and no worker is tagged with a node.
+    assert_eq!(workers["complete"], true, "{workers}");
+    assert!(workers["workers"][0].get("node").is_none(), "{workers}");
     assert_eq!(
         workers["workers"][0]["gpus"][0]["name"], "Scripted GPU 24GB",
         "{workers}"

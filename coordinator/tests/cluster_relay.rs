@@ -7,7 +7,7 @@
 mod common;
 
 use common::harness::{consumer, wait_for};
-use common::nodes::{ADMIN, get, inflated_chat, shared_keys, start_node};
+use common::nodes::{ADMIN, SECRET, get, inflated_chat, shared_keys, start_node};
 use common::scripted::{MODEL, Script, UNTIL_CANCELLED_MAX};
 use std::time::{Duration, Instant};
 
@@ -100,6 +100,66 @@ fn receipt(url: &str, key: &str, job: &str) -> Value {
     receipt
 }
 
+/// `/admin/workers` on node A lists node B's worker, tagged with node B, and
+/// names a live node that does not answer; node B's internal list needs the
+/// cluster's secret.
+fn workers_listed_on_any_node(
+    a: &str,
+    b: &str,
+    runtime: &tokio::runtime::Runtime,
+    client: &tokio_postgres::Client,
+) {
+    assert_eq!(
+        get(b, "not the cluster secret", "/internal/v1/workers"),
+        Err(401),
+        "a node's internal list without the secret"
+    );
+    let theirs = get(b, SECRET, "/internal/v1/workers").expect("node B's internal list");
+    assert_eq!(
+        theirs["workers"].as_array().map(Vec::len),
+        Some(1),
+        "{theirs}"
+    );
+
+    let listed = get(a, ADMIN, "/admin/workers").expect("the admin list");
+    assert_eq!(listed["complete"], true, "{listed}");
+    let workers = listed["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 1, "{listed}");
+    assert_eq!(workers[0]["node"], "node-b", "{listed}");
+    assert_eq!(workers[0]["models"][0], MODEL, "{listed}");
+    assert_eq!(
+        listed["nodes"],
+        json!([{"node": "node-a", "workers": 0}, {"node": "node-b", "workers": 1}]),
+    );
+
+    // A node that advertises itself but does not answer (nothing listens on
+    // port 1) is named, and the list says it is not complete.
+    let listed = {
+        let mut listed = Value::Null;
+        wait_for("the silent node to be named", || {
+            runtime
+                .block_on(client.execute(
+                    "insert into nodes (node, internal_url, incarnation, last_seen_ms)
+                     values ('node-c', 'http://127.0.0.1:1', 'node-c/0',
+                             (extract(epoch from clock_timestamp()) * 1000)::bigint)
+                     on conflict (node) do update set last_seen_ms = excluded.last_seen_ms",
+                    &[],
+                ))
+                .expect("advertise node C");
+            listed = get(a, ADMIN, "/admin/workers").expect("the admin list");
+            listed["nodes"].as_array().is_some_and(|n| n.len() == 3)
+        });
+        listed
+    };
+    assert_eq!(listed["complete"], false, "{listed}");
+    assert_eq!(listed["nodes"][2]["node"], "node-c", "{listed}");
+    assert!(listed["nodes"][2]["error"].is_string(), "{listed}");
+    assert_eq!(listed["workers"][0]["node"], "node-b", "{listed}");
+    runtime
+        .block_on(client.execute("delete from nodes where node = 'node-c'", &[]))
+        .expect("node C gone");
+}
+
 #[test]
 fn a_request_on_one_node_is_served_by_a_worker_on_another() {
     let _ = tracing_subscriber::fmt()
@@ -125,6 +185,7 @@ fn a_request_on_one_node_is_served_by_a_worker_on_another() {
         .expect("node B's presence");
     assert_eq!(presence.get::<_, i32>(0), 1, "one worker on node B");
     assert!(presence.get::<_, i32>(1) > 0, "with room");
+    workers_listed_on_any_node(&a, &b, &runtime, &client);
 
     // Node A counted what it streamed: three tokens, not the thousand claimed.
     let job = inflated_chat(

@@ -353,9 +353,14 @@ impl Handler<Ban> for Registry {
     }
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+/// A connected worker as the admin API lists it (and as a node hands its
+/// own to the node that lists the cluster's, `cluster::peers`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WorkerView {
     pub worker: String,
+    /// The cluster node it is connected to (`None` when embedded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub models: Vec<String>,
     pub free_slots: u32,
     pub milli_tokens_per_s: u64,
@@ -381,6 +386,7 @@ impl Handler<ListWorkers> for Registry {
             .values()
             .map(|e| WorkerView {
                 worker: e.candidate.worker.to_string(),
+                node: None,
                 models: e.candidate.models.clone(),
                 free_slots: e.candidate.free_slots,
                 milli_tokens_per_s: e.candidate.speed.milli_tokens_per_s(),

@@ -213,6 +213,16 @@ fn admin(url: &str, token: &str, json: bool, action: Admin) -> anyhow::Result<()
                 .collect();
             println!("{}", fields.join(" "));
         }
+        // A cluster's list names the nodes that did not answer.
+        for node in body["nodes"].as_array().into_iter().flatten() {
+            if let Some(error) = node["error"].as_str() {
+                let name = node["node"].as_str().unwrap_or("?");
+                eprintln!("node {name} did not answer: {error}");
+            }
+        }
+        if let Some(error) = body["error"].as_str() {
+            eprintln!("only this node's workers are listed: {error}");
+        }
     } else {
         for (k, v) in body.as_object().into_iter().flatten() {
             println!(

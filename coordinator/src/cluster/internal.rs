@@ -22,6 +22,7 @@ use futures_util::StreamExt as _;
 use subtle::ConstantTimeEq as _;
 use troop_schemas::Event;
 
+use crate::actors::registry::ListWorkers;
 use crate::api::openai::ApiError;
 use crate::cluster::owned::OwnedBooks;
 use crate::cluster::owner::{OwnerError, partition_of_home};
@@ -149,6 +150,7 @@ pub fn routes(internal: Internal) -> impl FnOnce(&mut web::ServiceConfig) {
                         .route(web::post().to(relay::job_handler)),
                 )
                 .route("/jobs/cancel", web::post().to(relay::cancel_handler))
+                .route("/workers", web::get().to(workers_handler))
                 .route(
                     "/ledger/{partition}/changes",
                     web::post().to(change_handler),
@@ -176,12 +178,8 @@ pub(crate) fn internal_error(
     }
 }
 
-/// The body of an internal call from a node holding the cluster's secret.
-pub(crate) fn admitted<T: serde::de::DeserializeOwned>(
-    internal: &Internal,
-    request: &HttpRequest,
-    body: &[u8],
-) -> Result<T, ApiError> {
+/// Refuses a call that does not carry the cluster's secret.
+fn authorized(internal: &Internal, request: &HttpRequest) -> Result<(), ApiError> {
     let presented = request
         .headers()
         .get("authorization")
@@ -193,7 +191,36 @@ pub(crate) fn admitted<T: serde::de::DeserializeOwned>(
             "This is a cluster node's internal API: a node's secret is required.",
         ));
     }
+    Ok(())
+}
+
+/// The body of an internal call from a node holding the cluster's secret.
+pub(crate) fn admitted<T: serde::de::DeserializeOwned>(
+    internal: &Internal,
+    request: &HttpRequest,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    authorized(internal, request)?;
     serde_json::from_slice(body).map_err(ApiError::malformed_json)
+}
+
+/// `GET /internal/v1/workers`: this node's connected workers, as its
+/// registry sees them now (no history: the asking node reads that from the
+/// shared projection for all workers at once).
+async fn workers_handler(internal: web::Data<Internal>, request: HttpRequest) -> HttpResponse {
+    if let Err(refused) = authorized(&internal, &request) {
+        return error_response(&refused);
+    }
+    let workers = match &internal.relay {
+        Some(here) => match here.registry.send(ListWorkers).await {
+            Ok(workers) => workers,
+            Err(e) => {
+                return error_response(&internal_error(503, "not_ready", e.to_string()));
+            }
+        },
+        None => Vec::new(),
+    };
+    HttpResponse::Ok().json(crate::cluster::peers::NodeWorkers { workers })
 }
 
 fn count_error(field: &'static str) -> HttpResponse {

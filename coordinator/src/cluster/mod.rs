@@ -18,6 +18,7 @@ pub mod node;
 pub mod owned;
 pub mod owner;
 pub mod ownership;
+pub mod peers;
 pub mod presence;
 pub mod projection;
 pub mod projection_store;

@@ -33,6 +33,7 @@ use crate::cluster::history::{self, HistoryProgress, KafkaHistory};
 use crate::cluster::internal::{self, ClusterBooks, Internal, Secret};
 use crate::cluster::owned::{OwnedBooks, OwnedSettings};
 use crate::cluster::ownership::Ownership;
+use crate::cluster::peers::Peers;
 use crate::cluster::reads::PgReads;
 use crate::cluster::relay::{Relay, RelayHere};
 use crate::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
@@ -259,6 +260,11 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
             owned: Arc::clone(&owned),
             ledger_partitions: cluster.ledger_partitions,
         }),
+        peers: Some(Arc::new(Peers::new(
+            &me.name,
+            Arc::clone(&pg),
+            &cluster.secret,
+        ))),
     };
     let internal = Internal {
         owned: Arc::clone(&owned),

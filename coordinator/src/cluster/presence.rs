@@ -104,6 +104,30 @@ pub async fn live_incarnations(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// The most nodes [`live_nodes`] names: far above any cluster's size, a
+/// bound on what one admin call fans out to.
+pub const MAX_LIVE_NODES: i64 = 256;
+
+/// The nodes other than `me` that advertised within [`LIVE_WITHIN`], by
+/// name, with where each answers internal calls.
+pub async fn live_nodes(
+    client: &tokio_postgres::Client,
+    me: &str,
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    let within_ms = i64::try_from(LIVE_WITHIN.as_millis()).unwrap_or(i64::MAX);
+    let rows = client
+        .query(
+            &format!(
+                "select node, internal_url from nodes
+                 where node <> $1 and last_seen_ms > {DB_NOW_MS} - $2
+                 order by node limit $3"
+            ),
+            &[&me, &within_ms, &MAX_LIVE_NODES],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// Removes `node`'s rows (it is leaving).
 pub async fn withdraw(
     client: &tokio_postgres::Client,

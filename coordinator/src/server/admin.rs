@@ -238,30 +238,56 @@ pub async fn list_accounts(
     HttpResponse::Ok().json(json!({"accounts": list, "next_after": next_after}))
 }
 
+/// `GET /admin/workers`: every connected worker. On a cluster node, every
+/// live node's (each tagged with its node); `nodes` says how each answered
+/// and `complete` whether all did, so a node that did not is never silently
+/// left out.
 pub async fn list_workers(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     if let Err(e) = authorize(&req, &state) {
         return error_response(&e);
     }
-    let mut workers = state
+    let mine = state
         .registry
         .send(crate::actors::registry::ListWorkers)
         .await
         .unwrap_or_default();
+    let listed = match &state.peers {
+        Some(peers) => peers.workers(mine).await,
+        None => crate::cluster::peers::ClusterWorkers {
+            workers: mine,
+            ..Default::default()
+        },
+    };
+    let complete = listed.complete();
+    let crate::cluster::peers::ClusterWorkers {
+        mut workers,
+        nodes,
+        error,
+    } = listed;
+    // A worker that just moved may show on two nodes for a moment.
+    workers.sort_by(|a, b| (&a.worker, &a.node).cmp(&(&b.worker, &b.node)));
     for chunk in workers.chunks_mut(crate::history::MAX_RECORDS_READ) {
         let ids: Vec<Option<troop_schemas::WorkerId>> =
             chunk.iter().map(|w| w.worker.parse().ok()).collect();
         let wanted = ids.iter().flatten().copied().collect();
         match state.worker_events.log.records(wanted).await {
-            Ok(mut records) => {
+            Ok(records) => {
                 for (w, id) in chunk.iter_mut().zip(ids) {
-                    w.history = id.and_then(|id| records.remove(&id));
+                    w.history = id.and_then(|id| records.get(&id).cloned());
                 }
             }
             // The live list is still worth showing without its history.
             Err(e) => tracing::warn!(error = %e, "reading worker history"),
         }
     }
-    HttpResponse::Ok().json(json!({"workers": workers}))
+    let mut answer = json!({"workers": workers, "complete": complete});
+    if state.peers.is_some() {
+        answer["nodes"] = json!(nodes);
+    }
+    if let Some(error) = error {
+        answer["error"] = json!(error);
+    }
+    HttpResponse::Ok().json(answer)
 }
 
 #[derive(Deserialize)]

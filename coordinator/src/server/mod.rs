@@ -63,6 +63,8 @@ pub struct AppState {
     pub origin: Option<String>,
     /// What a cluster node's `/metrics` adds (`None` when embedded).
     pub node_gauges: Option<crate::cluster::node::NodeGauges>,
+    /// Asks the other nodes for their workers (`None` when embedded).
+    pub peers: Option<Arc<crate::cluster::peers::Peers>>,
 }
 
 pub use crate::directory::{BanEvent, TAG_BAN_EVENT};
@@ -285,6 +287,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         relay: None,
         origin: None,
         node_gauges: None,
+        peers: None,
     })
 }
 
