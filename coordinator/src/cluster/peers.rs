@@ -41,8 +41,8 @@ pub struct ClusterWorkers {
     pub workers: Vec<WorkerView>,
     /// Every live node asked, in name order, this node first.
     pub nodes: Vec<Asked>,
-    /// Why the live nodes could not be read (then only this node's are
-    /// listed).
+    /// Why the list leaves nodes out: the live nodes could not be read
+    /// (then only this node's are listed), or there are too many.
     pub error: Option<String>,
 }
 
@@ -75,11 +75,6 @@ impl Peers {
         }
     }
 
-    /// This node's name.
-    pub fn me(&self) -> &str {
-        &self.me
-    }
-
     /// `mine` (this node's workers) and every other live node's, asked at
     /// once; a node that does not answer within [`ASK_TIMEOUT`] is named.
     pub async fn workers(&self, mine: Vec<WorkerView>) -> ClusterWorkers {
@@ -99,13 +94,20 @@ impl Peers {
             Ok(client) => presence::live_nodes(&client, &self.me).await,
             Err(e) => Err(e),
         };
-        let live = match live {
+        let mut live = match live {
             Ok(live) => live,
             Err(e) => {
                 out.error = Some(format!("reading the live nodes: {e}"));
                 return out;
             }
         };
+        if live.len() > presence::MAX_LIVE_NODES {
+            live.truncate(presence::MAX_LIVE_NODES);
+            out.error = Some(format!(
+                "more than {} other live nodes: only the first asked",
+                presence::MAX_LIVE_NODES
+            ));
+        }
         let answers = futures_util::future::join_all(
             live.iter().map(|(_, internal_url)| self.ask(internal_url)),
         )

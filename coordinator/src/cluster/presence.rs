@@ -104,17 +104,18 @@ pub async fn live_incarnations(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// The most nodes [`live_nodes`] names: far above any cluster's size, a
-/// bound on what one admin call fans out to.
-pub const MAX_LIVE_NODES: i64 = 256;
+/// The most nodes one admin call fans out to: far above any cluster's size.
+pub const MAX_LIVE_NODES: usize = 256;
 
 /// The nodes other than `me` that advertised within [`LIVE_WITHIN`], by
-/// name, with where each answers internal calls.
+/// name, with where each answers internal calls: at most one more than
+/// [`MAX_LIVE_NODES`], so that a caller can tell there were too many.
 pub async fn live_nodes(
     client: &tokio_postgres::Client,
     me: &str,
 ) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
     let within_ms = i64::try_from(LIVE_WITHIN.as_millis()).unwrap_or(i64::MAX);
+    let limit = i64::try_from(MAX_LIVE_NODES + 1).unwrap_or(i64::MAX);
     let rows = client
         .query(
             &format!(
@@ -122,7 +123,7 @@ pub async fn live_nodes(
                  where node <> $1 and last_seen_ms > {DB_NOW_MS} - $2
                  order by node limit $3"
             ),
-            &[&me, &within_ms, &MAX_LIVE_NODES],
+            &[&me, &within_ms, &limit],
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
