@@ -11,13 +11,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use troop_ledger::fold::{FoldError, Ledger};
+use troop_ledger::fold::{FoldError, Ledger, Worker};
 use troop_ledger::receipt::{self, KeyCache, ReceiptError};
 use troop_schemas::{AccountId, Event, HoldId, decode_entry, decode_entry_spans};
 
-use crate::cluster::projection_store::{
-    AccountRow, Commit, HoldRow, ProjectionStore, ReceiptRow, Registration,
-};
+use crate::cluster::projection_store::{AccountRow, Commit, ProjectionStore, ReceiptRow};
 use crate::cluster::sequence_log::OrderRecord;
 use crate::directory::Directory;
 
@@ -321,14 +319,6 @@ async fn newest_snapshot(
     Ok(None)
 }
 
-/// The role's wire name, as the accounts table keeps it.
-fn role_name(role: troop_schemas::AccountRole) -> String {
-    serde_json::to_value(role)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 impl Sequencer {
     /// Rebuilds the fold: the newest snapshot, then the entries after it in
     /// leaf order (all of them if there is no usable snapshot).
@@ -470,11 +460,13 @@ impl Sequencer {
                     key,
                     account,
                     ..
-                } => commit.registrations.push(Registration {
-                    worker: *worker,
-                    key: *key,
-                    account: *account,
-                }),
+                } => commit.registrations.push((
+                    *worker,
+                    Worker {
+                        key: *key,
+                        account: *account,
+                    },
+                )),
                 _ => {}
             }
             commit.leaves.push(s);
@@ -485,26 +477,14 @@ impl Sequencer {
             if let Some(a) = self.ledger.account(id) {
                 commit.accounts.push(AccountRow {
                     account: *id,
-                    role: a.role.map(role_name),
                     partition: partition_of(id, self.ledger_partitions),
-                    debits_posted_micro: a.debits_posted,
-                    credits_posted_micro: a.credits_posted,
-                    debits_pending_micro: a.debits_pending,
+                    state: a.clone(),
                 });
             }
         }
         for id in &holds {
             match self.ledger.hold(id) {
-                Some(h) => commit.holds_opened.push(HoldRow {
-                    hold: *id,
-                    account: h.account,
-                    job: h.job,
-                    model: h.model.clone(),
-                    amount_micro: h.amount.get(),
-                    expires_at_ms: h.expires_at_ms,
-                    schedule_version: h.schedule_version,
-                    origin: h.origin.clone(),
-                }),
+                Some(h) => commit.holds_opened.push((*id, h.clone())),
                 None => commit.holds_closed.push(*id),
             }
         }

@@ -65,6 +65,15 @@ pub fn account_of(row: &tokio_postgres::Row, first: usize) -> Result<Account, Ba
     })
 }
 
+/// The role's wire name, as the `accounts` table keeps it ([`account_of`]
+/// reads it back).
+pub fn role_name(role: AccountRole) -> String {
+    serde_json::to_value(role)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// What [`account_of`] reads, from `accounts a`.
 pub const ACCOUNT_COLUMNS: &str =
     "a.role, a.debits_posted::text, a.credits_posted::text, a.debits_pending::text";

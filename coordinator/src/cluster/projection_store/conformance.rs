@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use ed25519_dalek::SigningKey;
-use troop_ledger::fold::Schedule;
+use troop_ledger::fold::{Account, Hold, Schedule, Worker};
 use troop_ledger::receipt::{countersign, public_key, sign_receipt};
 use troop_schemas::event::{AccountRole, KeyRole, ModelPrice, VoidReason};
 use troop_schemas::{
@@ -13,9 +13,7 @@ use troop_schemas::{
     encode_entry,
 };
 
-use super::{
-    AccountRow, Commit, HoldRow, MemProjection, ProjectionStore, ReceiptRow, Registration,
-};
+use super::{AccountRow, Commit, MemProjection, ProjectionStore, ReceiptRow};
 use crate::cluster::directory::KeyRow;
 use crate::cluster::projection::{
     Applied, Checked, ProjectionError, Sequencer, Sourced, partition_of,
@@ -321,11 +319,13 @@ pub async fn sequences_and_reads_back(f: &impl Fixture) {
         store.account(&net.consumer).await.expect("read"),
         Some(AccountRow {
             account: net.consumer,
-            role: Some("consumer".into()),
             partition: partition_of(&net.consumer, PARTITIONS),
-            debits_posted_micro: 0,
-            credits_posted_micro: 1_000_000,
-            debits_pending_micro: 500_000,
+            state: Account {
+                role: Some(AccountRole::Consumer),
+                debits_posted: 0,
+                credits_posted: 1_000_000,
+                debits_pending: 500_000,
+            },
         })
     );
     let treasury = store
@@ -334,19 +334,18 @@ pub async fn sequences_and_reads_back(f: &impl Fixture) {
         .expect("read")
         .expect("the grant debits the treasury");
     assert_eq!(
-        (treasury.debits_posted_micro, treasury.credits_posted_micro),
+        (treasury.state.debits_posted, treasury.state.credits_posted),
         (1_000_000, 0)
     );
     let [first, second] = net.jobs;
     for j in [first, second] {
         assert_eq!(
             store.hold(&j.hold).await.expect("read"),
-            Some(HoldRow {
-                hold: j.hold,
+            Some(Hold {
                 account: net.consumer,
                 job: j.job,
                 model: "m".into(),
-                amount_micro: j.reserved.get(),
+                amount: j.reserved,
                 expires_at_ms: AT_MS + 60_000,
                 schedule_version: 1,
                 origin: Some("node-a".into()),
@@ -355,8 +354,7 @@ pub async fn sequences_and_reads_back(f: &impl Fixture) {
     }
     assert_eq!(
         store.registration(&net.worker).await.expect("read"),
-        Some(Registration {
-            worker: net.worker,
+        Some(Worker {
             key: public_key(&net.worker_key),
             account: net.worker_account,
         })
@@ -418,9 +416,9 @@ pub async fn sequences_and_reads_back(f: &impl Fixture) {
         .expect("open");
     assert_eq!(
         (
-            consumer.debits_posted_micro,
-            consumer.credits_posted_micro,
-            consumer.debits_pending_micro
+            consumer.state.debits_posted,
+            consumer.state.credits_posted,
+            consumer.state.debits_pending
         ),
         (u128::from(charge.charged), 1_000_000, 0)
     );
@@ -429,13 +427,13 @@ pub async fn sequences_and_reads_back(f: &impl Fixture) {
         .await
         .expect("read")
         .expect("open");
-    assert_eq!(worker.credits_posted_micro, u128::from(charge.earned));
+    assert_eq!(worker.state.credits_posted, u128::from(charge.earned));
     let treasury = store
         .account(&AccountId::TREASURY)
         .await
         .expect("read")
         .expect("open");
-    assert_eq!(treasury.credits_posted_micro, u128::from(charge.fee));
+    assert_eq!(treasury.state.credits_posted, u128::from(charge.fee));
     assert_eq!(
         store.positions().await.expect("positions"),
         to(&[(0, 11), (1, 7)]),
@@ -556,11 +554,12 @@ pub async fn a_failed_batch_stores_nothing(f: &impl Fixture) {
         leaves: opening.clone(),
         accounts: vec![AccountRow {
             account: net.consumer,
-            role: Some("consumer".into()),
             partition: 0,
-            debits_posted_micro: 0,
-            credits_posted_micro: 1,
-            debits_pending_micro: 0,
+            state: Account {
+                role: Some(AccountRole::Consumer),
+                credits_posted: 1,
+                ..Account::default()
+            },
         }],
         read_to: to(&[(0, 9)]),
         snapshot: Some(b"{}".to_vec()),

@@ -5,9 +5,10 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 
+use troop_ledger::fold::{Hold, Worker};
 use troop_schemas::{AccountId, ApiKeyId, HoldId, JobId, WorkerId};
 
-use super::{AccountRow, Commit, HoldRow, ProjectionStore, ReceiptRow, Registration};
+use super::{AccountRow, Commit, ProjectionStore, ReceiptRow};
 use crate::cluster::directory::{KeyRow, key_hash};
 use crate::cluster::projection::{ProjectionError, Sourced};
 use crate::directory::{BanEvent, Directory, KeyEvent};
@@ -23,9 +24,9 @@ struct Tables {
     /// Tree size, fold and its BLAKE3 digest.
     snapshots: Vec<(u64, Vec<u8>, [u8; 32])>,
     accounts: BTreeMap<AccountId, AccountRow>,
-    holds: BTreeMap<HoldId, HoldRow>,
+    holds: BTreeMap<HoldId, Hold>,
     receipts: BTreeMap<JobId, ReceiptRow>,
-    registrations: BTreeMap<WorkerId, Registration>,
+    registrations: BTreeMap<WorkerId, Worker>,
     network_leaves: BTreeSet<u64>,
     keys: BTreeMap<ApiKeyId, KeyRow>,
     bans: BTreeSet<WorkerId>,
@@ -72,17 +73,17 @@ impl Tables {
             self.receipts.entry(r.job).or_insert_with(|| r.clone());
         }
         self.network_leaves.extend(&c.network_leaves);
-        for r in &c.registrations {
+        for (worker, registered) in &c.registrations {
             self.registrations
-                .entry(r.worker)
-                .or_insert_with(|| r.clone());
+                .entry(*worker)
+                .or_insert_with(|| registered.clone());
         }
         self.project(&c.directory);
         for a in &c.accounts {
             self.accounts.insert(a.account, a.clone());
         }
-        for h in &c.holds_opened {
-            self.holds.entry(h.hold).or_insert_with(|| h.clone());
+        for (id, hold) in &c.holds_opened {
+            self.holds.entry(*id).or_insert_with(|| hold.clone());
         }
         for h in &c.holds_closed {
             self.holds.remove(h);
@@ -185,7 +186,7 @@ impl ProjectionStore for MemProjection {
         Ok(self.tables.lock().await.accounts.get(account).cloned())
     }
 
-    async fn hold(&self, hold: &HoldId) -> Result<Option<HoldRow>, ProjectionError> {
+    async fn hold(&self, hold: &HoldId) -> Result<Option<Hold>, ProjectionError> {
         Ok(self.tables.lock().await.holds.get(hold).cloned())
     }
 
@@ -193,10 +194,7 @@ impl ProjectionStore for MemProjection {
         Ok(self.tables.lock().await.receipts.get(job).cloned())
     }
 
-    async fn registration(
-        &self,
-        worker: &WorkerId,
-    ) -> Result<Option<Registration>, ProjectionError> {
+    async fn registration(&self, worker: &WorkerId) -> Result<Option<Worker>, ProjectionError> {
         Ok(self.tables.lock().await.registrations.get(worker).cloned())
     }
 

@@ -15,7 +15,8 @@ mod postgres;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
-use troop_schemas::{AccountId, HoldId, JobId, PublicKey, WorkerId};
+use troop_ledger::fold::{Account, Hold, Worker};
+use troop_schemas::{AccountId, HoldId, JobId, WorkerId};
 
 use crate::cluster::directory::KeyRow;
 use crate::cluster::projection::{ProjectionError, Sourced};
@@ -24,30 +25,12 @@ use crate::directory::Directory;
 pub use memory::MemProjection;
 pub use postgres::{PgProjection, positions};
 
-/// An account's balances as the fold has them, and its ledger partition.
+/// An account as the fold has it, and its ledger partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountRow {
     pub account: AccountId,
-    /// The role's wire name (`consumer`, `worker`, ...); none for the treasury.
-    pub role: Option<String>,
     pub partition: u32,
-    pub debits_posted_micro: u128,
-    pub credits_posted_micro: u128,
-    pub debits_pending_micro: u128,
-}
-
-/// An open hold.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HoldRow {
-    pub hold: HoldId,
-    pub account: AccountId,
-    pub job: JobId,
-    pub model: String,
-    pub amount_micro: u64,
-    pub expires_at_ms: u64,
-    pub schedule_version: u64,
-    /// The node serving the request, whose death voids the hold.
-    pub origin: Option<String>,
+    pub state: Account,
 }
 
 /// A settled job: where its receipt is in the ledger and what it moved.
@@ -62,14 +45,6 @@ pub struct ReceiptRow {
     pub fee_micro: u64,
 }
 
-/// A worker's registered key and the account it earns into.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Registration {
-    pub worker: WorkerId,
-    pub key: PublicKey,
-    pub account: AccountId,
-}
-
 /// One batch's effect, decided by the sequencer: stored all or nothing.
 #[derive(Debug, Default)]
 pub struct Commit {
@@ -81,13 +56,14 @@ pub struct Commit {
     pub receipts: Vec<ReceiptRow>,
     /// Leaves that publish prices or keys (every node reads them whole).
     pub network_leaves: Vec<u64>,
-    pub registrations: Vec<Registration>,
+    /// Workers registered by the batch, with their key and account.
+    pub registrations: Vec<(WorkerId, Worker)>,
     /// API keys and bans read with the batch.
     pub directory: Vec<Directory>,
     /// Accounts the batch changed, as they are now.
     pub accounts: Vec<AccountRow>,
     /// Holds the batch opened (a hold once stored does not change).
-    pub holds_opened: Vec<HoldRow>,
+    pub holds_opened: Vec<(HoldId, Hold)>,
     /// Holds the batch settled, voided or expired.
     pub holds_closed: Vec<HoldId>,
     /// How far each ledger partition was read: the next record number.
@@ -158,7 +134,7 @@ pub trait ProjectionStore: Send + Sync {
     fn hold(
         &self,
         hold: &HoldId,
-    ) -> impl Future<Output = Result<Option<HoldRow>, ProjectionError>> + Send;
+    ) -> impl Future<Output = Result<Option<Hold>, ProjectionError>> + Send;
 
     fn receipt(
         &self,
@@ -168,7 +144,7 @@ pub trait ProjectionStore: Send + Sync {
     fn registration(
         &self,
         worker: &WorkerId,
-    ) -> impl Future<Output = Result<Option<Registration>, ProjectionError>> + Send;
+    ) -> impl Future<Output = Result<Option<Worker>, ProjectionError>> + Send;
 
     /// Leaves that publish prices or keys, ascending.
     fn network_leaves(&self) -> impl Future<Output = Result<Vec<u64>, ProjectionError>> + Send;

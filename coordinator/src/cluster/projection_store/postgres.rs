@@ -6,9 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
+use troop_ledger::fold::{Account, Hold, Worker};
 use troop_schemas::{AccountId, HoldId, JobId, WorkerId};
 
-use super::{AccountRow, Commit, HoldRow, ProjectionStore, ReceiptRow, Registration};
+use super::{AccountRow, Commit, ProjectionStore, ReceiptRow};
 use crate::cluster::directory::{KeyRow, changes_since};
 use crate::cluster::projection::{ProjectionError, SEQUENCER_GROUP, Sourced};
 use crate::cluster::rows::{self, ACCOUNT_COLUMNS, HOLD_COLUMNS};
@@ -105,13 +106,17 @@ impl PgProjection<'_> {
             let workers: Vec<String> = c
                 .registrations
                 .iter()
-                .map(|r| r.worker.to_string())
+                .map(|(worker, _)| worker.to_string())
                 .collect();
-            let keys: Vec<&[u8]> = c.registrations.iter().map(|r| r.key.0.as_slice()).collect();
+            let keys: Vec<&[u8]> = c
+                .registrations
+                .iter()
+                .map(|(_, w)| w.key.0.as_slice())
+                .collect();
             let accounts: Vec<String> = c
                 .registrations
                 .iter()
-                .map(|r| r.account.to_string())
+                .map(|(_, w)| w.account.to_string())
                 .collect();
             tx.execute(
                 "insert into worker_registrations (worker, worker_key, account)
@@ -159,15 +164,18 @@ impl PgProjection<'_> {
             return Ok(());
         }
         let ids: Vec<String> = accounts.iter().map(|a| a.account.to_string()).collect();
-        let roles: Vec<Option<&str>> = accounts.iter().map(|a| a.role.as_deref()).collect();
+        let roles: Vec<Option<String>> = accounts
+            .iter()
+            .map(|a| a.state.role.map(rows::role_name))
+            .collect();
         let partitions: Vec<i32> = accounts
             .iter()
             .map(|a| i32::try_from(a.partition).unwrap_or(0))
             .collect();
-        let amount = |f: fn(&AccountRow) -> u128| {
+        let amount = |f: fn(&Account) -> u128| {
             accounts
                 .iter()
-                .map(|a| f(a).to_string())
+                .map(|a| f(&a.state).to_string())
                 .collect::<Vec<_>>()
         };
         self.client
@@ -182,9 +190,9 @@ impl PgProjection<'_> {
                     &ids,
                     &roles,
                     &partitions,
-                    &amount(|a| a.debits_posted_micro),
-                    &amount(|a| a.credits_posted_micro),
-                    &amount(|a| a.debits_pending_micro),
+                    &amount(|a| a.debits_posted),
+                    &amount(|a| a.credits_posted),
+                    &amount(|a| a.debits_pending),
                 ],
             )
             .await?;
@@ -193,25 +201,28 @@ impl PgProjection<'_> {
 
     async fn write_holds(
         &self,
-        opened: &[HoldRow],
+        opened: &[(HoldId, Hold)],
         closed: &[HoldId],
     ) -> Result<(), ProjectionError> {
         if !opened.is_empty() {
-            let text = |f: fn(&HoldRow) -> String| opened.iter().map(f).collect::<Vec<_>>();
+            let text =
+                |f: fn(&Hold) -> String| opened.iter().map(|(_, h)| f(h)).collect::<Vec<_>>();
             let int =
-                |f: fn(&HoldRow) -> u64| opened.iter().map(|h| to_i64(f(h))).collect::<Vec<_>>();
-            let origins: Vec<Option<&str>> = opened.iter().map(|h| h.origin.as_deref()).collect();
+                |f: fn(&Hold) -> u64| opened.iter().map(|(_, h)| to_i64(f(h))).collect::<Vec<_>>();
+            let ids: Vec<String> = opened.iter().map(|(id, _)| id.to_string()).collect();
+            let origins: Vec<Option<&str>> =
+                opened.iter().map(|(_, h)| h.origin.as_deref()).collect();
             self.client
                 .execute(
                     "insert into holds (hold, account, job, model, amount_micro, expires_at_ms, schedule_version, origin_node)
                      select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::text[])
                      on conflict (hold) do nothing",
                     &[
-                        &text(|h| h.hold.to_string()),
+                        &ids,
                         &text(|h| h.account.to_string()),
                         &text(|h| h.job.to_string()),
                         &text(|h| h.model.clone()),
-                        &int(|h| h.amount_micro),
+                        &int(|h| h.amount.get()),
                         &int(|h| h.expires_at_ms),
                         &int(|h| h.schedule_version),
                         &origins,
@@ -371,18 +382,14 @@ impl ProjectionStore for PgProjection<'_> {
         else {
             return Ok(None);
         };
-        let totals = rows::account_of(&row, 0)?;
         Ok(Some(AccountRow {
             account: *account,
-            role: row.get(0),
             partition: u32::try_from(row.get::<_, i32>(4)).unwrap_or(0),
-            debits_posted_micro: totals.debits_posted,
-            credits_posted_micro: totals.credits_posted,
-            debits_pending_micro: totals.debits_pending,
+            state: rows::account_of(&row, 0)?,
         }))
     }
 
-    async fn hold(&self, hold: &HoldId) -> Result<Option<HoldRow>, ProjectionError> {
+    async fn hold(&self, hold: &HoldId) -> Result<Option<Hold>, ProjectionError> {
         let Some(row) = self
             .client
             .query_opt(
@@ -393,17 +400,9 @@ impl ProjectionStore for PgProjection<'_> {
         else {
             return Ok(None);
         };
-        let (hold, h) = rows::hold_of(&row, 0)?;
-        Ok(Some(HoldRow {
-            hold,
-            account: h.account,
-            job: h.job,
-            model: h.model,
-            amount_micro: h.amount.get(),
-            expires_at_ms: h.expires_at_ms,
-            schedule_version: h.schedule_version,
-            origin: h.origin,
-        }))
+        let (stored, h) = rows::hold_of(&row, 0)?;
+        assert_eq!(stored, *hold, "read by its key");
+        Ok(Some(h))
     }
 
     async fn receipt(&self, job: &JobId) -> Result<Option<ReceiptRow>, ProjectionError> {
@@ -429,17 +428,8 @@ impl ProjectionStore for PgProjection<'_> {
         }))
     }
 
-    async fn registration(
-        &self,
-        worker: &WorkerId,
-    ) -> Result<Option<Registration>, ProjectionError> {
-        Ok(rows::registration(self.client, worker)
-            .await?
-            .map(|w| Registration {
-                worker: *worker,
-                key: w.key,
-                account: w.account,
-            }))
+    async fn registration(&self, worker: &WorkerId) -> Result<Option<Worker>, ProjectionError> {
+        Ok(rows::registration(self.client, worker).await?)
     }
 
     async fn network_leaves(&self) -> Result<Vec<u64>, ProjectionError> {
