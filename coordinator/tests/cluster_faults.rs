@@ -7,6 +7,8 @@
 //! replay of Kafka reproduces the live projections. And a real `troop-agent`
 //! in front of a real llama.cpp server, whose node is killed, is back on
 //! another node within seconds, serving requests relayed from the third.
+//! And every node stopped, Kafka replayed into a fresh database and the
+//! nodes started on it: the network carries on from exactly where it was.
 //! And Postgres (a server of the test's own) stopped for ten seconds, as a
 //! crash would, under load from every node, and the broker frozen for three
 //! seconds: every refusal says when to retry, every request served is
@@ -207,6 +209,62 @@ impl ThreeNodes {
         self.nodes[i] = None;
     }
 
+    /// SIGTERM, as `systemctl stop` sends: the node leaves the owners' group
+    /// and withdraws its presence before it exits.
+    fn stop(&mut self, i: usize) {
+        let mut node = self.nodes[i].take().expect("alive");
+        let pid = node.0.id().to_string();
+        let sent = std::process::Command::new("kill")
+            .arg(&pid)
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "SIGTERM to node {i}");
+        let exited = node.0.wait().expect("the node exits");
+        assert!(exited.success(), "node {i} stopped cleanly: {exited}");
+    }
+
+    /// The runbook's "Rebuild projections" to the end: every node stopped,
+    /// Kafka replayed into a fresh database, that database checked equal to
+    /// the live one, and every node started again on it.
+    fn switch_to_replayed_database(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop(i);
+        }
+        let (target, client) = self.runtime.block_on(common::cluster::migrated_database());
+        let signer = self.signer();
+        self.runtime
+            .block_on(replay::replay(&self.cluster, &target.url, signer.clone()))
+            .expect("replays");
+        let (_, _, differences) = self
+            .runtime
+            .block_on(replay::compare(
+                &self.db.url,
+                &target.url,
+                &signer.verifier(),
+            ))
+            .expect("compares");
+        assert!(differences.is_empty(), "{differences:?}");
+        self.cluster.postgres = target.url.clone();
+        self.client = client;
+        self.db = target;
+        for (i, (name, dir)) in self.names.iter().zip(&self.dirs).enumerate() {
+            self.nodes[i] = Some(start(name, dir.path(), &self.cluster));
+        }
+    }
+
+    /// The ledger's signer, from the network's key.
+    fn signer(&self) -> NoteSigner {
+        let log_key = troop_coordinator::cluster::node::shared_secret(
+            &self.dirs[0].path().join("ledger.key"),
+        )
+        .expect("ledger key");
+        NoteSigner::new(
+            "troop.local/ledger",
+            ed25519_dalek::SigningKey::from_bytes(&log_key),
+        )
+        .expect("signer")
+    }
+
     /// A node owning none of `homes`' partitions, and the other two.
     fn victim(&self, homes: &[Home]) -> (usize, (usize, usize)) {
         let owners = self
@@ -221,17 +279,7 @@ impl ThreeNodes {
     /// consumer's balance at `balance`; a replay of Kafka into a fresh
     /// database rebuilds the same projections as the live ones.
     fn audit_and_replay(&self, via: &str, since: &str, consumer: &AccountId, balance: u64) {
-        let log_key = troop_coordinator::cluster::node::shared_secret(
-            &self.dirs[0].path().join("ledger.key"),
-        )
-        .expect("ledger key");
-        let signer = || {
-            NoteSigner::new(
-                "troop.local/ledger",
-                ed25519_dalek::SigningKey::from_bytes(&log_key),
-            )
-            .expect("signer")
-        };
+        let signer = || self.signer();
         let mut report = None;
         wait_for(
             "troop-audit to see every hold closed in a checkpoint",
@@ -351,6 +399,62 @@ fn kill_9_a_node_with_requests_in_flight_loses_nothing_else() {
     );
 
     nodes.audit_and_replay(&other_url, &since, &consumer_id, GRANT - charged);
+}
+
+/// A chat completion through `via` served by a scripted worker (the same
+/// identity each time) on `serving`, relayed when they differ; returns the
+/// receipt's id once the hold is settled and the balance `via` reads then.
+fn relayed_chat(via: &str, serving: &str, key: &str) -> (String, u64) {
+    let worker = common::scripted::spawn(serving.to_owned(), Script::Inflate);
+    wait_for("the worker offered through the consumer's node", || {
+        get(via, key, "/v1/models")
+            .is_ok_and(|m| m["data"].as_array().is_some_and(|d| !d.is_empty()))
+    });
+    let before = balance(&get(via, key, "/v1/account").expect("account"));
+    let job = common::nodes::inflated_chat(via, key, "a relayed chat completion");
+    worker.join().expect("worker");
+    let mut settled = 0;
+    wait_for("the settlement", || {
+        get(via, key, "/v1/account").is_ok_and(|v| {
+            settled = balance(&v);
+            v["holds"].as_array().is_some_and(Vec::is_empty) && settled < before
+        })
+    });
+    (job, settled)
+}
+
+#[test]
+fn a_cluster_switched_to_its_replayed_database_carries_on() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut nodes = ThreeNodes::start("rebuild");
+    let (account, key) = consumer(&nodes.url(0), ADMIN, GRANT);
+    let consumer_id: AccountId = account.parse().expect("id");
+    let (before, settled) = relayed_chat(&nodes.url(0), &nodes.url(1), &key);
+    let since = checkpoint(&nodes.url(2));
+
+    nodes.switch_to_replayed_database();
+
+    // The rebuilt database holds the key (the directory is replayed), the
+    // balance, and the receipt with a proof from its tiles.
+    let via = nodes.url(2);
+    wait_for(
+        "the rebuilt cluster to know the key and the balance",
+        || get(&via, &key, "/v1/account").is_ok_and(|v| balance(&v) == settled),
+    );
+    let receipt = get(&via, &key, &format!("/v1/receipts/{before}")).expect("the receipt");
+    assert!(
+        receipt["tlog_proof"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("c2sp.org/tlog-proof@v1")),
+        "{receipt}"
+    );
+    // It carries on: the worker registered before the switch serves again,
+    // relayed, and is paid; the sequencer extends the replayed tree.
+    let (after, now) = relayed_chat(&via, &nodes.url(0), &key);
+    assert_ne!(after, before);
+    let charged = GRANT - settled;
+    assert_eq!(now, settled - charged, "the same request costs the same");
+    nodes.audit_and_replay(&via, &since, &consumer_id, now);
 }
 
 /// The cluster's checkpoint now, as `url` serves it.
