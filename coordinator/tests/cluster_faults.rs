@@ -230,6 +230,17 @@ impl ThreeNodes {
         for i in 0..self.nodes.len() {
             self.stop(i);
         }
+        let (target, client) = self.replayed();
+        self.cluster.postgres = target.url.clone();
+        self.client = client;
+        self.db = target;
+        for (i, (name, dir)) in self.names.iter().zip(&self.dirs).enumerate() {
+            self.nodes[i] = Some(start(name, dir.path(), &self.cluster));
+        }
+    }
+
+    /// Kafka replayed into a fresh database, checked equal to the live one.
+    fn replayed(&self) -> (common::services::Database, tokio_postgres::Client) {
         let (target, client) = self.runtime.block_on(common::cluster::migrated_database());
         let signer = self.signer();
         self.runtime
@@ -244,12 +255,7 @@ impl ThreeNodes {
             ))
             .expect("compares");
         assert!(differences.is_empty(), "{differences:?}");
-        self.cluster.postgres = target.url.clone();
-        self.client = client;
-        self.db = target;
-        for (i, (name, dir)) in self.names.iter().zip(&self.dirs).enumerate() {
-            self.nodes[i] = Some(start(name, dir.path(), &self.cluster));
-        }
+        (target, client)
     }
 
     /// The ledger's signer, from the network's key.
@@ -279,13 +285,13 @@ impl ThreeNodes {
     /// consumer's balance at `balance`; a replay of Kafka into a fresh
     /// database rebuilds the same projections as the live ones.
     fn audit_and_replay(&self, via: &str, since: &str, consumer: &AccountId, balance: u64) {
-        let signer = || self.signer();
+        let verifier = self.signer().verifier();
         let mut report = None;
         wait_for(
             "troop-audit to see every hold closed in a checkpoint",
             || {
                 let source = troop_audit::Source::open(&format!("{via}/ledger")).expect("source");
-                let r = troop_audit::verify(&source, &signer().verifier(), Some(since), &|_| {})
+                let r = troop_audit::verify(&source, &verifier, Some(since), &|_| {})
                     .expect("troop-audit accepts the cluster's ledger");
                 let done = r.ledger.open_holds().count() == 0;
                 report = Some(r);
@@ -303,19 +309,7 @@ impl ThreeNodes {
         );
 
         // Kafka alone rebuilds the same projections.
-        let (target, _) = self.runtime.block_on(common::cluster::migrated_database());
-        self.runtime
-            .block_on(replay::replay(&self.cluster, &target.url, signer()))
-            .expect("replays");
-        let (_, _, differences) = self
-            .runtime
-            .block_on(replay::compare(
-                &self.db.url,
-                &target.url,
-                &signer().verifier(),
-            ))
-            .expect("compares");
-        assert!(differences.is_empty(), "{differences:?}");
+        self.replayed();
     }
 }
 
