@@ -8,10 +8,17 @@
 #             broker and PostgreSQL), the consumer on the agent's node;
 #   relayed   the same cluster, the consumer on the other node (its request
 #             relayed to the agent's node and streamed back).
+# Each cluster path runs twice: with an account owned by the consumer's node
+# (`_own`: its hold judged in-process) and with one owned by the other node
+# (`_remote_owner`: the hold judged over the internal API), so a path pays
+# 0 (local_own), 1 (local_remote_owner, relayed_own) or 2
+# (relayed_remote_owner) internal hops before its first token.
 # Rounds alternate the setups; medians are reported, with the engine reached
-# directly as a floor. Usage: ops/bench-cluster.sh [OUT_DIR] ; ROUNDS and
-# CONCURRENCY (space-separated) tune it. Prints one JSON object
-# (also written to OUT_DIR/bench-cluster.json).
+# directly as a floor, and the mean of each step before the first token
+# (`troop_request_phase_seconds` on the consumer's node, read before and after
+# every run). Usage: ops/bench-cluster.sh [OUT_DIR] ; ROUNDS and CONCURRENCY
+# (space-separated) tune it. Prints one JSON object (also written to
+# OUT_DIR/bench-cluster.json).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -93,29 +100,86 @@ relay_url="${node_urls[1]}"
 agent "$local_url" agent-cluster
 wait_models "$local_url"
 wait_models "$relay_url"
-cluster_key="$(consumer_key "$local_url")"
+# The node that owns ACCOUNT (judges its holds), once the ledger has it.
+owner_of() { # ACCOUNT
+    local node
+    for _ in $(seq 1 100); do
+        node="$(psql "$(echo "$pg_admin" | sed "s/dbname=[^ ]*/dbname=$db/")" -Atc \
+            "select o.node from accounts a join partition_owners o on o.partition_id = a.ledger_partition where a.account = '$1'")"
+        [ -n "$node" ] && { echo "$node"; return 0; }
+        sleep 0.1
+    done
+    echo "no owner for $1" >&2; exit 1
+}
+# A bearer key of a new account owned by NODE: accounts are made until one
+# hashes to a partition NODE owns.
+owned_key() { # NODE
+    local a account
+    a() { "$bin/troop-coordinator" admin --url "$local_url" --token bench-admin --json "$@"; }
+    for _ in $(seq 1 32); do
+        account="$(a create-account | python3 -c 'import json,sys; print(json.load(sys.stdin)["account"])')"
+        a grant --account "$account" --amount-micro 1000000000000 >/dev/null
+        if [ "$(owner_of "$account")" = "$1" ]; then
+            a create-key --account "$account" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])'
+            return 0
+        fi
+    done
+    echo "no account owned by $1 in 32 tries" >&2; exit 1
+}
+key_a="$(owned_key node-a)"
+key_b="$(owned_key node-b)"
 
 gateway() { # URL KEY CONCURRENCY REQUESTS
     "$lt" gateway --url "$1" --key "$2" --model mock --concurrency "$3" --requests "$4" --max-tokens 64
 }
-# Warm every path (connections, first allocations, the account's owner).
+# `troop_request_phase_seconds` sums and counts at URL, as JSON.
+phases() { # URL
+    python3 - "$1/metrics" <<'PY'
+import json, re, sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1]).read().decode()
+out = {}
+for m in re.finditer(r'^troop_request_phase_seconds_(sum|count)\{phase="(\w+)"\} (\S+)$', text, re.M):
+    out.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
+print(json.dumps(out))
+PY
+}
+# One run through URL with KEY, with the mean of each phase on URL's node.
+measured() { # URL KEY CONCURRENCY REQUESTS
+    local before run after
+    before="$(phases "$1")"
+    run="$(gateway "$@")"
+    after="$(phases "$1")"
+    python3 -c '
+import json, sys
+run, before, after = (json.loads(a) for a in sys.argv[1:])
+run["phase_ms_mean"] = {
+    p: round(1e3 * (after[p]["sum"] - before[p]["sum"]) / max(1.0, after[p]["count"] - before[p]["count"]), 3)
+    for p in after
+}
+print(json.dumps(run))' "$run" "$before" "$after"
+}
+# Warm every path (connections, first allocations, the accounts' owners).
 gateway "$engine" "" 16 64 >/dev/null
 gateway "$embedded" "$embedded_key" 16 64 >/dev/null
-gateway "$local_url" "$cluster_key" 16 64 >/dev/null
-gateway "$relay_url" "$cluster_key" 16 64 >/dev/null
+for url in "$local_url" "$relay_url"; do
+    gateway "$url" "$key_a" 16 64 >/dev/null
+    gateway "$url" "$key_b" 16 64 >/dev/null
+done
 
 runs="$out/runs.jsonl"
 : >"$runs"
 for round in $(seq 1 "$rounds"); do
     for c in $concurrency; do
         n=$((c == 1 ? 32 : c * 8))
-        echo "== round $round: $c streams x $n requests: direct, embedded, cluster local, cluster relayed" >&2
+        echo "== round $round: $c streams x $n requests: direct, embedded, cluster local and relayed (owner here, owner elsewhere)" >&2
         d="$(gateway "$engine" "" "$c" "$n")"
-        e="$(gateway "$embedded" "$embedded_key" "$c" "$n")"
-        l="$(gateway "$local_url" "$cluster_key" "$c" "$n")"
-        r="$(gateway "$relay_url" "$cluster_key" "$c" "$n")"
-        python3 -c 'import json,sys; print(json.dumps({"round": int(sys.argv[1]), "concurrency": int(sys.argv[2]), "direct": json.loads(sys.argv[3]), "embedded": json.loads(sys.argv[4]), "local": json.loads(sys.argv[5]), "relayed": json.loads(sys.argv[6])}))' \
-            "$round" "$c" "$d" "$e" "$l" "$r" >>"$runs"
+        e="$(measured "$embedded" "$embedded_key" "$c" "$n")"
+        l0="$(measured "$local_url" "$key_a" "$c" "$n")"
+        l1="$(measured "$local_url" "$key_b" "$c" "$n")"
+        r1="$(measured "$relay_url" "$key_b" "$c" "$n")"
+        r2="$(measured "$relay_url" "$key_a" "$c" "$n")"
+        python3 -c 'import json,sys; a = sys.argv; print(json.dumps({"round": int(a[1]), "concurrency": int(a[2]), "direct": json.loads(a[3]), "embedded": json.loads(a[4]), "local_own": json.loads(a[5]), "local_remote_owner": json.loads(a[6]), "relayed_own": json.loads(a[7]), "relayed_remote_owner": json.loads(a[8])}))' \
+            "$round" "$c" "$d" "$e" "$l0" "$l1" "$r1" "$r2" >>"$runs"
     done
 done
 
@@ -125,26 +189,28 @@ runs = [json.loads(l) for l in open(sys.argv[1])]
 result = {}
 for c in sorted({r["concurrency"] for r in runs}):
     rs = [r for r in runs if r["concurrency"] == c]
+    paths = ("local_own", "local_remote_owner", "relayed_own", "relayed_remote_owner")
     for r in rs:
-        for path in ("direct", "embedded", "local", "relayed"):
+        for path in ("direct", "embedded") + paths:
             assert r[path]["failed"] == 0, (path, r[path])
     med = lambda f: round(statistics.median(f(r) for r in rs), 3)
     p50 = lambda r, path: r[path]["ttft_ms"]["p50"]
-    result[str(c)] = {
+    out = {
         "rounds": len(rs),
         "requests_per_round": rs[0]["embedded"]["requests"],
         "ttft_ms_p50_direct": med(lambda r: p50(r, "direct")),
-        "ttft_ms_p50_embedded": med(lambda r: p50(r, "embedded")),
-        "ttft_ms_p50_local": med(lambda r: p50(r, "local")),
-        "ttft_ms_p50_relayed": med(lambda r: p50(r, "relayed")),
-        "ttft_ms_p50_added_local": med(lambda r: p50(r, "local") - p50(r, "embedded")),
-        "ttft_ms_p50_added_relayed": med(lambda r: p50(r, "relayed") - p50(r, "embedded")),
-        "ttft_ratio_local": med(lambda r: p50(r, "local") / p50(r, "embedded")),
-        "ttft_ratio_relayed": med(lambda r: p50(r, "relayed") / p50(r, "embedded")),
-        "tokens_per_s_embedded": med(lambda r: r["embedded"]["tokens_per_s"]),
-        "tokens_per_s_local": med(lambda r: r["local"]["tokens_per_s"]),
-        "tokens_per_s_relayed": med(lambda r: r["relayed"]["tokens_per_s"]),
     }
+    for path in ("embedded",) + paths:
+        out[f"ttft_ms_p50_{path}"] = med(lambda r: p50(r, path))
+    for path in paths:
+        out[f"ttft_ms_p50_added_{path}"] = med(lambda r: p50(r, path) - p50(r, "embedded"))
+        out[f"ttft_ratio_{path}"] = med(lambda r: p50(r, path) / p50(r, "embedded"))
+    for path in ("embedded",) + paths:
+        out[f"tokens_per_s_{path}"] = med(lambda r: r[path]["tokens_per_s"])
+        out[f"phase_ms_mean_{path}"] = {
+            p: med(lambda r: r[path]["phase_ms_mean"][p]) for p in rs[0][path]["phase_ms_mean"]
+        }
+    result[str(c)] = out
 print(json.dumps(result, indent=1))
 PY
 psql "$pg_admin" -qc "drop database if exists $db with (force)" >/dev/null 2>&1 || true

@@ -1,9 +1,44 @@
 //! Prometheus metrics, served at `/metrics`.
 
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
+
+/// The steps of a request before its first byte reaches the consumer, in
+/// order (labels of `troop_request_phase_seconds`): where added
+/// time-to-first-token goes, path by path (BENCHMARKS.md, cluster TTFT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// From the request to the books' verdict on its hold (on a cluster, the
+    /// owner's first line when another node owns the account).
+    HoldJudged,
+    /// From the verdict to the job handed to a worker (a local one's actor,
+    /// or a serving node that named its worker).
+    Placed,
+    /// From the job handed over to the worker's first byte here.
+    FirstByte,
+    /// After the first byte, waiting until the hold's record was durable.
+    HoldDurable,
+}
+
+impl Phase {
+    pub const ALL: [Self; 4] = [
+        Self::HoldJudged,
+        Self::Placed,
+        Self::FirstByte,
+        Self::HoldDurable,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::HoldJudged => "hold_judged",
+            Self::Placed => "placed",
+            Self::FirstByte => "first_byte",
+            Self::HoldDurable => "hold_durable",
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -11,6 +46,8 @@ pub struct Metrics {
     /// Consumer requests by endpoint and HTTP status.
     pub requests: IntCounterVec,
     pub time_to_first_token: Histogram,
+    /// The first token's time by [`Phase`].
+    request_phase: HistogramVec,
     pub request_duration: Histogram,
     /// Content deltas (≈ tokens) streamed to consumers.
     pub tokens_streamed: IntCounter,
@@ -73,6 +110,24 @@ impl Metrics {
             .buckets(buckets.clone()),
         )
         .expect("valid");
+        // 50 µs to 1 s: the phases before a first token are sub-millisecond
+        // on a quiet node and grow under load.
+        let request_phase = HistogramVec::new(
+            HistogramOpts::new(
+                "request_phase_seconds",
+                "Time to first token by step: hold_judged, placed, first_byte, hold_durable",
+            )
+            .buckets(vec![
+                0.000_05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                0.25, 1.0,
+            ]),
+            &["phase"],
+        )
+        .expect("valid");
+        for phase in Phase::ALL {
+            // Every phase shown from the start, so that rates exist at once.
+            request_phase.with_label_values(&[phase.label()]);
+        }
         let request_duration = Histogram::with_opts(
             HistogramOpts::new("request_duration_seconds", "From request to settlement")
                 .buckets(buckets),
@@ -154,6 +209,7 @@ impl Metrics {
             Box::new(sequencer_lag_records.clone()),
             Box::new(requests.clone()),
             Box::new(time_to_first_token.clone()),
+            Box::new(request_phase.clone()),
             Box::new(request_duration.clone()),
             Box::new(tokens_streamed.clone()),
             Box::new(receipts_settled.clone()),
@@ -169,6 +225,7 @@ impl Metrics {
             registry,
             requests,
             time_to_first_token,
+            request_phase,
             request_duration,
             tokens_streamed,
             receipts_settled,
@@ -186,6 +243,13 @@ impl Metrics {
             history_projector_leading,
             history_lag_records,
         }
+    }
+
+    /// Records how long `phase` of one request took.
+    pub fn phase(&self, phase: Phase, took: std::time::Duration) {
+        self.request_phase
+            .with_label_values(&[phase.label()])
+            .observe(took.as_secs_f64());
     }
 
     pub fn render(&self) -> String {
@@ -206,7 +270,16 @@ mod tests {
         let m = Metrics::new();
         m.requests.with_label_values(&["chat", "200"]).inc();
         m.time_to_first_token.observe(0.2);
+        m.phase(Phase::Placed, std::time::Duration::from_micros(300));
         let text = m.render();
+        assert!(
+            text.contains("troop_request_phase_seconds_bucket{phase=\"placed\",le=\"0.0005\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("troop_request_phase_seconds_count{phase=\"hold_durable\"} 0"),
+            "every phase is shown before its first request: {text}"
+        );
         assert!(
             text.contains("troop_requests_total{endpoint=\"chat\",status=\"200\"} 1"),
             "{text}"

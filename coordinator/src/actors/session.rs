@@ -27,6 +27,7 @@ use crate::cluster::relay::RelayJob;
 use crate::domain::billing::{self, Claimed, Observed};
 use crate::domain::placement::NoWorker;
 use crate::history::WorkerEvent;
+use crate::metrics::Phase;
 use crate::money::{MoneyError, Refusal};
 use crate::server::{AppState, commit_as, now_ms, random};
 
@@ -381,7 +382,10 @@ async fn open(
             Ok(verdict.map(|_| judged.pending)?)
         });
     let mut hold_durable = match judged {
-        Ok(pending) => pending,
+        Ok(pending) => {
+            state.metrics.phase(Phase::HoldJudged, received.elapsed());
+            pending
+        }
         Err(MoneyError::Refused(Refusal {
             shortfall: Some(s), ..
         })) => {
@@ -421,6 +425,7 @@ async fn open(
     let deadline = Duration::from_millis(state.config.first_byte_deadline_ms);
     // Retry on another worker until the first byte; after it, never.
     for _ in 0..state.config.max_attempts.max(1) {
+        let placing = Instant::now();
         let placed = match state
             .registry
             .send(Place {
@@ -504,6 +509,7 @@ async fn open(
                 }
             }
         };
+        let handed_over = Instant::now();
         state.worker_events.record(WorkerEvent::JobStarted {
             job,
             worker: link.worker(),
@@ -538,6 +544,11 @@ async fn open(
             exclude.push(link.worker());
             continue;
         };
+        let first_at = Instant::now();
+        state.metrics.phase(Phase::Placed, handed_over - placing);
+        state
+            .metrics
+            .phase(Phase::FirstByte, first_at - handed_over);
         if let Some(pending) = hold_durable.take()
             && let Err(e) = pending.durable().await
         {
@@ -552,6 +563,7 @@ async fn open(
                 "the event log could not record the hold: {e}"
             )));
         }
+        state.metrics.phase(Phase::HoldDurable, first_at.elapsed());
         state
             .metrics
             .time_to_first_token
