@@ -21,7 +21,6 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use actix::prelude::*;
 use anyhow::Context as _;
 use ed25519_dalek::SigningKey;
 use troop_ledger::note::NoteSigner;
@@ -104,6 +103,42 @@ impl NodeGauges {
     }
 }
 
+/// A runtime of its own for the work no request waits on: the sequencer
+/// and the history projector. Why: on the node's main arbiter their bursts
+/// (folding, hashing and encoding a batch of a few thousand entries) delayed
+/// the holds judged and the jobs placed there; measured in BENCHMARKS.md
+/// (cluster TTFT run 7, `troop_request_phase_seconds`).
+#[derive(Debug)]
+struct Background(Option<tokio::runtime::Runtime>);
+
+impl Background {
+    fn new() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("troop-background")
+            .enable_all()
+            .build()?;
+        Ok(Self(Some(runtime)))
+    }
+
+    /// Runs `start` with this runtime as the current one, so that what it
+    /// spawns runs here.
+    fn enter<T>(&self, start: impl FnOnce() -> T) -> T {
+        let _on = self.0.as_ref().expect("running until dropped").enter();
+        start()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // Dropped from async code (the node stopping): a blocking shutdown
+        // would panic there, and what is left has been stopped or aborted.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// What runs beside the HTTP server, until [`Node::stop`].
 #[derive(Debug)]
 pub struct Node {
@@ -114,6 +149,8 @@ pub struct Node {
     sequencer: SequencerTask,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Dropped last: the sequencer and the projector ran on it.
+    background: Background,
 }
 
 impl Node {
@@ -139,6 +176,7 @@ impl Node {
         if let Err(e) = self.sequencer.stop().await {
             tracing::warn!(error = %e, "stopping the sequencer failed");
         }
+        drop(self.background);
     }
 }
 
@@ -170,13 +208,12 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
         ownership.watch(),
         OwnedSettings::default(),
     ));
-    let sequencer = SequencerTask::spawn(
-        SequencerSettings {
-            previous_log_key: crate::server::previous_log_key(&dir, &config.ledger_name)?,
-            ..SequencerSettings::new(cluster.clone())
-        },
-        signer,
-    );
+    let background = Background::new().context("starting the background runtime")?;
+    let sequencer_settings = SequencerSettings {
+        previous_log_key: crate::server::previous_log_key(&dir, &config.ledger_name)?,
+        ..SequencerSettings::new(cluster.clone())
+    };
+    let sequencer = background.enter(|| SequencerTask::spawn(sequencer_settings, signer));
     let client = crate::cluster::connect(&cluster.postgres, "cluster books")
         .await
         .context("connecting to postgres")?;
@@ -196,7 +233,7 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
         config.heartbeat_epoch_ms,
         worker_events.clone(),
     )
-    .start();
+    .start_apart();
     let keys = Arc::new(RwLock::new(ApiKeys::new(hash_key)));
     let bans = Arc::new(RwLock::new(HashSet::new()));
     let schedule = PublishedSchedule::default();
@@ -233,7 +270,7 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
             REFRESH_EVERY,
         )),
         tokio::spawn(advertise(Arc::clone(&pg), me.clone(), incarnation.clone())),
-        history::spawn(&cluster, Arc::clone(&history)),
+        background.enter(|| history::spawn(&cluster, Arc::clone(&history))),
     ];
     let state = AppState {
         books: None,
@@ -286,6 +323,7 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
         sequencer,
         stop,
         tasks,
+        background,
     };
     Ok((state, internal, node))
 }

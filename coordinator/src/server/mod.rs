@@ -262,7 +262,7 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
         config.heartbeat_epoch_ms,
         worker_events.clone(),
     )
-    .start();
+    .start_apart();
     let config_limits = config.rate_limits;
     let account_idle_check = Duration::from_millis(config.account_idle_check_ms);
     let embedded = Arc::new(Embedded {
