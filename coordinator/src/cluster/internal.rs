@@ -685,7 +685,11 @@ impl RemoteOwners {
                 Ok(Written::Failed(why)) => Err(EventLogError::Broker(why)),
                 Err(e) => Err(EventLogError::Broker(e.to_string())),
             };
+            let read_all = written.is_ok() && lines.buffer.is_empty();
             let _ = tx.send(written);
+            if read_all {
+                super::finish(&mut lines.response).await;
+            }
         });
         let count = u64::try_from(accepted.len()).expect("a change's events fit u64");
         Ok((verdicts, Some(Pending::new(first, count, rx))))

@@ -119,6 +119,11 @@ impl Frames {
         self.buf.extend_from_slice(chunk);
     }
 
+    /// Nothing is buffered past the frames read.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     /// The next whole frame, if one has arrived.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         if self.buf.len() < FRAME_HEADER_BYTES {
@@ -461,7 +466,11 @@ async fn pump(mut response: reqwest::Response, slot: JobSlot, node: String) {
     };
     // The output is over before its end is told, as on a local worker.
     drop(data);
+    let ended = !matches!(outcome, JobEnd::Lost);
     let _ = end.send(outcome);
+    if ended && frames.is_empty() {
+        super::finish(&mut response).await;
+    }
 }
 
 #[cfg(test)]
