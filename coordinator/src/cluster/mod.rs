@@ -123,7 +123,7 @@ impl Reconnecting {
 /// Reads what is left of an internal answer whose last message was read, so
 /// that its connection goes back to the client's pool. Why: a body dropped
 /// before its end closes the connection, and the next call between the
-/// same nodes then pays a new one (BENCHMARKS.md, cluster TTFT run 7). An
+/// same nodes then pays a new one (BENCHMARKS.md, cluster TTFT run 9). An
 /// answer that sends more than its end within a moment is dropped instead.
 pub(crate) async fn finish(response: &mut reqwest::Response) {
     const WAIT: std::time::Duration = std::time::Duration::from_secs(1);
