@@ -38,13 +38,23 @@ agent() { # COORDINATOR_URL NAME
     "$bin/troop-agent" run --coordinator "$1" --engine "$engine" --slots 1024 --key "$out/$2.key" >"$out/$2.log" 2>&1 &
     pids+=("$!")
 }
+admin() { # URL ARGS...
+    "$bin/troop-coordinator" admin --url "$1" --token bench-admin --json "${@:2}"
+}
+# Prints the id of a new account holding plenty of credits.
+funded_account() { # URL
+    local account
+    account="$(admin "$1" create-account | python3 -c 'import json,sys; print(json.load(sys.stdin)["account"])')"
+    admin "$1" grant --account "$account" --amount-micro 1000000000000 >/dev/null
+    echo "$account"
+}
+# Prints a new bearer key of ACCOUNT.
+key_of() { # URL ACCOUNT
+    admin "$1" create-key --account "$2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])'
+}
 # Prints a bearer key of a new account holding plenty of credits.
 consumer_key() { # URL
-    local a account
-    a() { "$bin/troop-coordinator" admin --url "$1" --token bench-admin --json "${@:2}"; }
-    account="$(a "$1" create-account | python3 -c 'import json,sys; print(json.load(sys.stdin)["account"])')"
-    a "$1" grant --account "$account" --amount-micro 1000000000000 >/dev/null
-    a "$1" create-key --account "$account" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])'
+    key_of "$1" "$(funded_account "$1")"
 }
 
 echo "== mock engine" >&2
@@ -69,11 +79,12 @@ echo "== two-node cluster (noida-db, PostgreSQL) and its agent on the first node
 pg_admin="$(ops/postgres.sh ensure)"
 db="troop_bench_cluster"
 psql "$pg_admin" -qc "drop database if exists $db with (force)" -c "create database $db" >/dev/null 2>&1
+pg_db="$(echo "$pg_admin" | sed "s/dbname=[^ ]*/dbname=$db/")"
 bport="$(free_port)"
 pids+=("$(ops/broker.sh start "$bport" noida $$)")
 bench_settings "$out/node.toml" "[cluster]
 kafka_brokers = \"127.0.0.1:$bport\"
-postgres = \"$(echo "$pg_admin" | sed "s/dbname=[^ ]*/dbname=$db/")\"
+postgres = \"$pg_db\"
 topic_prefix = \"bench\"
 ledger_partitions = 4
 worker_partitions = 1
@@ -104,7 +115,7 @@ wait_models "$relay_url"
 owner_of() { # ACCOUNT
     local node
     for _ in $(seq 1 100); do
-        node="$(psql "$(echo "$pg_admin" | sed "s/dbname=[^ ]*/dbname=$db/")" -Atc \
+        node="$(psql "$pg_db" -Atc \
             "select o.node from accounts a join partition_owners o on o.partition_id = a.ledger_partition where a.account = '$1'")"
         [ -n "$node" ] && { echo "$node"; return 0; }
         sleep 0.1
@@ -114,13 +125,11 @@ owner_of() { # ACCOUNT
 # A bearer key of a new account owned by NODE: accounts are made until one
 # hashes to a partition NODE owns.
 owned_key() { # NODE
-    local a account
-    a() { "$bin/troop-coordinator" admin --url "$local_url" --token bench-admin --json "$@"; }
+    local account
     for _ in $(seq 1 32); do
-        account="$(a create-account | python3 -c 'import json,sys; print(json.load(sys.stdin)["account"])')"
-        a grant --account "$account" --amount-micro 1000000000000 >/dev/null
+        account="$(funded_account "$local_url")"
         if [ "$(owner_of "$account")" = "$1" ]; then
-            a create-key --account "$account" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])'
+            key_of "$local_url" "$account"
             return 0
         fi
     done
