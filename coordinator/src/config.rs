@@ -45,6 +45,11 @@ pub struct ClusterConfig {
     /// (Serialized like every setting: the environment overrides only what
     /// the serialized defaults name.)
     pub secret: String,
+    /// How many steps (nice values, 0–19) below the request path the node's
+    /// background work runs: its log readers, history producer and consumer,
+    /// sequencer and history projector (cluster::priority). 0 leaves them
+    /// level.
+    pub background_nice: i32,
 }
 
 impl ClusterConfig {
@@ -64,6 +69,7 @@ impl Default for ClusterConfig {
             worker_partitions: 12,
             replication_factor: 1,
             secret: String::new(),
+            background_nice: 10,
         }
     }
 }

@@ -31,6 +31,7 @@ use troop_schemas::WorkerId;
 
 use super::kafka_log::{Next, ReaderContext, poll_partitions};
 use super::{Reconnecting, blocking};
+use crate::cluster::priority;
 use crate::config::ClusterConfig;
 use crate::history::{
     HistoryError, HistoryLog, MAX_RECORDS_READ, Published, Records, WorkerEvent, WorkerHistory,
@@ -115,22 +116,24 @@ impl std::fmt::Debug for KafkaHistory {
 
 impl KafkaHistory {
     pub fn open(cluster: &ClusterConfig) -> Result<Self, HistoryError> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &cluster.kafka_brokers)
-            // Implies acks=all: acknowledged once every in-sync copy has it,
-            // and a retried send is written once.
-            .set("enable.idempotence", "true")
-            // Nothing waits on these on a request's path: a few ms of
-            // batching saves the broker a request per event.
-            .set("linger.ms", "5")
-            // Java's partitioner, so other clients key these topics alike.
-            .set("partitioner", "murmur2_random")
-            // The queue is bounded: past it an event is refused (and logged)
-            // rather than held in memory through a long broker outage.
-            .set("queue.buffering.max.messages", "100000")
-            .set("message.timeout.ms", "120000")
-            .create_with_context(Delivery)
-            .map_err(broker)?;
+        let producer = priority::create_in_background(|| {
+            ClientConfig::new()
+                .set("bootstrap.servers", &cluster.kafka_brokers)
+                // Implies acks=all: acknowledged once every in-sync copy has it,
+                // and a retried send is written once.
+                .set("enable.idempotence", "true")
+                // Nothing waits on these on a request's path: a few ms of
+                // batching saves the broker a request per event.
+                .set("linger.ms", "5")
+                // Java's partitioner, so other clients key these topics alike.
+                .set("partitioner", "murmur2_random")
+                // The queue is bounded: past it an event is refused (and logged)
+                // rather than held in memory through a long broker outage.
+                .set("queue.buffering.max.messages", "100000")
+                .set("message.timeout.ms", "120000")
+                .create_with_context(Delivery)
+        })
+        .map_err(broker)?;
         Ok(Self {
             producer,
             workers_topic: cluster.topic("workers"),
@@ -269,15 +272,17 @@ struct TopicTail {
 
 impl TopicTail {
     fn open(brokers: &str, topic: &str) -> Result<Self, HistoryError> {
-        let consumer: BaseConsumer<ReaderContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", format!("troop-history-{topic}"))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            // Offsets past the topic's retention start again at its oldest.
-            .set("auto.offset.reset", "earliest")
-            .create_with_context(ReaderContext)
-            .map_err(broker)?;
+        let consumer: BaseConsumer<ReaderContext> = priority::create_in_background(|| {
+            ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .set("group.id", format!("troop-history-{topic}"))
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "true")
+                // Offsets past the topic's retention start again at its oldest.
+                .set("auto.offset.reset", "earliest")
+                .create_with_context(ReaderContext)
+        })
+        .map_err(broker)?;
         Ok(Self {
             topic: topic.to_owned(),
             consumer,

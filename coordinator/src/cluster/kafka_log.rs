@@ -23,6 +23,7 @@ use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::cluster::priority;
 use crate::eventlog::{EventLog, EventLogError, MAX_RECORD_BYTES, Pending, Record};
 
 /// The header holding a record's number.
@@ -192,6 +193,11 @@ impl KafkaLog {
     /// Opens the partition's log as its one writer (fencing any other) and
     /// finds where it ends.
     pub fn open(config: KafkaLogConfig) -> Result<Self, EventLogError> {
+        // At its caller's priority, never lowered here: an owner's log is
+        // written on a request's path (a hold is durable before its first
+        // byte goes out; lowered, it fell behind the requests at 64 streams,
+        // BENCHMARKS.md cluster TTFT run 11), while the sequencer's order
+        // log is opened from the background runtime, already lowered.
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("transactional.id", &config.transactional_id)
@@ -282,18 +288,20 @@ struct Wanted {
 
 impl TopicReader {
     pub fn open(brokers: &str, topic: &str) -> Result<Self, EventLogError> {
-        let consumer: BaseConsumer<ReaderContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", format!("troop-reader-{topic}"))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .set(
-                "fetch.message.max.bytes",
-                (2 * MAX_RECORD_BYTES).to_string(),
-            )
-            .create_with_context(ReaderContext)
-            .map_err(broker)?;
+        let consumer: BaseConsumer<ReaderContext> = priority::create_in_background(|| {
+            ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .set("group.id", format!("troop-reader-{topic}"))
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", "read_committed")
+                .set("enable.partition.eof", "true")
+                .set(
+                    "fetch.message.max.bytes",
+                    (2 * MAX_RECORD_BYTES).to_string(),
+                )
+                .create_with_context(ReaderContext)
+        })
+        .map_err(broker)?;
         Ok(Self {
             topic: topic.to_owned(),
             consumer,

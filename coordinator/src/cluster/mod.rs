@@ -20,6 +20,7 @@ pub mod owner;
 pub mod ownership;
 pub mod peers;
 pub mod presence;
+pub mod priority;
 pub mod projection;
 pub mod projection_store;
 pub mod reads;

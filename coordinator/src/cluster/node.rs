@@ -33,6 +33,7 @@ use crate::cluster::internal::{self, ClusterBooks, Internal, Secret};
 use crate::cluster::owned::{OwnedBooks, OwnedSettings};
 use crate::cluster::ownership::Ownership;
 use crate::cluster::peers::Peers;
+use crate::cluster::priority;
 use crate::cluster::reads::PgReads;
 use crate::cluster::relay::{Relay, RelayHere};
 use crate::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
@@ -116,6 +117,7 @@ impl Background {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("troop-background")
+            .on_thread_start(priority::lower_this_thread)
             .enable_all()
             .build()?;
         Ok(Self(Some(runtime)))
@@ -188,6 +190,14 @@ impl Node {
 pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState, Internal, Node)> {
     let cluster = config.cluster.clone();
     let secret = Secret::new(&cluster.secret).context("[cluster] secret")?;
+    anyhow::ensure!(
+        (0..=priority::MAX_NICE).contains(&cluster.background_nice),
+        "[cluster] background_nice is {}: it must be 0 to {}",
+        cluster.background_nice,
+        priority::MAX_NICE
+    );
+    // Before any background thread or Kafka client starts.
+    priority::set_background_nice(cluster.background_nice);
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_key = SigningKey::from_bytes(&shared_secret(&dir.join("ledger.key"))?);
