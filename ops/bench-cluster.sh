@@ -16,9 +16,11 @@
 # Rounds alternate the setups; medians are reported, with the engine reached
 # directly as a floor, and the mean of each step before the first token
 # (`troop_request_phase_seconds` on the consumer's node, read before and after
-# every run). Usage: ops/bench-cluster.sh [OUT_DIR] ; ROUNDS and CONCURRENCY
-# (space-separated) tune it. Prints one JSON object (also written to
-# OUT_DIR/bench-cluster.json).
+# every run), and the CPU (user + system) each process used per request
+# (engine, coordinators, agents, broker, PostgreSQL with its backends; the
+# load generator not counted). Usage: ops/bench-cluster.sh [OUT_DIR] ; ROUNDS
+# and CONCURRENCY (space-separated) tune it. Prints one JSON object (also
+# written to OUT_DIR/bench-cluster.json).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -34,9 +36,12 @@ cargo build --release --locked -q -p troop-coordinator -p troop-agent -p troop-l
 bin="${CARGO_TARGET_DIR:-target}/release"
 lt="$bin/troop-loadtest"
 
+# Processes charged for CPU around each run, as NAME=PID.
+charged=()
 agent() { # COORDINATOR_URL NAME
     "$bin/troop-agent" run --coordinator "$1" --engine "$engine" --slots 1024 --key "$out/$2.key" >"$out/$2.log" 2>&1 &
     pids+=("$!")
+    charged+=("$2=$!")
 }
 admin() { # URL ARGS...
     "$bin/troop-coordinator" admin --url "$1" --token bench-admin --json "${@:2}"
@@ -61,6 +66,7 @@ echo "== mock engine" >&2
 eport="$(free_port)"
 "$lt" engine --listen "127.0.0.1:$eport" --token-interval-ms 5 >"$out/engine.log" 2>&1 &
 pids+=("$!")
+charged+=("engine=$!")
 engine="http://127.0.0.1:$eport"
 wait_http "$engine/health" "the mock engine"
 
@@ -69,6 +75,7 @@ bench_settings "$out/embedded.toml"
 port="$(free_port)"
 "$bin/troop-coordinator" --config "$out/embedded.toml" serve --listen "127.0.0.1:$port" --data-dir "$out/embedded" >"$out/embedded.log" 2>&1 &
 pids+=("$!")
+charged+=("embedded=$!")
 embedded="http://127.0.0.1:$port"
 wait_http "$embedded/v1/models" "the embedded coordinator"
 agent "$embedded" agent-embedded
@@ -77,11 +84,13 @@ embedded_key="$(consumer_key "$embedded")"
 
 echo "== two-node cluster (noida-db, PostgreSQL) and its agent on the first node" >&2
 pg_admin="$(ops/postgres.sh ensure)"
+charged+=("postgres=$(head -1 "$(psql "$pg_admin" -Atc 'show data_directory')/postmaster.pid")")
 db="troop_bench_cluster"
 psql "$pg_admin" -qc "drop database if exists $db with (force)" -c "create database $db" >/dev/null 2>&1
 pg_db="$(echo "$pg_admin" | sed "s/dbname=[^ ]*/dbname=$db/")"
 bport="$(free_port)"
 pids+=("$(ops/broker.sh start "$bport" noida $$)")
+charged+=("broker=${pids[-1]}")
 bench_settings "$out/node.toml" "[cluster]
 kafka_brokers = \"127.0.0.1:$bport\"
 postgres = \"$pg_db\"
@@ -103,6 +112,7 @@ for n in a b; do
     port="$(free_port)"
     "$bin/troop-coordinator" --config "$out/node.toml" node --listen "127.0.0.1:$port" --name "node-$n" --data-dir "$out/node-$n" >"$out/node-$n.log" 2>&1 &
     pids+=("$!")
+    charged+=("node-$n=$!")
     node_urls+=("http://127.0.0.1:$port")
     wait_http "http://127.0.0.1:$port/v1/models" "node $n"
 done
@@ -152,20 +162,26 @@ for m in re.finditer(r'^troop_request_phase_seconds_(sum|count)\{phase="(\w+)"\}
 print(json.dumps(out))
 PY
 }
-# One run through URL with KEY, with the mean of each phase on URL's node.
+# One run through URL with KEY, with the mean of each phase on URL's node
+# and each process's CPU per request (the load generator's not counted).
 measured() { # URL KEY CONCURRENCY REQUESTS
-    local before run after
+    local before run after cpu_before cpu_after
     before="$(phases "$1")"
+    cpu_before="$(cpu_json "${charged[@]}")"
     run="$(gateway "$@")"
+    cpu_after="$(cpu_json "${charged[@]}")"
     after="$(phases "$1")"
     python3 -c '
 import json, sys
-run, before, after = (json.loads(a) for a in sys.argv[1:])
+run, before, after, cpu_before, cpu_after = (json.loads(a) for a in sys.argv[1:])
 run["phase_ms_mean"] = {
     p: round(1e3 * (after[p]["sum"] - before[p]["sum"]) / max(1.0, after[p]["count"] - before[p]["count"]), 3)
     for p in after
 }
-print(json.dumps(run))' "$run" "$before" "$after"
+run["cpu_ms_per_request"] = {
+    p: round(1e3 * (cpu_after[p] - cpu_before[p]) / max(1, run["ok"]), 3) for p in cpu_after
+}
+print(json.dumps(run))' "$run" "$before" "$after" "$cpu_before" "$cpu_after"
 }
 # Warm every path (connections, first allocations, the accounts' owners).
 gateway "$engine" "" 16 64 >/dev/null
@@ -219,6 +235,9 @@ for c in sorted({r["concurrency"] for r in runs}):
         out[f"phase_ms_mean_{path}"] = {
             p: med(lambda r: r[path]["phase_ms_mean"][p]) for p in rs[0][path]["phase_ms_mean"]
         }
+        cpu = rs[0][path]["cpu_ms_per_request"]
+        out[f"cpu_ms_per_request_{path}"] = {p: med(lambda r: r[path]["cpu_ms_per_request"][p]) for p in cpu}
+        out[f"cpu_ms_per_request_{path}"]["all"] = med(lambda r: sum(r[path]["cpu_ms_per_request"].values()))
     result[str(c)] = out
 print(json.dumps(result, indent=1))
 PY

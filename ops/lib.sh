@@ -36,3 +36,31 @@ output_micro_per_1k = 300
 ${2:-}
 TOML
 }
+# CPU seconds (user + system) used so far by each NAME=PID and its
+# descendants (children that exited and were reaped included), as one JSON
+# object: what a benchmark reads around a run to charge each process.
+cpu_json() { # NAME=PID...
+    python3 - "$@" <<'PY'
+import json, os, sys
+tick = os.sysconf("SC_CLK_TCK")
+stats, children = {}, {}
+for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+        continue
+    try:
+        fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        continue  # gone meanwhile
+    pid = int(entry)
+    stats[pid] = sum(int(f) for f in fields[11:15])
+    children.setdefault(int(fields[1]), []).append(pid)
+def tree(pid):
+    todo, total = [pid], 0
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, 0)
+        todo.extend(children.get(p, []))
+    return total
+print(json.dumps({a.split("=")[0]: tree(int(a.split("=")[1])) / tick for a in sys.argv[1:]}))
+PY
+}
