@@ -366,10 +366,15 @@ impl TopicReader {
     ) -> Result<BTreeMap<i32, Vec<Record>>, EventLogError> {
         let mut out: BTreeMap<i32, Vec<Record>> = BTreeMap::new();
         let mut list = TopicPartitionList::new();
+        let mut located: Vec<(i32, Cursor)> = Vec::new();
         for (p, w) in plan.iter().filter(|(_, w)| w.want > 0) {
             let at = match self.cursors.get(p) {
                 Some(c) if c.seq == w.from => c.kafka,
-                _ => self.locate(*p, w.from)?,
+                _ => {
+                    let kafka = self.locate(*p, w.from)?;
+                    located.push((*p, Cursor { seq: w.from, kafka }));
+                    kafka
+                }
             };
             list.add_partition_offset(&self.topic, *p, Offset::Offset(at))
                 .map_err(broker)?;
@@ -386,6 +391,15 @@ impl TopicReader {
         let released = self.consumer.unassign().map_err(broker);
         read?;
         released?;
+        // A located partition that had nothing to read yet keeps where its
+        // next record will be (no earlier one lies past it): the next read
+        // starts there instead of asking the broker for its offsets again,
+        // which an idle reader of an empty partition did on every round.
+        for (p, cursor) in located {
+            if out.get(&p).is_some_and(Vec::is_empty) {
+                self.cursors.insert(p, cursor);
+            }
+        }
         Ok(out)
     }
 

@@ -49,8 +49,13 @@ pub struct SequencerSettings {
     pub batch_per_partition: usize,
     /// A fresh checkpoint at least this often while there is traffic.
     pub checkpoint_interval: Duration,
-    /// Pause after a round that found nothing new.
+    /// Pause after a round that found nothing new; it doubles with every
+    /// further such round in a row, up to `idle_max`.
     pub idle: Duration,
+    /// The longest pause while idle: how late the first event after a quiet
+    /// spell may be sequenced, traded for a broker not asked 50 times a
+    /// second by an idle cluster.
+    pub idle_max: Duration,
     /// How often a node that does not lead tries to take the lead, and the
     /// pause after a leader failed.
     pub standby_retry: Duration,
@@ -67,12 +72,23 @@ impl SequencerSettings {
             batch_per_partition: 1_024,
             checkpoint_interval: Duration::from_secs(1),
             idle: Duration::from_millis(20),
+            idle_max: Duration::from_millis(160),
             standby_retry: Duration::from_secs(1),
         }
     }
 
     fn topic(&self) -> String {
         self.cluster.topic("ledger")
+    }
+
+    /// The pause after `empty` rounds in a row (≥ 1) found nothing new:
+    /// `idle`, doubled per further round, at most `idle_max`. A round that
+    /// finds something is never followed by a pause.
+    fn idle_pause(&self, empty: u32) -> Duration {
+        let doublings = empty.saturating_sub(1).min(16);
+        self.idle
+            .saturating_mul(1 << doublings)
+            .min(self.idle_max.max(self.idle))
     }
 }
 
@@ -223,6 +239,7 @@ async fn lead(
     // starts from where this read ended, whatever the apply does (a failed
     // apply ends the term, and the next term reads the stored positions).
     let max = settings.batch_per_partition;
+    let mut empty_rounds: u32 = 0;
     let mut reading = tokio::task::spawn_blocking({
         let from = positions.clone();
         move || poll(feed, &from, max)
@@ -239,7 +256,10 @@ async fn lead(
         positions.extend(read_to.iter().map(|(p, n)| (*p, *n)));
         let from = positions.clone();
         if caught_up {
-            tokio::time::sleep(settings.idle).await;
+            empty_rounds = empty_rounds.saturating_add(1);
+            tokio::time::sleep(settings.idle_pause(empty_rounds)).await;
+        } else {
+            empty_rounds = 0;
         }
         reading = tokio::task::spawn_blocking(move || poll(feed, &from, max));
         if !caught_up {
@@ -403,6 +423,20 @@ mod tests {
                 .map(|i| i.to_be_bytes().to_vec())
                 .collect(),
         }
+    }
+
+    #[test]
+    fn idle_pauses_double_up_to_their_bound() {
+        let settings = SequencerSettings::new(ClusterConfig::default());
+        let ms = |empty| settings.idle_pause(empty).as_millis();
+        assert_eq!([ms(1), ms(2), ms(3), ms(4), ms(5)], [20, 40, 80, 160, 160]);
+        assert_eq!(ms(u32::MAX), 160);
+        // A bound below the first pause leaves the first pause.
+        let tight = SequencerSettings {
+            idle_max: Duration::from_millis(5),
+            ..settings
+        };
+        assert_eq!(tight.idle_pause(3), tight.idle);
     }
 
     #[test]
