@@ -18,8 +18,10 @@
 # (`troop_request_phase_seconds` on the consumer's node, read before and after
 # every run), and the CPU (user + system) each process used per request
 # (engine, coordinators, agents, broker, PostgreSQL with its backends; the
-# load generator not counted). Usage: ops/bench-cluster.sh [OUT_DIR] ; ROUNDS
-# and CONCURRENCY (space-separated) tune it. Prints one JSON object (also
+# load generator not counted). First, before any load, IDLE_S seconds (30)
+# of the idle cluster: the broker's traffic by client connection and each
+# process's CPU a second. Usage: ops/bench-cluster.sh [OUT_DIR] ; ROUNDS,
+# CONCURRENCY (space-separated) and IDLE_S tune it. Prints one JSON object (also
 # written to OUT_DIR/bench-cluster.json).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -148,6 +150,19 @@ owned_key() { # NODE
 key_a="$(owned_key node-a)"
 key_b="$(owned_key node-b)"
 
+# Before any load: what the idle cluster asks of its broker (its clients'
+# reading loops) and the CPU each process spends a second meanwhile.
+idle_s="${IDLE_S:-30}"
+echo "== ${idle_s} s idle: the broker's traffic by client connection" >&2
+cpu_before="$(cpu_json "${charged[@]}")"
+traffic="$(broker_traffic "$bport" "$idle_s" "${charged[@]}")"
+cpu_after="$(cpu_json "${charged[@]}")"
+idle="$(python3 -c '
+import json, sys
+traffic, before, after = (json.loads(a) for a in sys.argv[1:])
+traffic["cpu_ms_per_s"] = {p: round(1e3 * (after[p] - before[p]) / traffic["seconds"], 1) for p in after}
+print(json.dumps(traffic))' "$traffic" "$cpu_before" "$cpu_after")"
+
 gateway() { # URL KEY CONCURRENCY REQUESTS
     "$lt" gateway --url "$1" --key "$2" --model mock --concurrency "$3" --requests "$4" --max-tokens 64
 }
@@ -208,10 +223,10 @@ for round in $(seq 1 "$rounds"); do
     done
 done
 
-python3 - "$runs" <<'PY' | tee "$out/bench-cluster.json"
+python3 - "$runs" "$idle" <<'PY' | tee "$out/bench-cluster.json"
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
-result = {}
+result = {"idle": json.loads(sys.argv[2])}
 for c in sorted({r["concurrency"] for r in runs}):
     rs = [r for r in runs if r["concurrency"] == c]
     paths = ("local_own", "local_remote_owner", "relayed_own", "relayed_remote_owner")

@@ -64,3 +64,38 @@ def tree(pid):
 print(json.dumps({a.split("=")[0]: tree(int(a.split("=")[1])) / tick for a in sys.argv[1:]}))
 PY
 }
+# What reaches the broker on PORT over SECONDS, by client connection: TCP
+# segments received per second (`ss -ti`'s segs_in on the broker's side; a
+# small Kafka request is one segment), each connection named by the NAME of
+# the NAME=PID process that holds its other end, busiest first, as JSON.
+broker_traffic() { # PORT SECONDS NAME=PID...
+    python3 - "$@" <<'PY'
+import json, re, subprocess, sys, time
+port, seconds = sys.argv[1], float(sys.argv[2])
+names = {a.split("=")[1]: a.split("=")[0] for a in sys.argv[3:]}
+def ss(option, where):
+    return subprocess.run(["ss", "-tn", option, "state", "established", where], capture_output=True, text=True, check=True).stdout
+def segments():  # peer port -> segments the broker received from it
+    out, peer = {}, None
+    for line in ss("-i", f"( sport = :{port} )").splitlines()[1:]:
+        if not line[:1].isspace():  # a connection; its details follow indented
+            m = re.search(r":\d+\s+\S+:(\d+)\s*$", line)
+            peer = m.group(1) if m else None
+        elif peer and (s := re.search(r"segs_in:(\d+)", line)):
+            out[peer], peer = int(s.group(1)), None
+    return out
+before, started = segments(), time.monotonic()
+time.sleep(seconds)
+after, elapsed = segments(), time.monotonic() - started
+holder = {}
+for line in ss("-p", f"( dport = :{port} )").splitlines()[1:]:
+    if m := re.search(r"\S+:(\d+)\s+\S+:\d+\s+users:\(\(\"[^\"]*\",pid=(\d+)", line):
+        holder[m.group(1)] = names.get(m.group(2), f"pid {m.group(2)}")
+rows = sorted(((after[p] - before.get(p, 0)) / elapsed, holder.get(p, "?"), p) for p in after)[::-1]
+print(json.dumps({
+    "seconds": round(elapsed, 1),
+    "segments_per_s": round(sum(r[0] for r in rows), 1),
+    "connections": [{"client": c, "port": int(p), "segments_per_s": round(s, 1)} for s, c, p in rows if s >= 0.5],
+}))
+PY
+}
