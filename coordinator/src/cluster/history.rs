@@ -29,7 +29,7 @@ use rdkafka::producer::{
 use rdkafka::{Offset, TopicPartitionList};
 use troop_schemas::WorkerId;
 
-use super::kafka_log::{Next, ReaderContext, poll_partitions};
+use super::kafka_log::{Next, ReaderContext, poll_partitions, reader_consumer};
 use super::{Reconnecting, blocking};
 use crate::cluster::priority;
 use crate::config::ClusterConfig;
@@ -272,16 +272,12 @@ struct TopicTail {
 
 impl TopicTail {
     fn open(brokers: &str, topic: &str) -> Result<Self, HistoryError> {
-        let consumer: BaseConsumer<ReaderContext> = priority::create_in_background(|| {
-            ClientConfig::new()
-                .set("bootstrap.servers", brokers)
-                .set("group.id", format!("troop-history-{topic}"))
-                .set("enable.auto.commit", "false")
-                .set("enable.partition.eof", "true")
-                // Offsets past the topic's retention start again at its oldest.
-                .set("auto.offset.reset", "earliest")
-                .create_with_context(ReaderContext)
-        })
+        let consumer = reader_consumer(
+            brokers,
+            &format!("troop-history-{topic}"),
+            // Offsets past the topic's retention start again at its oldest.
+            &[("auto.offset.reset", "earliest".into())],
+        )
         .map_err(broker)?;
         Ok(Self {
             topic: topic.to_owned(),

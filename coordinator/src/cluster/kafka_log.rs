@@ -88,8 +88,9 @@ struct Shared {
     failed: AtomicBool,
 }
 
-/// Where the last read ended: the next record's number and its Kafka offset
-/// at the latest (markers may sit in between).
+/// Where a partition's next record is: its number and its Kafka offset at
+/// the latest (markers may sit in between), as the last read ended or as a
+/// lookup found it.
 #[derive(Debug, Clone, Copy)]
 struct Cursor {
     seq: u64,
@@ -248,6 +249,26 @@ pub struct TopicReader {
     cursors: HashMap<i32, Cursor>,
 }
 
+/// A consumer that reads at positions of its own choosing (the group's
+/// offsets are never committed) and is told where a partition ends, with
+/// `more` settings; created at background priority, with its threads.
+pub(crate) fn reader_consumer(
+    brokers: &str,
+    group_id: &str,
+    more: &[(&str, String)],
+) -> Result<BaseConsumer<ReaderContext>, KafkaError> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true");
+    for (key, value) in more {
+        config.set(*key, value);
+    }
+    priority::create_in_background(|| config.create_with_context(ReaderContext))
+}
+
 /// The reader asks for end-of-partition events (that is how it knows it read
 /// everything visible); librdkafka also reports each one as a "global error",
 /// which the default context would log at error level on every idle poll.
@@ -288,19 +309,17 @@ struct Wanted {
 
 impl TopicReader {
     pub fn open(brokers: &str, topic: &str) -> Result<Self, EventLogError> {
-        let consumer: BaseConsumer<ReaderContext> = priority::create_in_background(|| {
-            ClientConfig::new()
-                .set("bootstrap.servers", brokers)
-                .set("group.id", format!("troop-reader-{topic}"))
-                .set("enable.auto.commit", "false")
-                .set("isolation.level", "read_committed")
-                .set("enable.partition.eof", "true")
-                .set(
+        let consumer = reader_consumer(
+            brokers,
+            &format!("troop-reader-{topic}"),
+            &[
+                ("isolation.level", "read_committed".into()),
+                (
                     "fetch.message.max.bytes",
                     (2 * MAX_RECORD_BYTES).to_string(),
-                )
-                .create_with_context(ReaderContext)
-        })
+                ),
+            ],
+        )
         .map_err(broker)?;
         Ok(Self {
             topic: topic.to_owned(),
@@ -366,13 +385,15 @@ impl TopicReader {
     ) -> Result<BTreeMap<i32, Vec<Record>>, EventLogError> {
         let mut out: BTreeMap<i32, Vec<Record>> = BTreeMap::new();
         let mut list = TopicPartitionList::new();
-        let mut located: Vec<(i32, Cursor)> = Vec::new();
         for (p, w) in plan.iter().filter(|(_, w)| w.want > 0) {
             let at = match self.cursors.get(p) {
                 Some(c) if c.seq == w.from => c.kafka,
                 _ => {
+                    // Kept whatever the read finds (a record read moves it
+                    // on): an idle reader of an empty partition asked the
+                    // broker for its offsets on every round without it.
                     let kafka = self.locate(*p, w.from)?;
-                    located.push((*p, Cursor { seq: w.from, kafka }));
+                    self.cursors.insert(*p, Cursor { seq: w.from, kafka });
                     kafka
                 }
             };
@@ -391,15 +412,6 @@ impl TopicReader {
         let released = self.consumer.unassign().map_err(broker);
         read?;
         released?;
-        // A located partition that had nothing to read yet keeps where its
-        // next record will be (no earlier one lies past it): the next read
-        // starts there instead of asking the broker for its offsets again,
-        // which an idle reader of an empty partition did on every round.
-        for (p, cursor) in located {
-            if out.get(&p).is_some_and(Vec::is_empty) {
-                self.cursors.insert(p, cursor);
-            }
-        }
         Ok(out)
     }
 
