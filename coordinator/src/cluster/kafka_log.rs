@@ -153,6 +153,7 @@ pub(crate) fn poll_partitions<C: rdkafka::consumer::ConsumerContext, E>(
                 }
                 continue;
             }
+            Some(Err(e)) if passing(&e) => continue,
             Some(Err(e)) => return Err(broker(e.to_string())),
             Some(Ok(m)) => m,
         };
@@ -169,6 +170,19 @@ pub(crate) fn poll_partitions<C: rdkafka::consumer::ConsumerContext, E>(
         }
     }
     Ok(())
+}
+
+/// A report that the client lost its broker connections for a moment:
+/// librdkafka reconnects on its own, so a read waits on until its deadline
+/// instead of failing (seen on tansu in CI: a reopened log's first read got
+/// `AllBrokersDown` and the open failed).
+fn passing(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageConsumption(
+            RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure
+        )
+    )
 }
 
 fn broker(e: impl std::fmt::Display) -> EventLogError {
@@ -478,11 +492,16 @@ impl TopicReader {
 
     /// The next committed record, or `None` at the end of the partition.
     fn poll_one(&self) -> Result<Option<rdkafka::message::OwnedMessage>, EventLogError> {
-        match self.consumer.poll(BROKER_TIMEOUT) {
-            None => Err(broker("no answer from the broker")),
-            Some(Err(KafkaError::PartitionEOF(_))) => Ok(None),
-            Some(Err(e)) => Err(broker(e)),
-            Some(Ok(m)) => Ok(Some(m.detach())),
+        let deadline = std::time::Instant::now() + BROKER_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            return match self.consumer.poll(left) {
+                None => Err(broker("no answer from the broker")),
+                Some(Err(KafkaError::PartitionEOF(_))) => Ok(None),
+                Some(Err(e)) if passing(&e) => continue,
+                Some(Err(e)) => Err(broker(e)),
+                Some(Ok(m)) => Ok(Some(m.detach())),
+            };
         }
     }
 
