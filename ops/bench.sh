@@ -3,7 +3,9 @@
 # engine (troop-loadtest engine, 5 ms between tokens) reached directly and
 # through coordinator + agent with auth, holds, receipts and the ledger on;
 # then N simulated workers on one coordinator and its peak memory.
-# Usage: ops/bench.sh [OUT_DIR] ; ROUNDS, WORKERS, WORKERS_HOLD_S tune it.
+# Usage: ops/bench.sh [OUT_DIR] ; ROUNDS, WORKERS, WORKERS_HOLD_S tune it;
+# ACCOUNTS (default 1) spreads the consumers over that many accounts, a key
+# each (consumer i uses account i mod ACCOUNTS).
 # Prints one JSON object (also written to OUT_DIR/bench.json).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -12,6 +14,7 @@ out="${1:-${TMPDIR:-/tmp}/troop-bench}"
 rounds="${ROUNDS:-3}"
 workers="${WORKERS:-10000}"
 workers_hold_s="${WORKERS_HOLD_S:-60}"
+accounts="${ACCOUNTS:-1}"
 rm -rf "$out" && mkdir -p "$out"
 # shellcheck source=ops/lib.sh
 . ops/lib.sh
@@ -48,9 +51,13 @@ start_coordinator "$out/coordinator"
 apid=$!
 pids+=("$apid")
 wait_models "$curl"
-account="$(admin create-account | python3 -c 'import json,sys; print(json.load(sys.stdin)["account"])')"
-admin grant --account "$account" --amount-micro 1000000000000 >/dev/null
-key="$(admin create-key --account "$account" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')"
+keys=()
+for _ in $(seq 1 "$accounts"); do
+    account="$(admin create-account | python3 -c 'import json,sys; print(json.load(sys.stdin)["account"])')"
+    admin grant --account "$account" --amount-micro 1000000000000 >/dev/null
+    keys+=("$(admin create-key --account "$account" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')")
+done
+key="$(IFS=,; echo "${keys[*]}")"
 
 gateway() { # URL KEY CONCURRENCY REQUESTS
     "$lt" gateway --url "$1" --key "$2" --model mock --concurrency "$3" --requests "$4" --max-tokens 64
@@ -75,6 +82,8 @@ for round in $(seq 1 "$rounds"); do
     done
 done
 coordinator_rss_mib="$(peak_rss_mib "$cpid")"
+# Where the time went, by step (troop_request_phase_seconds), for a reader.
+curl -fsS "$curl/metrics" >"$out/metrics.txt" || true
 kill "$apid" "$cpid" 2>/dev/null || true
 
 echo "== $workers simulated workers on a fresh coordinator, ${workers_hold_s} s at 10 s heartbeats" >&2
@@ -88,7 +97,7 @@ workers_rss_mib="$(peak_rss_mib "$cpid")"
 python3 - "$runs" "$w" "$idle_rss_mib" "$workers_rss_mib" "$coordinator_rss_mib" "$(python3 -c "print($w1-$w0)")" <<'PY' | tee "$out/bench.json"
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
-result = {"streams": {}}
+result = {"accounts": runs[0]["via"]["keys"], "streams": {}}
 for c in sorted({r["concurrency"] for r in runs}):
     rs = [r for r in runs if r["concurrency"] == c]
     for r in rs:

@@ -10,7 +10,11 @@ use prometheus::{
 /// time-to-first-token goes, path by path (BENCHMARKS.md, cluster TTFT).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// From the request to the books' verdict on its hold (on a cluster, the
+    /// From the request (its body read) to its hold asked of the books:
+    /// authenticated, admitted by its account, validated, its session started
+    /// and the hold priced.
+    Admitted,
+    /// From the hold asked to the books' verdict on it (on a cluster, the
     /// owner's first line when another node owns the account).
     HoldJudged,
     /// From the verdict to the job handed to a worker (a local one's actor,
@@ -23,7 +27,8 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
+        Self::Admitted,
         Self::HoldJudged,
         Self::Placed,
         Self::FirstByte,
@@ -32,6 +37,7 @@ impl Phase {
 
     pub fn label(self) -> &'static str {
         match self {
+            Self::Admitted => "admitted",
             Self::HoldJudged => "hold_judged",
             Self::Placed => "placed",
             Self::FirstByte => "first_byte",
@@ -116,7 +122,7 @@ impl Metrics {
         let request_phase = HistogramVec::new(
             HistogramOpts::new(
                 "request_phase_seconds",
-                "Time to first token by step: hold_judged, placed, first_byte, hold_durable",
+                "Time to first token by step: admitted, hold_judged, placed, first_byte, hold_durable",
             )
             .buckets(vec![
                 0.000_05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,

@@ -15,9 +15,10 @@ pub struct GatewayArgs {
     /// Base URL of the API (the part before `/v1`).
     #[arg(long)]
     pub url: String,
-    /// Bearer token.
-    #[arg(long, env = "TROOP_API_KEY", default_value = "")]
-    pub key: String,
+    /// Bearer token; several, comma-separated, spread the consumers over them
+    /// (consumer i uses key i mod n), e.g. one account per consumer.
+    #[arg(long, env = "TROOP_API_KEY", default_value = "", value_delimiter = ',')]
+    pub key: Vec<String>,
     #[arg(long)]
     pub model: String,
     /// Concurrent consumers.
@@ -49,7 +50,7 @@ fn failed(why: impl Into<String>) -> Sample {
     }
 }
 
-async fn one(client: &reqwest::Client, args: &GatewayArgs) -> Sample {
+async fn one(client: &reqwest::Client, args: &GatewayArgs, key: &str) -> Sample {
     let body = json!({
         "model": args.model,
         "messages": [{"role": "user", "content": "Write a short poem about sharing."}],
@@ -63,8 +64,8 @@ async fn one(client: &reqwest::Client, args: &GatewayArgs) -> Sample {
             args.url.trim_end_matches('/')
         ))
         .json(&body);
-    if !args.key.is_empty() {
-        req = req.bearer_auth(&args.key);
+    if !key.is_empty() {
+        req = req.bearer_auth(key);
     }
     let resp = match req.send().await {
         Ok(r) => r,
@@ -127,12 +128,16 @@ pub async fn run(args: GatewayArgs) -> Result<serde_json::Value> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
+    for consumer in 0..args.concurrency {
         let (client, args, next) = (client.clone(), Arc::clone(&args), Arc::clone(&next));
         tasks.push(tokio::spawn(async move {
+            let key = args
+                .key
+                .get(consumer % args.key.len().max(1))
+                .map_or("", String::as_str);
             let mut samples = Vec::new();
             while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < args.requests {
-                samples.push(one(&client, &args).await);
+                samples.push(one(&client, &args, key).await);
             }
             samples
         }));
@@ -158,6 +163,7 @@ pub async fn run(args: GatewayArgs) -> Result<serde_json::Value> {
         "failed": samples.len() - ok.len(),
         "errors": errors,
         "concurrency": args.concurrency,
+        "keys": args.key.iter().filter(|k| !k.is_empty()).count(),
         "wall_s": wall,
         "requests_per_s": ok.len() as f64 / wall,
         "tokens_per_s": tokens as f64 / wall,

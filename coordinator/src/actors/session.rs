@@ -373,6 +373,8 @@ async fn open(
     };
     // The books judge the hold at once; its record becomes durable while the
     // worker starts, and no output reaches the consumer before it is.
+    let asking = Instant::now();
+    state.metrics.phase(Phase::Admitted, asking - received);
     let judged = state
         .accounts
         .change(account, vec![placed])
@@ -383,7 +385,7 @@ async fn open(
         });
     let mut hold_durable = match judged {
         Ok(pending) => {
-            state.metrics.phase(Phase::HoldJudged, received.elapsed());
+            state.metrics.phase(Phase::HoldJudged, asking.elapsed());
             pending
         }
         Err(MoneyError::Refused(Refusal {
