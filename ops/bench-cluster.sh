@@ -20,8 +20,10 @@
 # (engine, coordinators, agents, broker, PostgreSQL with its backends; the
 # load generator not counted). First, before any load, IDLE_S seconds (30)
 # of the idle cluster: the broker's traffic by client connection and each
-# process's CPU a second. Usage: ops/bench-cluster.sh [OUT_DIR] ; ROUNDS,
-# CONCURRENCY (space-separated) and IDLE_S tune it. Prints one JSON object (also
+# process's CPU a second, then for half as long each connection's Kafka client
+# (`client.id`) and requests by API (traced with strace, where there is one).
+# Usage: ops/bench-cluster.sh [OUT_DIR] ; ROUNDS, CONCURRENCY (space-separated)
+# and IDLE_S tune it. Prints one JSON object (also
 # written to OUT_DIR/bench-cluster.json).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -157,25 +159,19 @@ echo "== ${idle_s} s idle: the broker's traffic by client connection" >&2
 cpu_before="$(cpu_json "${charged[@]}")"
 traffic="$(broker_traffic "$bport" "$idle_s" "${charged[@]}")"
 cpu_after="$(cpu_json "${charged[@]}")"
+# Then, traced (so after the CPU was read), which Kafka client each
+# connection is.
+clients="$(broker_clients "$bport" "$(( (idle_s + 1) / 2 ))")"
 idle="$(python3 -c '
 import json, sys
-traffic, before, after = (json.loads(a) for a in sys.argv[1:])
+traffic, before, after, clients = (json.loads(a) for a in sys.argv[1:])
 traffic["cpu_ms_per_s"] = {p: round(1e3 * (after[p] - before[p]) / traffic["seconds"], 1) for p in after}
-print(json.dumps(traffic))' "$traffic" "$cpu_before" "$cpu_after")"
+for c in traffic["connections"]:
+    c.update(clients.get("clients", {}).get(str(c["port"]), {}))
+print(json.dumps(traffic))' "$traffic" "$cpu_before" "$cpu_after" "$clients")"
 
 gateway() { # URL KEY CONCURRENCY REQUESTS
     "$lt" gateway --url "$1" --key "$2" --model mock --concurrency "$3" --requests "$4" --max-tokens 64
-}
-# `troop_request_phase_seconds` sums and counts at URL, as JSON.
-phases() { # URL
-    python3 - "$1/metrics" <<'PY'
-import json, re, sys, urllib.request
-text = urllib.request.urlopen(sys.argv[1]).read().decode()
-out = {}
-for m in re.finditer(r'^troop_request_phase_seconds_(sum|count)\{phase="(\w+)"\} (\S+)$', text, re.M):
-    out.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
-print(json.dumps(out))
-PY
 }
 # One run through URL with KEY, with the mean of each phase on URL's node
 # and each process's CPU per request (the load generator's not counted).

@@ -6,7 +6,9 @@
 # Usage: ops/bench.sh [OUT_DIR] ; ROUNDS, WORKERS, WORKERS_HOLD_S tune it;
 # ACCOUNTS (default 1) spreads the consumers over that many accounts, a key
 # each (consumer i uses account i mod ACCOUNTS).
-# Prints one JSON object (also written to OUT_DIR/bench.json).
+# Each concurrency also reports the mean of every step before the first token
+# (`troop_request_phase_seconds`, read before and after each run through the
+# coordinator). Prints one JSON object (also written to OUT_DIR/bench.json).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -74,15 +76,17 @@ for round in $(seq 1 "$rounds"); do
         n=$((c == 1 ? 32 : c * 8))
         echo "== round $round: $c streams x $n requests, direct then via the coordinator" >&2
         d="$(gateway "$engine" "" "$c" "$n")"
+        p0="$(phases "$curl")"
         c0="$(cpu_s "$cpid")"; a0="$(cpu_s "$apid")"
         v="$(gateway "$curl" "$key" "$c" "$n")"
         c1="$(cpu_s "$cpid")"; a1="$(cpu_s "$apid")"
-        python3 -c 'import json,sys; print(json.dumps({"round": int(sys.argv[1]), "concurrency": int(sys.argv[2]), "direct": json.loads(sys.argv[3]), "via": json.loads(sys.argv[4]), "coordinator_cpu_s": float(sys.argv[6])-float(sys.argv[5]), "agent_cpu_s": float(sys.argv[8])-float(sys.argv[7])}))' \
-            "$round" "$c" "$d" "$v" "$c0" "$c1" "$a0" "$a1" >>"$runs"
+        p1="$(phases "$curl")"
+        python3 -c 'import json,sys; print(json.dumps({"round": int(sys.argv[1]), "concurrency": int(sys.argv[2]), "direct": json.loads(sys.argv[3]), "via": json.loads(sys.argv[4]), "coordinator_cpu_s": float(sys.argv[6])-float(sys.argv[5]), "agent_cpu_s": float(sys.argv[8])-float(sys.argv[7]), "phases_before": json.loads(sys.argv[9]), "phases_after": json.loads(sys.argv[10])}))' \
+            "$round" "$c" "$d" "$v" "$c0" "$c1" "$a0" "$a1" "$p0" "$p1" >>"$runs"
     done
 done
 coordinator_rss_mib="$(peak_rss_mib "$cpid")"
-# Where the time went, by step (troop_request_phase_seconds), for a reader.
+# The coordinator's whole /metrics at the end, for a reader.
 curl -fsS "$curl/metrics" >"$out/metrics.txt" || true
 kill "$apid" "$cpid" 2>/dev/null || true
 
@@ -114,6 +118,12 @@ for c in sorted({r["concurrency"] for r in runs}):
         "throughput_ratio": med(lambda r: r["via"]["tokens_per_s"] / r["direct"]["tokens_per_s"]),
         "coordinator_cpu_ms_per_request": med(lambda r: 1e3 * r["coordinator_cpu_s"] / r["via"]["ok"]),
         "agent_cpu_ms_per_request": med(lambda r: 1e3 * r["agent_cpu_s"] / r["via"]["ok"]),
+        # Median over the rounds of each run's mean time in the step.
+        "phase_ms_mean": {
+            p: round(med(lambda r: 1e3 * (r["phases_after"][p]["sum"] - r["phases_before"].get(p, {}).get("sum", 0.0))
+                         / max(1.0, r["phases_after"][p]["count"] - r["phases_before"].get(p, {}).get("count", 0.0))), 3)
+            for p in rs[0]["phases_after"]
+        },
     }
 result["coordinator_peak_rss_mib_streams"] = float(sys.argv[5])
 result["workers"] = json.loads(sys.argv[2])

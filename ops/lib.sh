@@ -99,3 +99,82 @@ print(json.dumps({
 }))
 PY
 }
+# Which Kafka client holds each connection to the broker on PORT: the
+# processes holding them are traced for SECONDS (strace on their sendmsg
+# calls) and the request headers they send decoded, giving per client port
+# its `client.id` (which a node sets per role: CLUSTER.md, "Kafka clients")
+# and its requests a second by API, as JSON; `{}` without strace. Tracing
+# stops the traced processes at every system call: never around a timed or
+# CPU-measured window.
+broker_clients() { # PORT SECONDS
+    command -v strace >/dev/null || { echo '{}'; return 0; }
+    python3 - "$@" <<'PY'
+import collections, json, os, re, shutil, signal, subprocess, sys, tempfile, time
+port, seconds = sys.argv[1], float(sys.argv[2])
+API = {0: "Produce", 1: "Fetch", 2: "ListOffsets", 3: "Metadata", 8: "OffsetCommit",
+       9: "OffsetFetch", 10: "FindCoordinator", 11: "JoinGroup", 12: "Heartbeat",
+       13: "LeaveGroup", 14: "SyncGroup", 18: "ApiVersions", 19: "CreateTopics",
+       22: "InitProducerId", 24: "AddPartitionsToTxn", 25: "AddOffsetsToTxn",
+       26: "EndTxn", 28: "TxnOffsetCommit"}
+held = {}  # client port -> (pid, fd)
+out = subprocess.run(["ss", "-tnp", "state", "established", f"( dport = :{port} )"], capture_output=True, text=True, check=True).stdout
+for line in out.splitlines()[1:]:
+    if m := re.search(r"\S+:(\d+)\s+\S+:\d+\s+users:\(\(\"[^\"]*\",pid=(\d+),fd=(\d+)", line):
+        held[m.group(1)] = (m.group(2), m.group(3))
+tmp, traces = tempfile.mkdtemp(), []
+for pid in sorted({p for p, _ in held.values()}):
+    path = os.path.join(tmp, pid)
+    traces.append((pid, path, subprocess.Popen(
+        ["strace", "-f", "-qq", "-xx", "-s", "96", "-e", "trace=sendmsg,sendto,writev", "-o", path, "-p", pid],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+started = time.monotonic()
+time.sleep(seconds)
+elapsed = time.monotonic() - started
+for _, _, proc in traces:
+    proc.send_signal(signal.SIGINT)
+    proc.wait()
+# A request's header: size i32, API key i16, version i16, correlation id
+# i32, client id (i16 length + bytes). A call that goes on with a request
+# sent in part does not parse as one and is skipped.
+clients, requests = {}, collections.defaultdict(collections.Counter)
+call = re.compile(r"^(?:\d+\s+)?(?:sendmsg|sendto|writev)\((\d+),")
+for pid, path, _ in traces:
+    for line in open(path, errors="replace"):
+        m = call.match(line)
+        if not m:
+            continue
+        data = b""
+        for piece in re.finditer(r'"((?:\\x[0-9a-f]{2})*)"(\.\.\.)?', line):
+            data += bytes.fromhex(piece.group(1).replace("\\x", ""))
+            if piece.group(2):
+                break
+        if len(data) < 14:
+            continue
+        api, length = int.from_bytes(data[4:6], "big"), int.from_bytes(data[12:14], "big", signed=True)
+        if api not in API or not 0 <= length <= 255 or len(data) < 14 + length:
+            continue
+        key = (pid, m.group(1))
+        clients[key] = data[14:14 + length].decode(errors="replace")
+        requests[key][API[api]] += 1
+shutil.rmtree(tmp)
+print(json.dumps({
+    "seconds": round(elapsed, 1),
+    "clients": {
+        p: {"client_id": clients.get(k, "?"), "requests_per_s": {a: round(n / elapsed, 1) for a, n in requests[k].most_common()}}
+        for p, k in held.items()
+    },
+}))
+PY
+}
+# `troop_request_phase_seconds` sums and counts at URL (a coordinator's
+# /metrics), as JSON: a benchmark reads it around a run for each step's mean.
+phases() { # URL
+    python3 - "$1/metrics" <<'PY'
+import json, re, sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1]).read().decode()
+out = {}
+for m in re.finditer(r'^troop_request_phase_seconds_(sum|count)\{phase="(\w+)"\} (\S+)$', text, re.M):
+    out.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
+print(json.dumps(out))
+PY
+}

@@ -19,6 +19,7 @@ use common::services::{Broker, Database};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use troop_coordinator::cluster::history::{self, HistoryProgress, KafkaHistory};
+use troop_coordinator::cluster::idle::IdlePause;
 use troop_coordinator::config::ClusterConfig;
 use troop_coordinator::history::{HistoryLog, WorkerEvent, WorkerRecord, conformance};
 use troop_schemas::{JobId, WorkerId};
@@ -41,7 +42,10 @@ fn projector(config: &ClusterConfig) -> (tokio::task::JoinHandle<()>, Arc<Histor
     let progress = Arc::new(HistoryProgress::default());
     let task = tokio::spawn(history::project(
         config.clone(),
-        Duration::from_millis(50),
+        IdlePause {
+            first: Duration::from_millis(50),
+            max: Duration::from_millis(200),
+        },
         Duration::from_millis(200),
         Arc::clone(&progress),
     ));

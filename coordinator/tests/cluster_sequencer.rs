@@ -118,9 +118,10 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
         .expect("open");
     let order = tokio::task::block_in_place(|| KafkaLog::open(KafkaLogConfig::sequencer(&config)))
         .expect("order log");
-    let mut feed =
-        tokio::task::block_in_place(|| LedgerFeed::open(&config.kafka_brokers, topic, PARTITIONS))
-            .expect("feed");
+    let mut feed = tokio::task::block_in_place(|| {
+        LedgerFeed::open(&config.kafka_brokers, topic, PARTITIONS, "troop-test-feed")
+    })
+    .expect("feed");
     assert_eq!(
         drain(
             &mut sequencer,
@@ -175,9 +176,10 @@ async fn every_partition_is_sequenced_once_across_restarts_and_redeliveries() {
         .await
         .expect("reopen");
     assert_eq!(restarted.tree_size(), 6);
-    let mut feed =
-        tokio::task::block_in_place(|| LedgerFeed::open(&config.kafka_brokers, topic, PARTITIONS))
-            .expect("feed");
+    let mut feed = tokio::task::block_in_place(|| {
+        LedgerFeed::open(&config.kafka_brokers, topic, PARTITIONS, "troop-test-feed")
+    })
+    .expect("feed");
     assert_eq!(
         drain(
             &mut restarted,

@@ -233,7 +233,7 @@ pub async fn run(args: SequencerArgs) -> Result<serde_json::Value> {
     )?;
     let mut settings = SequencerSettings::new(config.clone());
     settings.batch_per_partition = args.batch_per_partition;
-    settings.idle = Duration::from_millis(2);
+    settings.idle.first = Duration::from_millis(2);
 
     // Setup first, sequenced before the traffic is written.
     let cfg = config.clone();

@@ -29,6 +29,7 @@ use rdkafka::producer::{
 use rdkafka::{Offset, TopicPartitionList};
 use troop_schemas::WorkerId;
 
+use super::idle::IdlePause;
 use super::kafka_log::{Next, ReaderContext, poll_partitions, reader_consumer};
 use super::{Reconnecting, blocking};
 use crate::cluster::priority;
@@ -119,6 +120,7 @@ impl KafkaHistory {
         let producer = priority::create_in_background(|| {
             ClientConfig::new()
                 .set("bootstrap.servers", &cluster.kafka_brokers)
+                .set("client.id", format!("{}-history", cluster.topic_prefix))
                 // Implies acks=all: acknowledged once every in-sync copy has it,
                 // and a retried send is written once.
                 .set("enable.idempotence", "true")
@@ -275,6 +277,7 @@ impl TopicTail {
         let consumer = reader_consumer(
             brokers,
             &format!("troop-history-{topic}"),
+            &format!("{topic}-tail"),
             // Offsets past the topic's retention start again at its oldest.
             &[("auto.offset.reset", "earliest".into())],
         )
@@ -355,11 +358,11 @@ fn decode(m: &impl rdkafka::message::Message) -> Result<Consumed, String> {
 }
 
 /// Projects worker and job events from the topics into Postgres whenever this
-/// node holds the projector's lock; a standby looks again every
-/// `standby_retry`. Runs until aborted.
+/// node holds the projector's lock, pausing by `idle` after rounds that found
+/// nothing; a standby looks again every `standby_retry`. Runs until aborted.
 pub async fn project(
     cluster: ClusterConfig,
-    idle: Duration,
+    idle: IdlePause,
     standby_retry: Duration,
     progress: Arc<HistoryProgress>,
 ) {
@@ -378,7 +381,7 @@ pub async fn project(
 /// until something fails (a lost connection, a broker error, a fence).
 async fn lead(
     cluster: &ClusterConfig,
-    idle: Duration,
+    idle: IdlePause,
     progress: &HistoryProgress,
 ) -> Result<(), HistoryError> {
     let Some((mut client, mut lost)) =
@@ -420,6 +423,7 @@ async fn lead(
     tracing::info!("projecting worker history");
     let mut pruned = Instant::now();
     let mut measured: Option<Instant> = None;
+    let mut empty_rounds = 0u32;
     loop {
         if lost.try_recv().is_ok() {
             return Err(broker("the projector's Postgres connection ended"));
@@ -442,8 +446,10 @@ async fn lead(
         }
         let round = round?;
         if round.read_to.is_empty() {
-            tokio::time::sleep(idle).await;
+            empty_rounds = empty_rounds.saturating_add(1);
+            tokio::time::sleep(idle.after(empty_rounds)).await;
         } else {
+            empty_rounds = 0;
             apply(&mut client, &positions, &round).await?;
             positions.extend(round.read_to);
         }
@@ -586,7 +592,12 @@ pub fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(project(
         cluster.clone(),
-        Duration::from_millis(200),
+        // Worker and job records feed listings and metrics, not a request's
+        // path: a second late after a quiet spell is fine.
+        IdlePause {
+            first: Duration::from_millis(100),
+            max: Duration::from_millis(1_600),
+        },
         Duration::from_secs(1),
         progress,
     ))

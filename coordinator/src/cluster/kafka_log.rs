@@ -216,6 +216,7 @@ impl KafkaLog {
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("transactional.id", &config.transactional_id)
+            .set("client.id", &config.transactional_id)
             .set("enable.idempotence", "true")
             .set("message.max.bytes", (2 * MAX_RECORD_BYTES).to_string())
             .set("linger.ms", "0")
@@ -227,7 +228,11 @@ impl KafkaLog {
             .create()
             .map_err(broker)?;
         producer.init_transactions(BROKER_TIMEOUT).map_err(broker)?;
-        let mut reader = TopicReader::open(&config.brokers, &config.topic)?;
+        let mut reader = TopicReader::open(
+            &config.brokers,
+            &config.topic,
+            &format!("{}-tail", config.transactional_id),
+        )?;
         let end = reader.end(config.partition)?;
         let shared = Arc::new(Shared::default());
         shared.durable.store(end, Ordering::SeqCst);
@@ -266,15 +271,18 @@ pub struct TopicReader {
 /// A consumer that reads at positions of its own choosing (the group's
 /// offsets are never committed) and is told where a partition ends, with
 /// `more` settings; created at background priority, with its threads.
+/// `client_id` names its role to the broker (see [`TopicReader::open`]).
 pub(crate) fn reader_consumer(
     brokers: &str,
     group_id: &str,
+    client_id: &str,
     more: &[(&str, String)],
 ) -> Result<BaseConsumer<ReaderContext>, KafkaError> {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers)
         .set("group.id", group_id)
+        .set("client.id", client_id)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true");
     for (key, value) in more {
@@ -322,10 +330,15 @@ struct Wanted {
 }
 
 impl TopicReader {
-    pub fn open(brokers: &str, topic: &str) -> Result<Self, EventLogError> {
+    /// `client_id` is what the broker sees in every request of this reader:
+    /// each of a node's Kafka clients names its role (`troop-sequencer-feed`,
+    /// `troop-ledger-3-tail`, …) so that a broker's per-client figures, logs
+    /// and quotas tell them apart (CLUSTER.md, "Kafka clients").
+    pub fn open(brokers: &str, topic: &str, client_id: &str) -> Result<Self, EventLogError> {
         let consumer = reader_consumer(
             brokers,
             &format!("troop-reader-{topic}"),
+            client_id,
             &[
                 ("isolation.level", "read_committed".into()),
                 (

@@ -58,12 +58,13 @@ impl LedgerNode {
             self.cluster.kafka_brokers.clone(),
             self.cluster.ledger_partitions,
         );
+        let client_id = format!("{}-ledger-lag", self.cluster.topic_prefix);
         tokio::task::spawn_blocking(move || -> Result<u64, EventLogError> {
             let mut reader = ends
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if reader.is_none() {
-                *reader = Some(TopicReader::open(&brokers, &topic)?);
+                *reader = Some(TopicReader::open(&brokers, &topic, &client_id)?);
             }
             let reader = reader.as_mut().expect("opened above");
             let mut lag = 0u64;

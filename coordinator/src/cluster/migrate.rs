@@ -195,6 +195,7 @@ pub async fn migrate_kafka(config: &ClusterConfig) -> Result<Vec<(String, Outcom
     let specs = topics(config);
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.kafka_brokers)
+        .set("client.id", format!("{}-migrate", config.topic_prefix))
         .create()?;
     let replication = i32::try_from(config.replication_factor).unwrap_or(i32::MAX);
     let new_topics: Vec<NewTopic<'_>> = specs

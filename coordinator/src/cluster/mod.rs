@@ -9,6 +9,7 @@
 
 pub mod directory;
 pub mod history;
+pub mod idle;
 pub mod internal;
 pub mod kafka_log;
 pub mod ledger_node;

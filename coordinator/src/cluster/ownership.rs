@@ -107,7 +107,10 @@ impl Ownership {
         let consumer: BaseConsumer<OwnerContext> = ClientConfig::new()
             .set("bootstrap.servers", &cluster.kafka_brokers)
             .set("group.id", format!("{}-owners", cluster.topic_prefix))
-            .set("client.id", node)
+            .set(
+                "client.id",
+                format!("{}-owners-{node}", cluster.topic_prefix),
+            )
             .set("enable.auto.commit", "false")
             .set("session.timeout.ms", SESSION_TIMEOUT_MS.to_string())
             .set("heartbeat.interval.ms", "1000")

@@ -49,10 +49,11 @@ impl LedgerFeed {
         brokers: &str,
         topic: &str,
         partitions: u32,
+        client_id: &str,
     ) -> Result<Self, crate::eventlog::EventLogError> {
         Ok(Self {
             partitions,
-            reader: crate::cluster::kafka_log::TopicReader::open(brokers, topic)?,
+            reader: crate::cluster::kafka_log::TopicReader::open(brokers, topic, client_id)?,
         })
     }
 

@@ -85,7 +85,11 @@ impl From<crate::cluster::projection::ProjectionError> for ReplayError {
 /// The order decided on `<prefix>.sequence`, every committed record of it.
 /// Blocks on the broker: call it off the async runtime.
 pub fn read_order(cluster: &ClusterConfig) -> Result<Order, ReplayError> {
-    let mut reader = TopicReader::open(&cluster.kafka_brokers, &cluster.topic("sequence"))?;
+    let mut reader = TopicReader::open(
+        &cluster.kafka_brokers,
+        &cluster.topic("sequence"),
+        &format!("{}-replay-order", cluster.topic_prefix),
+    )?;
     let mut order = Order::default();
     let mut next = 0;
     loop {
@@ -201,7 +205,8 @@ pub async fn replay(
     let mut unappended = Unappended::default();
     let mut reader = {
         let (brokers, topic) = (cluster.kafka_brokers.clone(), topic.clone());
-        blocking(move || TopicReader::open(&brokers, &topic)).await??
+        let client_id = format!("{}-replay", cluster.topic_prefix);
+        blocking(move || TopicReader::open(&brokers, &topic, &client_id)).await??
     };
     for chunk in order.leaves().chunks(REPLAY_BATCH_LEAVES) {
         let first_leaf = sequencer.tree_size();

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use troop_ledger::note::{NoteSigner, NoteVerifier};
 use troop_ledger::writer::{LogWriter, WriterError};
 
+use crate::cluster::idle::IdlePause;
 use crate::cluster::kafka_log::{KafkaLog, KafkaLogConfig};
 use crate::cluster::ledger_store::PgLogStore;
 use crate::cluster::projection::{Applied, Checked, LedgerFeed, ProjectionError, Sequencer};
@@ -49,13 +50,11 @@ pub struct SequencerSettings {
     pub batch_per_partition: usize,
     /// A fresh checkpoint at least this often while there is traffic.
     pub checkpoint_interval: Duration,
-    /// Pause after a round that found nothing new; it doubles with every
-    /// further such round in a row, up to `idle_max`.
-    pub idle: Duration,
-    /// The longest pause while idle: how late the first event after a quiet
-    /// spell may be sequenced, traded for a broker not asked 50 times a
-    /// second by an idle cluster.
-    pub idle_max: Duration,
+    /// Pause after a round that found nothing new (`cluster::idle`): its
+    /// bound is how late the first event after a quiet spell may be
+    /// sequenced, traded for a broker not asked 50 times a second by an idle
+    /// cluster.
+    pub idle: IdlePause,
     /// How often a node that does not lead tries to take the lead, and the
     /// pause after a leader failed.
     pub standby_retry: Duration,
@@ -71,24 +70,16 @@ impl SequencerSettings {
             cluster,
             batch_per_partition: 1_024,
             checkpoint_interval: Duration::from_secs(1),
-            idle: Duration::from_millis(20),
-            idle_max: Duration::from_millis(160),
+            idle: IdlePause {
+                first: Duration::from_millis(20),
+                max: Duration::from_millis(160),
+            },
             standby_retry: Duration::from_secs(1),
         }
     }
 
     fn topic(&self) -> String {
         self.cluster.topic("ledger")
-    }
-
-    /// The pause after `empty` rounds in a row (≥ 1) found nothing new:
-    /// `idle`, doubled per further round, at most `idle_max`. A round that
-    /// finds something is never followed by a pause.
-    fn idle_pause(&self, empty: u32) -> Duration {
-        let doublings = empty.saturating_sub(1).min(16);
-        self.idle
-            .saturating_mul(1 << doublings)
-            .min(self.idle_max.max(self.idle))
     }
 }
 
@@ -225,7 +216,9 @@ async fn lead(
     let mut unappended = Unappended::default();
     let mut publishing: Option<tokio::task::JoinHandle<Publish>> = None;
     let (brokers, feed_topic) = (settings.cluster.kafka_brokers.clone(), topic.clone());
-    let feed = blocking(move || LedgerFeed::open(&brokers, &feed_topic, partitions)).await??;
+    let feed_client = format!("{}-sequencer-feed", settings.cluster.topic_prefix);
+    let feed = blocking(move || LedgerFeed::open(&brokers, &feed_topic, partitions, &feed_client))
+        .await??;
     // Opening the order log fences any earlier leader's writer of it.
     let order_config = KafkaLogConfig::sequencer(&settings.cluster);
     let order_log = blocking(move || KafkaLog::open(order_config)).await??;
@@ -257,7 +250,7 @@ async fn lead(
         let from = positions.clone();
         if caught_up {
             empty_rounds = empty_rounds.saturating_add(1);
-            tokio::time::sleep(settings.idle_pause(empty_rounds)).await;
+            tokio::time::sleep(settings.idle.after(empty_rounds)).await;
         } else {
             empty_rounds = 0;
         }
@@ -423,20 +416,6 @@ mod tests {
                 .map(|i| i.to_be_bytes().to_vec())
                 .collect(),
         }
-    }
-
-    #[test]
-    fn idle_pauses_double_up_to_their_bound() {
-        let settings = SequencerSettings::new(ClusterConfig::default());
-        let ms = |empty| settings.idle_pause(empty).as_millis();
-        assert_eq!([ms(1), ms(2), ms(3), ms(4), ms(5)], [20, 40, 80, 160, 160]);
-        assert_eq!(ms(u32::MAX), 160);
-        // A bound below the first pause leaves the first pause.
-        let tight = SequencerSettings {
-            idle_max: Duration::from_millis(5),
-            ..settings
-        };
-        assert_eq!(tight.idle_pause(3), tight.idle);
     }
 
     #[test]
