@@ -23,8 +23,8 @@
 # process's CPU a second, then for half as long each connection's Kafka client
 # (`client.id`) and requests by API (traced with strace, where there is one).
 # Usage: ops/bench-cluster.sh [OUT_DIR] ; ROUNDS, CONCURRENCY (space-separated)
-# and IDLE_S tune it. Prints one JSON object (also
-# written to OUT_DIR/bench-cluster.json).
+# and IDLE_S tune it. Prints one JSON object (also written to
+# OUT_DIR/bench-cluster.json).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -170,29 +170,23 @@ for c in traffic["connections"]:
     c.update(clients.get("clients", {}).get(str(c["port"]), {}))
 print(json.dumps(traffic))' "$traffic" "$cpu_before" "$cpu_after" "$clients")"
 
-gateway() { # URL KEY CONCURRENCY REQUESTS
-    "$lt" gateway --url "$1" --key "$2" --model mock --concurrency "$3" --requests "$4" --max-tokens 64
-}
 # One run through URL with KEY, with the mean of each phase on URL's node
 # and each process's CPU per request (the load generator's not counted).
 measured() { # URL KEY CONCURRENCY REQUESTS
-    local before run after cpu_before cpu_after
+    local before run means cpu_before cpu_after
     before="$(phases "$1")"
     cpu_before="$(cpu_json "${charged[@]}")"
     run="$(gateway "$@")"
     cpu_after="$(cpu_json "${charged[@]}")"
-    after="$(phases "$1")"
+    means="$(phase_means "$before" "$(phases "$1")")"
     python3 -c '
 import json, sys
-run, before, after, cpu_before, cpu_after = (json.loads(a) for a in sys.argv[1:])
-run["phase_ms_mean"] = {
-    p: round(1e3 * (after[p]["sum"] - before[p]["sum"]) / max(1.0, after[p]["count"] - before[p]["count"]), 3)
-    for p in after
-}
+run, means, cpu_before, cpu_after = (json.loads(a) for a in sys.argv[1:])
+run["phase_ms_mean"] = means
 run["cpu_ms_per_request"] = {
     p: round(1e3 * (cpu_after[p] - cpu_before[p]) / max(1, run["ok"]), 3) for p in cpu_after
 }
-print(json.dumps(run))' "$run" "$before" "$after" "$cpu_before" "$cpu_after"
+print(json.dumps(run))' "$run" "$means" "$cpu_before" "$cpu_after"
 }
 # Warm every path (connections, first allocations, the accounts' owners).
 gateway "$engine" "" 16 64 >/dev/null

@@ -61,9 +61,6 @@ for _ in $(seq 1 "$accounts"); do
 done
 key="$(IFS=,; echo "${keys[*]}")"
 
-gateway() { # URL KEY CONCURRENCY REQUESTS
-    "$lt" gateway --url "$1" --key "$2" --model mock --concurrency "$3" --requests "$4" --max-tokens 64
-}
 # Warm both paths (connections, first allocations) before measuring.
 gateway "$engine" "" 64 128 >/dev/null
 gateway "$curl" "$key" 64 128 >/dev/null
@@ -80,9 +77,9 @@ for round in $(seq 1 "$rounds"); do
         c0="$(cpu_s "$cpid")"; a0="$(cpu_s "$apid")"
         v="$(gateway "$curl" "$key" "$c" "$n")"
         c1="$(cpu_s "$cpid")"; a1="$(cpu_s "$apid")"
-        p1="$(phases "$curl")"
-        python3 -c 'import json,sys; print(json.dumps({"round": int(sys.argv[1]), "concurrency": int(sys.argv[2]), "direct": json.loads(sys.argv[3]), "via": json.loads(sys.argv[4]), "coordinator_cpu_s": float(sys.argv[6])-float(sys.argv[5]), "agent_cpu_s": float(sys.argv[8])-float(sys.argv[7]), "phases_before": json.loads(sys.argv[9]), "phases_after": json.loads(sys.argv[10])}))' \
-            "$round" "$c" "$d" "$v" "$c0" "$c1" "$a0" "$a1" "$p0" "$p1" >>"$runs"
+        pm="$(phase_means "$p0" "$(phases "$curl")")"
+        python3 -c 'import json,sys; print(json.dumps({"round": int(sys.argv[1]), "concurrency": int(sys.argv[2]), "direct": json.loads(sys.argv[3]), "via": json.loads(sys.argv[4]), "coordinator_cpu_s": float(sys.argv[6])-float(sys.argv[5]), "agent_cpu_s": float(sys.argv[8])-float(sys.argv[7]), "phase_ms_mean": json.loads(sys.argv[9])}))' \
+            "$round" "$c" "$d" "$v" "$c0" "$c1" "$a0" "$a1" "$pm" >>"$runs"
     done
 done
 coordinator_rss_mib="$(peak_rss_mib "$cpid")"
@@ -119,11 +116,7 @@ for c in sorted({r["concurrency"] for r in runs}):
         "coordinator_cpu_ms_per_request": med(lambda r: 1e3 * r["coordinator_cpu_s"] / r["via"]["ok"]),
         "agent_cpu_ms_per_request": med(lambda r: 1e3 * r["agent_cpu_s"] / r["via"]["ok"]),
         # Median over the rounds of each run's mean time in the step.
-        "phase_ms_mean": {
-            p: round(med(lambda r: 1e3 * (r["phases_after"][p]["sum"] - r["phases_before"].get(p, {}).get("sum", 0.0))
-                         / max(1.0, r["phases_after"][p]["count"] - r["phases_before"].get(p, {}).get("count", 0.0))), 3)
-            for p in rs[0]["phases_after"]
-        },
+        "phase_ms_mean": {p: med(lambda r: r["phase_ms_mean"][p]) for p in rs[0]["phase_ms_mean"]},
     }
 result["coordinator_peak_rss_mib_streams"] = float(sys.argv[5])
 result["workers"] = json.loads(sys.argv[2])

@@ -178,3 +178,20 @@ for m in re.finditer(r'^troop_request_phase_seconds_(sum|count)\{phase="(\w+)"\}
 print(json.dumps(out))
 PY
 }
+# Each step's mean time (ms) between two readings of `phases`, as JSON.
+phase_means() { # BEFORE_JSON AFTER_JSON
+    python3 -c '
+import json, sys
+before, after = (json.loads(a) for a in sys.argv[1:])
+zero = {"sum": 0.0, "count": 0.0}
+print(json.dumps({
+    p: round(1e3 * (a["sum"] - before.get(p, zero)["sum"]) / max(1.0, a["count"] - before.get(p, zero)["count"]), 3)
+    for p, a in after.items()
+}))' "$1" "$2"
+}
+# C streaming consumers against URL's OpenAI API with KEY (comma-separated
+# keys spread the consumers over them), N requests of 64 tokens from the
+# benchmark's mock model, through troop-loadtest at $lt: its JSON.
+gateway() { # URL KEY C N
+    "$lt" gateway --url "$1" --key "$2" --model mock --concurrency "$3" --requests "$4" --max-tokens 64
+}
