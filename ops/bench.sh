@@ -5,7 +5,8 @@
 # then N simulated workers on one coordinator and its peak memory.
 # Usage: ops/bench.sh [OUT_DIR] ; ROUNDS, WORKERS, WORKERS_HOLD_S tune it;
 # ACCOUNTS (default 1) spreads the consumers over that many accounts, a key
-# each (consumer i uses account i mod ACCOUNTS).
+# each (consumer i uses account i mod ACCOUNTS). BIN=DIR takes the binaries
+# from DIR instead of building (to compare two builds in one session).
 # Each concurrency also reports the mean of every step before the first token
 # (`troop_request_phase_seconds`, read before and after each run through the
 # coordinator). Prints one JSON object (also written to OUT_DIR/bench.json).
@@ -24,9 +25,13 @@ rm -rf "$out" && mkdir -p "$out"
 cpu_s() { python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")",1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf("SC_CLK_TCK"))' "$1"; }
 peak_rss_mib() { awk '/VmHWM/ {print $2/1024}' "/proc/$1/status"; }
 
-echo "== building (release)" >&2
-cargo build --release --locked -q -p troop-coordinator -p troop-agent -p troop-loadtest
-bin="${CARGO_TARGET_DIR:-target}/release"
+if [[ -n "${BIN:-}" ]]; then
+    bin="$BIN"
+else
+    echo "== building (release)" >&2
+    cargo build --release --locked -q -p troop-coordinator -p troop-agent -p troop-loadtest
+    bin="${CARGO_TARGET_DIR:-target}/release"
+fi
 lt="$bin/troop-loadtest"
 
 start_coordinator() { # DIR -> sets curl, cpid

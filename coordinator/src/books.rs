@@ -14,7 +14,8 @@
 //! entry a crash could lose; it is caught up on every start.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use troop_ledger::fold::{FoldError, Hold, Ledger};
 use troop_ledger::note::NoteSigner;
@@ -177,20 +178,19 @@ pub fn ledger_record(entry: &[u8]) -> Vec<u8> {
 pub type Submitted = (Vec<Result<u64, BooksError>>, Option<Pending>);
 
 /// Balances (the projection), the event log they come from, and the ledger they are published as.
+///
+/// Judging ([`Books::submit`]) and integration ([`Integration`]: tiles,
+/// checkpoints) are apart, so that the threads asking for verdicts share one
+/// short lock and a checkpoint's writes and fsync never hold up a verdict.
 pub struct Books {
     events: Arc<dyn EventLog>,
     ledger: Ledger,
-    writer: LogWriter<DirStore>,
     /// Ledger entries in the event log: the index the next one gets.
     entries: u64,
     /// Ledger index of each settled job's receipt. In memory for the embedded
     /// default (~50 B a receipt); a Postgres projection in the cluster.
     receipts: HashMap<JobId, u64>,
-    /// Ledger entries queued on the event log, by event-log offset, that the
-    /// ledger log takes once their record is durable.
-    undurable: VecDeque<(u64, Vec<u8>)>,
-    /// Size of the last signed checkpoint, for readers on other threads.
-    published: Arc<std::sync::atomic::AtomicU64>,
+    integration: Arc<Integration>,
     poisoned: bool,
 }
 
@@ -201,6 +201,101 @@ impl std::fmt::Debug for Books {
             "Books(entries={}, poisoned={})",
             self.entries, self.poisoned
         )
+    }
+}
+
+/// The ledger log fed by the books: an entry goes in once its event-log
+/// record is durable, and a checkpoint signs what went in. Shared by the
+/// books (which queue entries) and whoever integrates and reads proofs.
+///
+/// Locks: `writer` before `queued`, and `queued` is held only to push or
+/// pop, so the books (which take `queued` alone) never wait on a checkpoint.
+pub struct Integration {
+    events: Arc<dyn EventLog>,
+    /// Ledger entries queued on the event log and not yet in the ledger log,
+    /// by event-log offset, in offset order.
+    queued: Mutex<VecDeque<(u64, Vec<u8>)>>,
+    writer: Mutex<LogWriter<DirStore>>,
+    /// Size of the last signed checkpoint, for readers on other threads.
+    published: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Integration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Integration(published={})",
+            self.published.load(Ordering::SeqCst)
+        )
+    }
+}
+
+impl Integration {
+    /// Queues the books' accepted entries, the first at event-log `offset`.
+    fn queue(&self, offset: u64, entries: Vec<Vec<u8>>) {
+        let mut queued = self.queued.lock().expect("queue lock");
+        debug_assert!(queued.back().is_none_or(|(last, _)| *last < offset));
+        queued.extend((offset..).zip(entries));
+    }
+
+    /// Moves entries whose event-log records are durable into the ledger log.
+    fn sequence(&self, writer: &mut LogWriter<DirStore>) -> Result<(), BooksError> {
+        let durable = self.events.next_offset();
+        let ready: Vec<Vec<u8>> = {
+            let mut queued = self.queued.lock().expect("queue lock");
+            let n = queued.partition_point(|(offset, _)| *offset < durable);
+            queued.drain(..n).map(|(_, entry)| entry).collect()
+        };
+        for entry in ready {
+            writer.append(entry)?;
+        }
+        Ok(())
+    }
+
+    /// Ledger entries queued on the event log and not yet known durable.
+    pub fn undurable(&self) -> u64 {
+        let durable = self.events.next_offset();
+        let queued = self.queued.lock().expect("queue lock");
+        (queued.len() - queued.partition_point(|(offset, _)| *offset < durable)) as u64
+    }
+
+    /// Size of the last signed checkpoint.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::SeqCst)
+    }
+
+    /// Integrates and signs a new checkpoint if anything was committed since the last.
+    pub fn publish(&self) -> Result<(u64, troop_ledger::Hash), BooksError> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        self.sequence(&mut writer)?;
+        let cp = writer.publish()?;
+        self.published.store(cp.size, Ordering::SeqCst);
+        Ok((cp.size, cp.root))
+    }
+
+    /// The receipt at ledger `index`: published (a checkpoint is signed now
+    /// if the entry is newer than the last one) and proved; `None` while its
+    /// record is not yet durable.
+    pub fn receipt(&self, index: u64) -> Result<Option<crate::reads::LoggedReceipt>, BooksError> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        self.sequence(&mut writer)?;
+        if index >= writer.size() {
+            // Settled but not yet durable: its request has not been answered either.
+            return Ok(None);
+        }
+        if index >= writer.published().size {
+            let size = writer.publish()?.size;
+            self.published.store(size, Ordering::SeqCst);
+        }
+        let store = writer.store();
+        let note = store
+            .read(CHECKPOINT_PATH)
+            .and_then(|n| n.ok_or_else(|| "no checkpoint".to_owned()))
+            .and_then(|n| String::from_utf8(n).map_err(|_| "checkpoint is not UTF-8".to_owned()))
+            .map_err(|why| BooksError::Corrupt { offset: index, why })?;
+        crate::reads::prove(store, &note, writer.published(), index)
+            .map(Some)
+            .map_err(|why| BooksError::Corrupt { offset: index, why })
     }
 }
 
@@ -302,15 +397,19 @@ impl Books {
             entries,
             republished,
         };
+        let integration = Arc::new(Integration {
+            events: Arc::clone(&events),
+            queued: Mutex::new(VecDeque::new()),
+            writer: Mutex::new(writer),
+            published: Arc::new(AtomicU64::new(published_now)),
+        });
         Ok((
             Self {
                 events,
                 ledger,
-                writer,
                 entries,
                 receipts,
-                undurable: VecDeque::new(),
-                published: Arc::new(std::sync::atomic::AtomicU64::new(published_now)),
+                integration,
                 poisoned: false,
             },
             recovery,
@@ -321,28 +420,20 @@ impl Books {
         &self.ledger
     }
 
-    /// Moves entries whose event-log records are durable into the ledger log.
-    fn sequence_durable(&mut self) -> Result<(), BooksError> {
-        let durable = self.events.next_offset();
-        while self
-            .undurable
-            .front()
-            .is_some_and(|(offset, _)| *offset < durable)
-        {
-            let (_, entry) = self.undurable.pop_front().expect("checked");
-            self.writer.append(entry)?;
-        }
-        Ok(())
+    /// The ledger log these books feed, for integrating and proving apart
+    /// from judging.
+    pub fn integration(&self) -> Arc<Integration> {
+        Arc::clone(&self.integration)
     }
 
     /// Ledger records queued on the event log and not yet known durable.
     pub fn undurable(&self) -> u64 {
-        self.undurable.len() as u64
+        self.integration.undurable()
     }
 
     /// Committed entries not yet covered by a signed checkpoint.
     pub fn lag(&self) -> u64 {
-        self.entries.saturating_sub(self.writer.published().size)
+        self.entries.saturating_sub(self.integration.published())
     }
 
     /// Ledger entries so far.
@@ -354,7 +445,11 @@ impl Books {
     /// is queued (right after opening).
     pub fn start_here(&self, offset: u64) -> Start {
         debug_assert!(
-            self.undurable.is_empty(),
+            self.integration
+                .queued
+                .lock()
+                .expect("queue lock")
+                .is_empty(),
             "a snapshot holds durable state only"
         );
         Start {
@@ -367,12 +462,12 @@ impl Books {
 
     /// Size of the last signed checkpoint.
     pub fn published(&self) -> u64 {
-        self.writer.published().size
+        self.integration.published()
     }
 
     /// The size of the last signed checkpoint, kept current for other threads.
-    pub fn published_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        Arc::clone(&self.published)
+    pub fn published_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.integration.published)
     }
 
     /// Checks and commits `events` in order, as one durable batch. Each gets its
@@ -386,7 +481,8 @@ impl Books {
             self.poisoned = true;
             return Err(e.into());
         }
-        self.sequence_durable()?;
+        let mut writer = self.integration.writer.lock().expect("writer lock");
+        self.integration.sequence(&mut writer)?;
         Ok(verdicts)
     }
 
@@ -397,7 +493,6 @@ impl Books {
         if self.poisoned {
             return Err(BooksError::Poisoned);
         }
-        self.sequence_durable()?;
         let (judged, entries) = judge(&mut self.ledger, events, |_, _| Ok::<_, BooksError>(()));
         let verdicts = judged
             .into_iter()
@@ -421,39 +516,23 @@ impl Books {
                 return Err(e.into());
             }
         };
-        for (offset, entry) in (pending.first..).zip(entries) {
-            self.undurable.push_back((offset, entry));
-            self.entries += 1;
-        }
+        self.entries += entries.len() as u64;
+        self.integration.queue(pending.first, entries);
         Ok((verdicts, Some(pending)))
+    }
+
+    /// Ledger index of a settled job's receipt.
+    pub fn receipt_index(&self, job: &JobId) -> Option<u64> {
+        self.receipts.get(job).copied()
     }
 
     /// A settled job's receipt: its ledger entry, published (a checkpoint is
     /// signed now if the entry is newer than the last one) and proved.
-    pub fn receipt(
-        &mut self,
-        job: &JobId,
-    ) -> Result<Option<crate::reads::LoggedReceipt>, BooksError> {
-        let Some(&index) = self.receipts.get(job) else {
-            return Ok(None);
-        };
-        self.sequence_durable()?;
-        if index >= self.writer.size() {
-            // Settled but not yet durable: its request has not been answered either.
-            return Ok(None);
+    pub fn receipt(&self, job: &JobId) -> Result<Option<crate::reads::LoggedReceipt>, BooksError> {
+        match self.receipt_index(job) {
+            Some(index) => self.integration.receipt(index),
+            None => Ok(None),
         }
-        if index >= self.writer.published().size {
-            self.publish()?;
-        }
-        let store = self.writer.store();
-        let note = store
-            .read(CHECKPOINT_PATH)
-            .and_then(|n| n.ok_or_else(|| "no checkpoint".to_owned()))
-            .and_then(|n| String::from_utf8(n).map_err(|_| "checkpoint is not UTF-8".to_owned()))
-            .map_err(|why| BooksError::Corrupt { offset: index, why })?;
-        crate::reads::prove(store, &note, self.writer.published(), index)
-            .map(Some)
-            .map_err(|why| BooksError::Corrupt { offset: index, why })
     }
 
     /// One event; its refusal is an error.
@@ -464,12 +543,8 @@ impl Books {
     }
 
     /// Integrates and signs a new checkpoint if anything was committed since the last.
-    pub fn publish(&mut self) -> Result<(u64, troop_ledger::Hash), BooksError> {
-        self.sequence_durable()?;
-        let cp = self.writer.publish()?;
-        self.published
-            .store(cp.size, std::sync::atomic::Ordering::SeqCst);
-        Ok((cp.size, cp.root))
+    pub fn publish(&self) -> Result<(u64, troop_ledger::Hash), BooksError> {
+        self.integration.publish()
     }
 
     /// Expires the open holds whose deadline is at or before `now_ms` (at

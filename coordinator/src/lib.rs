@@ -4,10 +4,12 @@
 //! - [`server`]: actix-web: the OpenAI-compatible API (`consumer`), the worker
 //!   WebSocket (`worker`), `/admin`, `/ledger`, `/metrics`; [`server::spawn`]
 //!   embeds a coordinator in a thread.
-//! - [`actors`]: the books actor (the one writer of balances), one actor per
-//!   active account, per worker connection and per request, and the registry
-//!   of connected workers (placement).
-//! - [`books`]: balances as a projection of the event log, published as the signed ledger.
+//! - [`actors`]: one actor per active account, per worker connection and per
+//!   request, and the registry of connected workers (placement).
+//! - [`books`]: balances as a projection of the event log, published as the
+//!   signed ledger (judging apart from integration).
+//! - [`embedded`]: the embedded books behind the money and reads ports: one
+//!   judge behind a short lock, taken on the asking actor's thread.
 //! - [`money`]: the port through which balance changes reach the books (the
 //!   embedded books, or a cluster's partition owners), and its conformance suite.
 //! - [`reads`]: the port through which the API reads the books (accounts,
@@ -41,6 +43,7 @@ pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod domain;
+pub mod embedded;
 pub mod eventlog;
 pub mod history;
 pub mod keys;

@@ -1,11 +1,11 @@
 //! Actors decide; IO and token bytes flow elsewhere.
 //!
-//! - [`books::BooksActor`]: the only writer of balances (a sync actor on its own
-//!   thread: it fsyncs). It judges every ledger event in one order, which is
-//!   what makes overdraft impossible under any concurrency.
 //! - [`account::AccountActor`]: one per active account: its request allowance
 //!   (rate and in-flight limits) and the one door, in order, through which its
-//!   spending (holds, their settlement or voiding) reaches the books.
+//!   spending (holds, their settlement or voiding) reaches the books, judged
+//!   on this actor's thread ([`crate::embedded::Embedded`], one short lock
+//!   for every account: one order of every ledger event, which is what makes
+//!   overdraft impossible under any concurrency).
 //! - [`registry::Registry`]: the scheduler: connected workers, their heartbeats
 //!   and slots, and placement.
 //! - [`worker::WorkerActor`]: one per worker connection: its jobs (slots and
@@ -15,7 +15,6 @@
 //!   retries, then settlement once the HTTP response has streamed the output.
 
 pub mod account;
-pub mod books;
 pub mod registry;
 pub mod session;
 pub mod worker;

@@ -26,7 +26,6 @@ use ed25519_dalek::SigningKey;
 use troop_ledger::note::NoteSigner;
 
 use crate::actors::account::Accounts;
-use crate::actors::books::PublishedSchedule;
 use crate::actors::registry::{Ban, Registry};
 use crate::cluster::history::{self, HistoryProgress, KafkaHistory};
 use crate::cluster::internal::{self, ClusterBooks, Internal, Secret};
@@ -39,6 +38,7 @@ use crate::cluster::relay::{Relay, RelayHere};
 use crate::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
 use crate::cluster::{Reconnecting, directory, presence};
 use crate::config::Config;
+use crate::embedded::PublishedSchedule;
 use crate::history::WorkerEventSink;
 use crate::keys::ApiKeys;
 use crate::money::{Home, Money, MoneyError};

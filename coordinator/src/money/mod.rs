@@ -1,5 +1,5 @@
 //! The port through which balance changes reach the books. On one node the
-//! embedded books judge them ([`crate::actors::books::Embedded`]); on a
+//! embedded books judge them ([`crate::embedded::Embedded`]); on a
 //! cluster node the owner of the change's ledger partition does, in this
 //! process or over the internal API ([`crate::cluster::internal::ClusterBooks`]).
 //! Both pass one suite, [`conformance`].

@@ -1,7 +1,7 @@
 //! The port through which the API reads the books: an account with its open
 //! holds, registered workers, receipts with their inclusion proofs, the
 //! published ledger. On one node the embedded books answer
-//! ([`crate::actors::books::Embedded`], exact as of the last change); on a
+//! ([`crate::embedded::Embedded`], exact as of the last change); on a
 //! cluster node Postgres does ([`crate::cluster::reads::PgReads`], as of the
 //! sequencer's last batch, usually a fraction of a second behind the owners).
 //! Both pass one suite, [`conformance`].

@@ -8,7 +8,7 @@ mod consumer;
 mod worker;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -19,11 +19,11 @@ use troop_ledger::note::NoteSigner;
 use troop_schemas::{CreditsMicro, Event, KeyRole, ModelPrice, PublicKey};
 
 use crate::actors::account::Accounts;
-use crate::actors::books::{BooksActor, Embedded, ExpireHolds, Publish, PublishedSchedule};
 use crate::actors::registry::Registry;
 use crate::api::openai::ApiError;
 use crate::books::Books;
 use crate::config::Config;
+use crate::embedded::{Embedded, PublishedSchedule};
 use crate::eventlog::EventLog;
 use crate::eventlog::file::{FileLog, FileLogConfig};
 use crate::history::{EmbeddedHistory, WorkerEventSink};
@@ -35,10 +35,10 @@ use crate::snapshot::Snapshot;
 /// Everything a request handler needs; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    /// The embedded books' actor: its timer expires holds and publishes.
+    /// The embedded books: their timer expires holds and publishes.
     /// `None` on a cluster node, whose owners expire holds and whose
     /// sequencer publishes.
-    pub books: Option<Addr<BooksActor>>,
+    pub books: Option<Arc<Embedded>>,
     /// Where balance changes are judged (the port; the books here).
     pub money: Arc<dyn Money>,
     /// Where accounts, workers, receipts and the ledger are read (the port).
@@ -240,17 +240,12 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
     books.publish()?;
 
     let schedule = PublishedSchedule::default();
-    schedule.refresh(&books);
-    let cell = Mutex::new(Some(books));
-    let published = schedule.clone();
-    let books = SyncArbiter::start(1, move || BooksActor {
-        books: cell
-            .lock()
-            .expect("books cell")
-            .take()
-            .expect("one books thread"),
-        schedule: published.clone(),
-    });
+    let embedded = Arc::new(Embedded::new(
+        books,
+        schedule.clone(),
+        Arc::clone(&events),
+        ledger_dir,
+    ));
     let worker_events = WorkerEventSink {
         log: Arc::new(EmbeddedHistory {
             events: Arc::clone(&events),
@@ -265,14 +260,9 @@ pub fn open_state(config: Config) -> anyhow::Result<AppState> {
     .start_apart();
     let config_limits = config.rate_limits;
     let account_idle_check = Duration::from_millis(config.account_idle_check_ms);
-    let embedded = Arc::new(Embedded {
-        books: books.clone(),
-        events: Arc::clone(&events),
-        ledger_dir,
-    });
     let money: Arc<dyn Money> = embedded.clone();
     Ok(AppState {
-        books: Some(books),
+        books: Some(Arc::clone(&embedded)),
         money: Arc::clone(&money),
         reads: embedded,
         schedule,
@@ -468,16 +458,19 @@ pub fn genesis(
 /// The embedded books' clock: a fresh checkpoint every second while there
 /// is traffic (publish is a no-op otherwise); holds past their deadline
 /// expire on the same clock.
-async fn embedded_timer(books: Addr<BooksActor>) {
+async fn embedded_timer(books: Arc<Embedded>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        match books.send(ExpireHolds { now_ms: now_ms() }).await {
-            Ok(Ok(0)) | Err(_) => {}
-            Ok(Ok(n)) => tracing::warn!(holds = n, "expired holds whose requests were lost"),
-            Ok(Err(e)) => tracing::error!(error = %e, "expiring holds failed"),
+        let Ok((expired, published)) = books.tick(now_ms()).await else {
+            return; // The runtime is stopping.
+        };
+        match expired {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(holds = n, "expired holds whose requests were lost"),
+            Err(e) => tracing::error!(error = %e, "expiring holds failed"),
         }
-        if let Ok(Err(e)) = books.send(Publish).await {
+        if let Err(e) = published {
             tracing::error!(error = %e, "publishing the ledger failed");
         }
     }
