@@ -19,11 +19,13 @@
 # every run), and the CPU (user + system) each process used per request
 # (engine, coordinators, agents, broker, PostgreSQL with its backends; the
 # load generator not counted). First, before any load, IDLE_S seconds (30)
-# of the idle cluster: the broker's traffic by client connection and each
-# process's CPU a second, then for half as long each connection's Kafka client
+# of the idle cluster: the broker's traffic by client connection, each
+# process's CPU a second and PostgreSQL's transactions, scans and writes a
+# second by table, then for half as long each connection's Kafka client
 # (`client.id`) and requests by API (traced with strace, where there is one).
 # Usage: ops/bench-cluster.sh [OUT_DIR] ; ROUNDS, CONCURRENCY (space-separated)
-# and IDLE_S tune it. Prints one JSON object (also written to
+# and IDLE_S tune it; BIN=DIR takes the binaries from DIR instead of
+# building. Prints one JSON object (also written to
 # OUT_DIR/bench-cluster.json).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -35,9 +37,7 @@ rm -rf "$out" && mkdir -p "$out"
 # shellcheck source=ops/lib.sh
 . ops/lib.sh
 
-echo "== building (release)" >&2
-cargo build --release --locked -q -p troop-coordinator -p troop-agent -p troop-loadtest
-bin="${CARGO_TARGET_DIR:-target}/release"
+binaries
 lt="$bin/troop-loadtest"
 
 # Processes charged for CPU around each run, as NAME=PID.
@@ -157,18 +157,22 @@ key_b="$(owned_key node-b)"
 idle_s="${IDLE_S:-30}"
 echo "== ${idle_s} s idle: the broker's traffic by client connection" >&2
 cpu_before="$(cpu_json "${charged[@]}")"
+pg_before="$(pg_counters "$pg_db")"
 traffic="$(broker_traffic "$bport" "$idle_s" "${charged[@]}")"
 cpu_after="$(cpu_json "${charged[@]}")"
+pg_after="$(pg_counters "$pg_db")"
+pg_idle="$(pg_rate "$pg_before" "$pg_after" "$idle_s")"
 # Then, traced (so after the CPU was read), which Kafka client each
 # connection is.
 clients="$(broker_clients "$bport" "$(( (idle_s + 1) / 2 ))")"
 idle="$(python3 -c '
 import json, sys
-traffic, before, after, clients = (json.loads(a) for a in sys.argv[1:])
+traffic, before, after, clients, pg = (json.loads(a) for a in sys.argv[1:])
 traffic["cpu_ms_per_s"] = {p: round(1e3 * (after[p] - before[p]) / traffic["seconds"], 1) for p in after}
+traffic["postgres"] = pg
 for c in traffic["connections"]:
     c.update(clients.get("clients", {}).get(str(c["port"]), {}))
-print(json.dumps(traffic))' "$traffic" "$cpu_before" "$cpu_after" "$clients")"
+print(json.dumps(traffic))' "$traffic" "$cpu_before" "$cpu_after" "$clients" "$pg_idle")"
 
 # One run through URL with KEY, with the mean of each phase on URL's node
 # and each process's CPU per request (the load generator's not counted).

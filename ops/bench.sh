@@ -22,16 +22,10 @@ rm -rf "$out" && mkdir -p "$out"
 # shellcheck source=ops/lib.sh
 . ops/lib.sh
 # CPU seconds (user + system) a process has used so far.
-cpu_s() { python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")",1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf("SC_CLK_TCK"))' "$1"; }
+cpu_s() { cpu_json "p=$1" | python3 -c 'import json, sys; print(json.load(sys.stdin)["p"])'; }
 peak_rss_mib() { awk '/VmHWM/ {print $2/1024}' "/proc/$1/status"; }
 
-if [[ -n "${BIN:-}" ]]; then
-    bin="$BIN"
-else
-    echo "== building (release)" >&2
-    cargo build --release --locked -q -p troop-coordinator -p troop-agent -p troop-loadtest
-    bin="${CARGO_TARGET_DIR:-target}/release"
-fi
+binaries
 lt="$bin/troop-loadtest"
 
 start_coordinator() { # DIR -> sets curl, cpid
@@ -79,12 +73,12 @@ for round in $(seq 1 "$rounds"); do
         echo "== round $round: $c streams x $n requests, direct then via the coordinator" >&2
         d="$(gateway "$engine" "" "$c" "$n")"
         p0="$(phases "$curl")"
-        c0="$(cpu_s "$cpid")"; a0="$(cpu_s "$apid")"
+        cpu0="$(cpu_json "coordinator=$cpid" "agent=$apid")"
         v="$(gateway "$curl" "$key" "$c" "$n")"
-        c1="$(cpu_s "$cpid")"; a1="$(cpu_s "$apid")"
+        cpu1="$(cpu_json "coordinator=$cpid" "agent=$apid")"
         pm="$(phase_means "$p0" "$(phases "$curl")")"
-        python3 -c 'import json,sys; print(json.dumps({"round": int(sys.argv[1]), "concurrency": int(sys.argv[2]), "direct": json.loads(sys.argv[3]), "via": json.loads(sys.argv[4]), "coordinator_cpu_s": float(sys.argv[6])-float(sys.argv[5]), "agent_cpu_s": float(sys.argv[8])-float(sys.argv[7]), "phase_ms_mean": json.loads(sys.argv[9])}))' \
-            "$round" "$c" "$d" "$v" "$c0" "$c1" "$a0" "$a1" "$pm" >>"$runs"
+        python3 -c 'import json,sys; a = sys.argv; c0, c1 = json.loads(a[5]), json.loads(a[6]); print(json.dumps({"round": int(a[1]), "concurrency": int(a[2]), "direct": json.loads(a[3]), "via": json.loads(a[4]), "coordinator_cpu_s": c1["coordinator"] - c0["coordinator"], "agent_cpu_s": c1["agent"] - c0["agent"], "phase_ms_mean": json.loads(a[7])}))' \
+            "$round" "$c" "$d" "$v" "$cpu0" "$cpu1" "$pm" >>"$runs"
     done
 done
 coordinator_rss_mib="$(peak_rss_mib "$cpid")"

@@ -1,9 +1,37 @@
 # Helpers shared by ops/demo.sh and the ops/bench*.sh scripts (sourced, not run).
-# Processes started into `pids` are killed when the script exits.
+# Processes started into `pids` are stopped when the script exits, and waited
+# for (then killed after 10 s): a node still shutting down would otherwise
+# write into the next run's freshly made database.
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+alive() { # PID: running (an exited child not yet reaped is a zombie, not alive)
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    [[ "${stat##*) }" != Z* ]]
+}
+cleanup() {
+    local p _ left
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for _ in $(seq 100); do
+        left=0
+        for p in "${pids[@]}"; do alive "$p" && left=1; done
+        ((left)) || return 0
+        sleep 0.1
+    done
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+}
 trap cleanup EXIT
 
+# Sets `bin`: the release binaries, built here, or taken from $BIN (to
+# compare two builds in one session).
+binaries() {
+    if [[ -n "${BIN:-}" ]]; then
+        bin="$BIN"
+    else
+        echo "== building (release)" >&2
+        cargo build --release --locked -q -p troop-coordinator -p troop-agent -p troop-loadtest
+        bin="${CARGO_TARGET_DIR:-target}/release"
+    fi
+}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 wait_http() { # URL, what
     for _ in $(seq 1 150); do
@@ -68,6 +96,24 @@ PY
 # segments received per second (`ss -ti`'s segs_in on the broker's side; a
 # small Kafka request is one segment), each connection named by the NAME of
 # the NAME=PID process that holds its other end, busiest first, as JSON.
+# PostgreSQL's counters for one database (transactions, and scans and row
+# writes per table), to diff over a window: pg_rate BEFORE AFTER SECONDS.
+# The statistics reach these views within about a second of each commit.
+pg_counters() { # CONNINFO
+    psql "$1" -Atc "select json_build_object(
+        'transactions', (select xact_commit + xact_rollback from pg_stat_database where datname = current_database()),
+        'scans', (select coalesce(json_object_agg(relname, coalesce(seq_scan, 0) + coalesce(idx_scan, 0)), '{}') from pg_stat_user_tables),
+        'writes', (select coalesce(json_object_agg(relname, n_tup_ins + n_tup_upd + n_tup_del), '{}') from pg_stat_user_tables))"
+}
+pg_rate() { # BEFORE_JSON AFTER_JSON SECONDS
+    python3 -c '
+import json, sys
+before, after, seconds = json.loads(sys.argv[1]), json.loads(sys.argv[2]), float(sys.argv[3])
+rate = lambda k: {t: round((n - before[k].get(t, 0)) / seconds, 2) for t, n in sorted(after[k].items()) if n != before[k].get(t, 0)}
+print(json.dumps({"transactions_per_s": round((after["transactions"] - before["transactions"]) / seconds, 1),
+                  "scans_per_s": rate("scans"), "writes_per_s": rate("writes")}))' "$@"
+}
+
 broker_traffic() { # PORT SECONDS NAME=PID...
     python3 - "$@" <<'PY'
 import json, re, subprocess, sys, time

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::cluster::{Job, Traffic, account_row, micro};
+use troop_coordinator::cluster::idle::IdlePause;
 use troop_coordinator::cluster::internal::{ClusterBooks, Internal, Secret, Verdict};
 use troop_coordinator::cluster::ledger_node::{self, LedgerNode};
 use troop_coordinator::cluster::owned::{OwnedBooks, OwnedSettings};
@@ -336,7 +337,11 @@ impl MoneyNode {
             config.clone(),
             membership.watch(),
             OwnedSettings {
-                follow_every: Duration::from_millis(50),
+                // Doubling while idle, as in production, on a shorter scale.
+                follow: IdlePause {
+                    first: Duration::from_millis(50),
+                    max: Duration::from_millis(400),
+                },
                 retake_after: Duration::from_millis(200),
                 expire_every,
                 dead_after: Duration::from_secs(1),

@@ -8,10 +8,14 @@
 //! once a pause until the group has told them.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use troop_ledger::fold::FoldError;
 use troop_schemas::Event;
+
+use crate::cluster::idle::IdlePause;
 
 use crate::cluster::owner::{
     FOLLOW_BATCH_ENTRIES, OwnerError, PartitionBooks, Submitted, sequenced_since,
@@ -31,8 +35,14 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy)]
 pub struct OwnedSettings {
     /// How often the sequenced ledger is folded into every owned partition
-    /// (and a change of assignment looked at, if none was told).
-    pub follow_every: Duration,
+    /// (and a change of assignment looked at, if none was told): `first`
+    /// while entries keep coming or this node judges, doubling while neither
+    /// happens. A change refused for something another partition judged and
+    /// this one has not followed yet (an account, a worker, a price schedule)
+    /// cuts the pause short, so nothing that waits on a follow waits the
+    /// longest pause; what the pause delays is only a credit's arrival in
+    /// the books of its account's owner (a worker's earnings).
+    pub follow: IdlePause,
     /// The pause before a partition that failed is taken again.
     pub retake_after: Duration,
     /// How often the owned partitions' overdue holds are expired (by the
@@ -46,7 +56,10 @@ pub struct OwnedSettings {
 impl Default for OwnedSettings {
     fn default() -> Self {
         Self {
-            follow_every: Duration::from_millis(100),
+            follow: IdlePause {
+                first: Duration::from_millis(100),
+                max: Duration::from_millis(1_600),
+            },
             retake_after: Duration::from_secs(1),
             expire_every: Some(Duration::from_secs(1)),
             dead_after: DEAD_AFTER,
@@ -58,8 +71,33 @@ impl Default for OwnedSettings {
 #[derive(Debug)]
 pub struct OwnedBooks {
     loaded: Loaded,
+    signals: Arc<Signals>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What the judges tell the follow loop.
+#[derive(Debug, Default)]
+struct Signals {
+    /// Changes accepted so far: while it moves, the loop follows at its
+    /// shortest pause (what was judged here comes back sequenced).
+    judged: AtomicU64,
+    /// A change was refused for something not followed yet: follow now.
+    behind: tokio::sync::Notify,
+}
+
+/// Whether `refusal` may be only this partition's lag behind the sequenced
+/// ledger: what another partition judges (an account, a worker) or the
+/// price schedule (judged by the schedule's partition).
+fn not_followed_yet(refusal: &OwnerError) -> bool {
+    matches!(
+        refusal,
+        OwnerError::Refused(
+            FoldError::UnknownAccount(_)
+                | FoldError::UnknownWorker(_)
+                | FoldError::UnknownScheduleVersion(_)
+        )
+    )
 }
 
 impl OwnedBooks {
@@ -71,9 +109,22 @@ impl OwnedBooks {
         settings: OwnedSettings,
     ) -> Self {
         let loaded = Loaded::default();
+        let signals = Arc::new(Signals::default());
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(run(cluster, owned, Arc::clone(&loaded), settings, stopped));
-        Self { loaded, stop, task }
+        let task = tokio::spawn(run(
+            cluster,
+            owned,
+            Arc::clone(&loaded),
+            Arc::clone(&signals),
+            settings,
+            stopped,
+        ));
+        Self {
+            loaded,
+            signals,
+            stop,
+            task,
+        }
     }
 
     /// Partitions taken over and ready to judge.
@@ -85,7 +136,19 @@ impl OwnedBooks {
     /// log ([`PartitionBooks::submit`]); [`OwnerError::NotOwned`] if this node
     /// does not hold it now.
     pub async fn submit(&self, partition: i32, events: &[Event]) -> Result<Submitted, OwnerError> {
-        self.write(partition, |books| books.submit(events)).await
+        let submitted = self.write(partition, |books| books.submit(events)).await;
+        if let Ok((verdicts, _)) = &submitted {
+            if verdicts.iter().any(Result::is_ok) {
+                self.signals.judged.fetch_add(1, Ordering::Relaxed);
+            }
+            if verdicts
+                .iter()
+                .any(|v| v.as_ref().is_err_and(not_followed_yet))
+            {
+                self.signals.behind.notify_one();
+            }
+        }
+        submitted
     }
 
     /// Queues directory records on `partition`'s log
@@ -173,6 +236,7 @@ async fn run(
     cluster: ClusterConfig,
     mut owned: tokio::sync::watch::Receiver<BTreeSet<i32>>,
     loaded: Loaded,
+    signals: Arc<Signals>,
     settings: OwnedSettings,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
@@ -180,14 +244,24 @@ async fn run(
     let mut failed_at: BTreeMap<i32, Instant> = BTreeMap::new();
     let mut expired_at = Instant::now();
     let mut suspects = Suspects::new(settings.dead_after);
+    // Rounds in a row that followed nothing and saw nothing judged here.
+    let mut quiet: u32 = 1;
+    let mut judged = signals.judged.load(Ordering::Relaxed);
     loop {
+        // The expiry clock runs on whole seconds whatever the pause.
+        let pause = settings.follow.after(quiet);
+        let pause = match settings.expire_every {
+            Some(every) => pause.min(every.saturating_sub(expired_at.elapsed())),
+            None => pause,
+        };
         tokio::select! {
             _ = &mut stopped => break,
             told = owned.changed() => if told.is_err() {
                 // The membership ended: nothing is owned any more.
                 break;
             },
-            () = tokio::time::sleep(settings.follow_every) => {}
+            () = signals.behind.notified() => quiet = 0,
+            () = tokio::time::sleep(pause) => {}
         }
         let want = owned.borrow_and_update().clone();
         let gone: Vec<Shared> = {
@@ -241,9 +315,20 @@ async fn run(
             }
         }
         let mut diverged = Vec::new();
-        if let Err(e) = follow(client, &loaded, &mut diverged).await {
-            tracing::warn!(error = %e, "following the sequenced ledger failed");
-        }
+        let followed = match follow(client, &loaded, &mut diverged).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(error = %e, "following the sequenced ledger failed");
+                0
+            }
+        };
+        let judged_now = signals.judged.load(Ordering::Relaxed);
+        quiet = if followed > 0 || judged_now != judged {
+            1
+        } else {
+            quiet.saturating_add(1)
+        };
+        judged = judged_now;
         if let Some(every) = settings.expire_every
             && expired_at.elapsed() >= every
         {
@@ -322,12 +407,12 @@ async fn expire(
 
 /// Folds newly sequenced entries into every owned partition, reading them
 /// once for all; a partition whose fold disagrees goes to `diverged`, to be
-/// let go and taken again.
+/// let go and taken again. Returns how many entries were read.
 async fn follow(
     client: &tokio_postgres::Client,
     loaded: &Loaded,
     diverged: &mut Vec<(i32, Shared)>,
-) -> Result<(), OwnerError> {
+) -> Result<u64, OwnerError> {
     let partitions: Vec<(i32, Shared)> = read(loaded)
         .iter()
         .map(|(p, b)| (*p, Arc::clone(b)))
@@ -337,14 +422,16 @@ async fn follow(
         from = from.min(books.lock().await.tree_size());
     }
     if partitions.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
+    let mut entries = 0u64;
     loop {
         let rows = sequenced_since(client, from).await?;
         let Some(last) = rows.last() else {
-            return Ok(());
+            return Ok(entries);
         };
         from = last.leaf + 1;
+        entries += rows.len() as u64;
         for (p, books) in &partitions {
             if diverged.iter().any(|(d, _)| d == p) {
                 continue;
@@ -355,7 +442,7 @@ async fn follow(
             }
         }
         if rows.len() < FOLLOW_BATCH_ENTRIES {
-            return Ok(());
+            return Ok(entries);
         }
     }
 }
