@@ -17,7 +17,7 @@ use troop_coordinator::cluster::ledger_node::{self, LedgerNode};
 use troop_coordinator::cluster::owned::{OwnedBooks, OwnedSettings};
 use troop_coordinator::cluster::owner::{OwnerError, PartitionBooks, home_partition};
 use troop_coordinator::cluster::ownership::Ownership;
-use troop_coordinator::cluster::projection::partition_of;
+use troop_coordinator::cluster::projection::{partition_of, partition_of_key};
 use troop_coordinator::cluster::reads::PgReads;
 use troop_coordinator::cluster::sequencer::{SequencerProgress, SequencerSettings, SequencerTask};
 use troop_coordinator::money::Refusal;
@@ -332,20 +332,29 @@ impl MoneyNode {
         name: &str,
         expire_every: Option<Duration>,
     ) -> Self {
+        let settings = OwnedSettings {
+            // Doubling while idle, as in production, on a shorter scale.
+            follow: IdlePause {
+                first: Duration::from_millis(50),
+                max: Duration::from_millis(400),
+            },
+            retake_after: Duration::from_millis(200),
+            expire_every,
+            dead_after: Duration::from_secs(1),
+        };
+        Self::start_settled(config, name, settings).await
+    }
+
+    async fn start_settled(
+        config: &troop_coordinator::config::ClusterConfig,
+        name: &str,
+        settings: OwnedSettings,
+    ) -> Self {
         let membership = Ownership::start(config, name).expect("joins");
         let owned = std::sync::Arc::new(OwnedBooks::start(
             config.clone(),
             membership.watch(),
-            OwnedSettings {
-                // Doubling while idle, as in production, on a shorter scale.
-                follow: IdlePause {
-                    first: Duration::from_millis(50),
-                    max: Duration::from_millis(400),
-                },
-                retake_after: Duration::from_millis(200),
-                expire_every,
-                dead_after: Duration::from_secs(1),
-            },
+            settings,
         ));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
@@ -1021,5 +1030,57 @@ async fn owners_expire_their_own_accounts_overdue_holds_once() {
     advertising.abort();
     a.stop().await;
     b.stop().await;
+    sequencer.stop().await.expect("stops");
+}
+
+/// A worker's registration is judged in the worker's partition, which knows
+/// the worker's account only once it has followed the sequenced ledger. With
+/// a follow pause longer than the test, the registration still goes
+/// through: its refusal ("unknown account") wakes the owner's follow at
+/// once. Without that, it would be refused until `REGISTRATION_WAIT` ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_refused_for_what_is_not_followed_yet_wakes_the_follow() {
+    let (_db, _broker, config, _client) = common::cluster::cluster("nudge", PARTITIONS).await;
+    let sequencer = start_sequencer(&config);
+    let never = Duration::from_secs(3_600);
+    let a = MoneyNode::start_settled(
+        &config,
+        "node-a",
+        OwnedSettings {
+            follow: IdlePause {
+                first: never,
+                max: never,
+            },
+            retake_after: Duration::from_millis(200),
+            expire_every: None,
+            dead_after: Duration::from_secs(1),
+        },
+    )
+    .await;
+    let all: std::collections::BTreeSet<i32> = (0..2).collect();
+    until("node-a holds both partitions", || async {
+        a.books.owned.loaded() == all
+    })
+    .await;
+    // A worker whose account and registration land in different partitions.
+    let key = (0u8..)
+        .map(|n| {
+            troop_schemas::PublicKey(
+                ed25519_dalek::SigningKey::from_bytes(&[n; 32])
+                    .verifying_key()
+                    .to_bytes(),
+            )
+        })
+        .find(|key| {
+            let worker = troop_schemas::WorkerId::from_key(key);
+            partition_of(&AccountId::derive(&key.0), PARTITIONS)
+                != partition_of_key(&worker.to_string(), PARTITIONS)
+        })
+        .expect("some key splits");
+    let worker = troop_coordinator::money::register_worker(&a.books, key, AT_MS)
+        .await
+        .expect("registered once its judge followed the account");
+    assert_eq!(worker, troop_schemas::WorkerId::from_key(&key));
+    a.stop().await;
     sequencer.stop().await.expect("stops");
 }

@@ -16,7 +16,6 @@ use troop_ledger::fold::FoldError;
 use troop_schemas::Event;
 
 use crate::cluster::idle::IdlePause;
-
 use crate::cluster::owner::{
     FOLLOW_BATCH_ENTRIES, OwnerError, PartitionBooks, Submitted, sequenced_since,
 };
@@ -323,7 +322,10 @@ async fn run(
             }
         };
         let judged_now = signals.judged.load(Ordering::Relaxed);
-        quiet = if followed > 0 || judged_now != judged {
+        // A partition assigned here but not held (its take-over failed) is
+        // tried again after `retake_after`, not after the longest pause.
+        let retaking = read(&loaded).len() < want.len();
+        quiet = if followed > 0 || judged_now != judged || retaking {
             1
         } else {
             quiet.saturating_add(1)
