@@ -38,6 +38,9 @@ cargo fmt --all -- --check
 step "cargo clippy (-D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "alert rules (promtool check, unit tests)"
+ops/promtool.sh
+
 step "cargo test"
 test_log="$(mktemp)"
 trap 'rm -f "$test_log"' EXIT
