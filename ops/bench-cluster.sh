@@ -175,22 +175,26 @@ for c in traffic["connections"]:
 print(json.dumps(traffic))' "$traffic" "$cpu_before" "$cpu_after" "$clients" "$pg_idle")"
 
 # One run through URL with KEY, with the mean of each phase on URL's node
-# and each process's CPU per request (the load generator's not counted).
+# (and the serving side's relay_* steps from the first node, which has the
+# worker) and each process's CPU per request (the load generator's not
+# counted).
 measured() { # URL KEY CONCURRENCY REQUESTS
-    local before run means cpu_before cpu_after
+    local before serving_before run means serving cpu_before cpu_after
     before="$(phases "$1")"
+    serving_before="$(phases "$local_url")"
     cpu_before="$(cpu_json "${charged[@]}")"
     run="$(gateway "$@")"
     cpu_after="$(cpu_json "${charged[@]}")"
     means="$(phase_means "$before" "$(phases "$1")")"
+    serving="$(phase_means "$serving_before" "$(phases "$local_url")")"
     python3 -c '
 import json, sys
-run, means, cpu_before, cpu_after = (json.loads(a) for a in sys.argv[1:])
-run["phase_ms_mean"] = means
+run, means, serving, cpu_before, cpu_after = (json.loads(a) for a in sys.argv[1:])
+run["phase_ms_mean"] = {**means, **{p: serving.get(p, 0.0) for p in ("relay_placed", "relay_first_byte")}}
 run["cpu_ms_per_request"] = {
     p: round(1e3 * (cpu_after[p] - cpu_before[p]) / max(1, run["ok"]), 3) for p in cpu_after
 }
-print(json.dumps(run))' "$run" "$means" "$cpu_before" "$cpu_after"
+print(json.dumps(run))' "$run" "$means" "$serving" "$cpu_before" "$cpu_after"
 }
 # Warm every path (connections, first allocations, the accounts' owners).
 gateway "$engine" "" 16 64 >/dev/null

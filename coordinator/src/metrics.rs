@@ -24,15 +24,24 @@ pub enum Phase {
     FirstByte,
     /// After the first byte, waiting until the hold's record was durable.
     HoldDurable,
+    /// On the node serving a job relayed from another: from the relay's
+    /// request (its body read) to the job handed to a worker here. The rest
+    /// of the consumer node's `placed` for that job is the relay's round trip.
+    RelayPlaced,
+    /// On the serving node: from the relayed job handed over to its worker's
+    /// first byte here.
+    RelayFirstByte,
 }
 
 impl Phase {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 7] = [
         Self::Admitted,
         Self::HoldJudged,
         Self::Placed,
         Self::FirstByte,
         Self::HoldDurable,
+        Self::RelayPlaced,
+        Self::RelayFirstByte,
     ];
 
     pub fn label(self) -> &'static str {
@@ -42,6 +51,8 @@ impl Phase {
             Self::Placed => "placed",
             Self::FirstByte => "first_byte",
             Self::HoldDurable => "hold_durable",
+            Self::RelayPlaced => "relay_placed",
+            Self::RelayFirstByte => "relay_first_byte",
         }
     }
 }

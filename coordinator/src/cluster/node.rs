@@ -318,6 +318,7 @@ pub async fn open(config: Config, me: NodeIdentity) -> anyhow::Result<(AppState,
         secret,
         relay: Some(RelayHere {
             registry: state.registry.clone(),
+            metrics: Arc::clone(&state.metrics),
             // The consumer API's limit, with room for JSON's escapes.
             max_job_bytes: config
                 .max_body_bytes

@@ -17,6 +17,7 @@
 //! the worker, and one that stops reading loses its job on the serving node
 //! as it would on its own.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -32,6 +33,7 @@ use crate::actors::worker::{Assign, Cancel, JobEnd, JobSlot, Release, WorkerLink
 use crate::api::openai::ApiError;
 use crate::cluster::internal::{Internal, admitted, internal_error};
 use crate::domain::placement::{NoWorker, Offer};
+use crate::metrics::{Metrics, Phase};
 use crate::server::{error_response, now_ms};
 
 /// The header naming the worker the serving node chose.
@@ -162,6 +164,9 @@ impl Frames {
 #[derive(Debug, Clone)]
 pub struct RelayHere {
     pub registry: Addr<Registry>,
+    /// Where the serving side's steps are recorded (`relay_placed`,
+    /// `relay_first_byte`).
+    pub metrics: Arc<Metrics>,
     /// The largest job body taken (the consumer API's own limit, escaped).
     pub max_job_bytes: usize,
 }
@@ -181,6 +186,8 @@ struct Relayed {
     /// consumer's node); dropped if the output is not an event stream.
     meter: Option<Meter>,
     started: Instant,
+    /// Set until the first byte was seen, to time it.
+    first_byte: Option<Arc<Metrics>>,
 }
 
 impl Drop for Relayed {
@@ -205,6 +212,9 @@ impl Relayed {
             return None;
         }
         if let Some(piece) = self.data.recv().await {
+            if let Some(metrics) = self.first_byte.take() {
+                metrics.phase(Phase::RelayFirstByte, self.started.elapsed());
+            }
             if let Some(meter) = self.meter.as_mut()
                 && meter.feed(&piece).is_err()
             {
@@ -233,6 +243,7 @@ pub async fn job_handler(
     request: HttpRequest,
     body: web::Bytes,
 ) -> HttpResponse {
+    let received = Instant::now();
     let job: RelayJob = match admitted(&internal, &request, &body) {
         Ok(j) => j,
         Err(refused) => return error_response(&refused),
@@ -286,6 +297,8 @@ pub async fn job_handler(
         },
     });
     let worker = link.worker;
+    let started = Instant::now();
+    here.metrics.phase(Phase::RelayPlaced, started - received);
     let relayed = Relayed {
         link,
         job: job.job,
@@ -294,7 +307,8 @@ pub async fn job_handler(
         end: Some(end_rx),
         ended: false,
         meter: Some(Meter::new()),
-        started: Instant::now(),
+        started,
+        first_byte: Some(Arc::clone(&here.metrics)),
     };
     HttpResponse::Ok()
         .insert_header((WORKER_HEADER, worker.to_string()))
