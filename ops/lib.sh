@@ -92,10 +92,6 @@ def tree(pid):
 print(json.dumps({a.split("=")[0]: tree(int(a.split("=")[1])) / tick for a in sys.argv[1:]}))
 PY
 }
-# What reaches the broker on PORT over SECONDS, by client connection: TCP
-# segments received per second (`ss -ti`'s segs_in on the broker's side; a
-# small Kafka request is one segment), each connection named by the NAME of
-# the NAME=PID process that holds its other end, busiest first, as JSON.
 # PostgreSQL's counters for one database (transactions, and scans and row
 # writes per table), to diff over a window: pg_rate BEFORE AFTER SECONDS.
 # The statistics reach these views within about a second of each commit.
@@ -114,6 +110,10 @@ print(json.dumps({"transactions_per_s": round((after["transactions"] - before["t
                   "scans_per_s": rate("scans"), "writes_per_s": rate("writes")}))' "$@"
 }
 
+# What reaches the broker on PORT over SECONDS, by client connection: TCP
+# segments received per second (`ss -ti`'s segs_in on the broker's side; a
+# small Kafka request is one segment), each connection named by the NAME of
+# the NAME=PID process that holds its other end, busiest first, as JSON.
 broker_traffic() { # PORT SECONDS NAME=PID...
     python3 - "$@" <<'PY'
 import json, re, subprocess, sys, time

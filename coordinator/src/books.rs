@@ -268,6 +268,15 @@ impl Integration {
     pub fn publish(&self) -> Result<(u64, troop_ledger::Hash), BooksError> {
         let mut writer = self.writer.lock().expect("writer lock");
         self.sequence(&mut writer)?;
+        self.sign(&mut writer)
+    }
+
+    /// Signs what `writer` holds (a no-op when nothing is new) and tells
+    /// other threads its size.
+    fn sign(
+        &self,
+        writer: &mut LogWriter<DirStore>,
+    ) -> Result<(u64, troop_ledger::Hash), BooksError> {
         let cp = writer.publish()?;
         self.published.store(cp.size, Ordering::SeqCst);
         Ok((cp.size, cp.root))
@@ -284,8 +293,7 @@ impl Integration {
             return Ok(None);
         }
         if index >= writer.published().size {
-            let size = writer.publish()?.size;
-            self.published.store(size, Ordering::SeqCst);
+            self.sign(&mut writer)?;
         }
         let store = writer.store();
         let note = store
